@@ -1,0 +1,251 @@
+"""Parameter averaging, streamed tensor by tensor.
+
+    theta = sum_j w_j theta_j      (w uniform, one-hot on the argmax, or the cached posterior)
+
+For each tensor name we read that tensor from every input (positional reads, no mmap),
+accumulate in fp32, and write it to its final place in the output file before moving to the
+next name. Peak memory is one output tensor plus one input tensor, whatever the number of
+inputs; the inputs' pages never pile up in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from btm.ensemble import normalise_weights
+from btm.errors import FamilyError, WeightsError
+from btm.family import Card, check_same_family, copy_aux_files, load_config, write_card
+from btm.safetensors_io import (
+    DTYPES,
+    ITEMSIZE,
+    ShardedWriter,
+    WeightsIndex,
+    open_weights,
+    read_header,
+    read_tensor,
+)
+from btm.tokenizer import load_tokenizer, tokenizer_sha256
+
+METHODS = ("uniform", "argmax", "posterior")
+
+
+def method_weights(method: str, posterior: Sequence[float] | None, n: int) -> list[float]:
+    """The averaging weights of a method: uniform, argmax (one-hot) or posterior."""
+    if method == "uniform":
+        return [1.0 / n] * n
+    if posterior is None:
+        raise ValueError(f"the {method} average needs a posterior (a cached prior for the target)")
+    p = list(posterior)
+    if method == "argmax":
+        best = max(range(n), key=lambda i: p[i])
+        return [1.0 if i == best else 0.0 for i in range(n)]
+    if method == "posterior":
+        return p
+    raise ValueError(f"unknown averaging method {method!r}; methods: {', '.join(METHODS)}")
+
+
+def _same_family_files(a: Path, b: Path) -> bool:
+    """Cheap check (no model library loaded): identical config and tokenizer files, up to
+    keys that do not change the architecture."""
+    from btm.family import NON_ARCH_KEYS
+    from btm.hashing import sha256_file
+
+    def arch(p: Path) -> dict:
+        d = json.loads((p / "config.json").read_text())
+        return {k: v for k, v in d.items() if k not in NON_ARCH_KEYS and not k.startswith("_")}
+
+    try:
+        return arch(a) == arch(b) and sha256_file(a / "tokenizer.json") == sha256_file(b / "tokenizer.json")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def check_compatible(sources: Sequence[Path]) -> list[WeightsIndex]:
+    """Open every source and check they share one family: config, tokenizer and tensor layout."""
+    indexes = [open_weights(s) for s in sources]
+    ref_sig = indexes[0].signature()
+    ref_cfg = ref_tok = None
+    for src, idx in zip(sources[1:], indexes[1:], strict=True):
+        if not _same_family_files(sources[0], src):  # differently written files: compare properly
+            if ref_cfg is None:
+                ref_cfg, ref_tok = load_config(sources[0]), tokenizer_sha256(load_tokenizer(sources[0]))
+            check_same_family(load_config(src), ref_cfg, str(src), str(sources[0]))
+            if tokenizer_sha256(load_tokenizer(src)) != ref_tok:
+                raise FamilyError(f"{src} and {sources[0]} have different tokenizers; they are not one family")
+        sig = idx.signature()
+        if sig != ref_sig:
+            missing = sorted(set(ref_sig) - set(sig))[:3]
+            extra = sorted(set(sig) - set(ref_sig))[:3]
+            diff = [n for n in ref_sig if n in sig and sig[n] != ref_sig[n]][:3]
+            raise FamilyError(
+                f"{src} does not have the tensors of {sources[0]}: missing {missing}, extra {extra}, "
+                f"differing dtype/shape {[(n, sig[n], ref_sig[n]) for n in diff]}"
+            )
+    return indexes
+
+
+CHUNK_BYTES = 32 << 20  # elements are averaged this many bytes (of fp32) at a time
+
+
+def average_weights(
+    indexes: Sequence[WeightsIndex],
+    weights: Sequence[float],
+    out_dir: Path,
+    metadata: dict[str, str] | None = None,
+    out_dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+) -> list[str]:
+    """Stream the weighted sum of aligned safetensors weights into out_dir.
+
+    Each tensor is processed in chunks of CHUNK_BYTES: for every input, the chunk's bytes
+    are read (positional reads into reused buffers, the next input's read overlapping this
+    one's arithmetic) and accumulated in fp32, then the chunk is written at its place in the
+    output. Memory is a few chunks whatever the model's or the forest's size; every element
+    sees exactly the operations of the in-memory average, so the results are identical."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = indexes[0]
+    layout = [(n, out_dtype or ref.info(n).dtype, ref.info(n).shape) for n in ref.names]
+    live = [(idx, float(w)) for idx, w in zip(indexes, weights, strict=True) if w != 0.0]
+    elems = CHUNK_BYTES // 4
+    acc_bufs = [torch.empty(elems, dtype=torch.float32), torch.empty(elems, dtype=torch.float32)]
+    writes: list = [None, None]  # the pending write of each accumulator
+    read_bufs = [bytearray(CHUNK_BYTES * 2), bytearray(CHUNK_BYTES * 2)]  # up to 8-byte inputs
+    fds: dict[Path, int] = {}
+
+    def fd(path: Path) -> int:
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+
+    def read(j: int, name: str, e0: int, n: int, slot: int) -> torch.Tensor:
+        idx = live[j][0]
+        info = idx.info(name)
+        item = ITEMSIZE[info.dtype]
+        view = memoryview(read_bufs[slot])[: n * item]
+        got, off = 0, info.begin + e0 * item
+        f = fd(idx.path(name))
+        while got < len(view):
+            k = os.preadv(f, [view[got:]], off + got)
+            if k == 0:
+                raise WeightsError(f"{idx.path(name)}: unexpected end of file in tensor {name!r}")
+            got += k
+        return torch.frombuffer(view, dtype=DTYPES[info.dtype]) if n else torch.empty(0, dtype=DTYPES[info.dtype])
+
+    pool, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # reads and writes overlap the arithmetic
+    slot = 0
+    try:
+        with ShardedWriter(out_dir, layout, metadata, max_shard_bytes) as w:
+            for name, dtype, shape in layout:
+                info = ref.info(name)
+                total = math.prod(shape)
+                if not DTYPES[info.dtype].is_floating_point:
+                    # integer buffers (e.g. position ids) must agree; they are copied, not averaged
+                    w.write(name, read_tensor(ref.path(name), info, fd(ref.path(name))).to(DTYPES[dtype]))
+                    continue
+                for e0 in range(0, max(total, 1), elems):
+                    n = min(elems, total - e0)
+                    if writes[slot] is not None:
+                        writes[slot].result()  # this accumulator's last chunk is on disk
+                    acc = acc_bufs[slot][:n]
+                    pending = pool.submit(read, 0, name, e0, n, 0)
+                    for j in range(len(live)):
+                        t = pending.result()
+                        if j + 1 < len(live):  # read the next input while this one is added
+                            pending = pool.submit(read, j + 1, name, e0, n, (j + 1) % 2)
+                        wt = live[j][1]
+                        if t.dtype != torch.float32:
+                            t = t.float()
+                        if j == 0:
+                            torch.mul(t, wt, out=acc)
+                        else:
+                            acc.add_(t, alpha=wt)
+                    out = acc if dtype == "F32" else acc.to(DTYPES[dtype])
+                    writes[slot] = writer.submit(w.write_range, name, e0, out)
+                    slot = 1 - slot
+            for f_ in writes:
+                if f_ is not None:
+                    f_.result()
+    finally:
+        pool.shutdown()
+        writer.shutdown()
+        for f in fds.values():
+            os.close(f)
+    return w.names
+
+
+def average_models(
+    sources: Sequence[str | os.PathLike],
+    weights: Sequence[float],
+    out_dir: str | os.PathLike,
+    card: Card | None = None,
+    names: Sequence[str] | None = None,
+    out_dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write sum_j w_j theta_j as an HF model directory (config and tokenizer of sources[0]).
+    Weights that do not sum to 1 are normalised and the card says so."""
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise ValueError("nothing to average: no source models")
+    w, note = normalise_weights(weights, "averaging weights")
+    indexes = check_compatible(sources)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").unlink(missing_ok=True)
+    names = list(names) if names else [s.name for s in sources]
+    card = card or Card(name=out.name, kind="average")
+    card.parents = [{"name": n, "weight": float(x)} for n, x in zip(names, w, strict=True) if x > 0]
+    if note:
+        card.data = {**card.data, "note": note}
+    from btm.family import family_id
+
+    card.family = family_id(load_config(sources[0]), load_tokenizer(sources[0]))
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    copy_aux_files(sources[0], out)
+    average_weights(indexes, w, out, {"elmforest": card.to_json()}, out_dtype, max_shard_bytes)
+    if out_dtype:
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["dtype"] = str(DTYPES[out_dtype]).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    write_card(out, card)
+    return out
+
+
+def average_in_memory(sources: Sequence[str | os.PathLike], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The same average with every model loaded at once (the reference the streamed version
+    must match exactly; what a naive implementation does)."""
+    from btm.safetensors_io import iter_tensors
+
+    w, _ = normalise_weights(weights)
+    states = [dict(iter_tensors(open_weights(s))) for s in sources]
+    out = {}
+    for name in states[0]:
+        acc = None
+        for sd, wt in zip(states, w, strict=True):
+            if wt == 0:
+                continue
+            t = sd[name].float()
+            acc = t * float(wt) if acc is None else acc.add_(t, alpha=float(wt))
+        out[name] = acc
+    return out
+
+
+def average_files(paths: Sequence[Path], weights: Sequence[float], out_dir: Path) -> Path:
+    """Average plain safetensors files with equal layout (e.g. optimizer moments)."""
+    from btm.safetensors_io import SINGLE_FILE
+
+    indexes = []
+    for p in paths:
+        h = read_header(p)
+        indexes.append(WeightsIndex({p.name: h}, {n: p.name for n in h.tensors}))
+    w, _ = normalise_weights(weights)
+    average_weights(indexes, w, out_dir)
+    return out_dir / SINGLE_FILE

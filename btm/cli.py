@@ -1,0 +1,544 @@
+"""`elmforest` commands for local BTM work: tokenizer, seed, branch, train, forest, eval,
+average, generate. Thin wrappers over the library; every option has a default that runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from btm.errors import BTMError, DataError
+
+console = Console(stderr=True)
+
+# ---------------------------------------------------------------------- shared options
+
+Steps = Annotated[int, typer.Option(help="Optimizer updates in this phase.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, in sequences (all processes together).")]
+MicroBatch = Annotated[int | None, typer.Option("--micro-batch-size", help="Sequences per forward pass per process; the rest is gradient accumulation.")]
+BlockSize = Annotated[int, typer.Option("--block-size", help="Tokens per training sequence.")]
+Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then linear decay).")]
+Warmup = Annotated[float, typer.Option(help="Warm-up as a fraction of the schedule.")]
+ScheduleSteps = Annotated[int | None, typer.Option("--schedule-steps", help="Length of the LR schedule when this phase is only its first part (e.g. a seed that is the first half of a dense run).")]
+CkptEvery = Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N updates (0: only at the end).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (initialisation and data order).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]
+CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Where tokenised splits are cached (default ~/.cache/elmforest/tokens).")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (metrics still go to metrics.jsonl).")]
+
+
+def _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, schedule_steps, checkpoint_every,
+                  seed, compile, precision, no_progress, schedule_start=0):
+    from btm.train import TrainConfig
+
+    return TrainConfig(
+        steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, block_size=block_size, lr=lr,
+        warmup=warmup, schedule_steps=schedule_steps, schedule_start=schedule_start,
+        checkpoint_every=checkpoint_every, seed=seed, compile=compile, precision=precision, progress=not no_progress,
+    )
+
+
+def _split_list(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def tokenizer_train(
+    corpus: Annotated[Path, typer.Option(help="Corpus directory (<domain>/train.jsonl ...).")],
+    out: Annotated[Path, typer.Option(help="Directory to save the tokenizer to.")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size")] = 8192,
+    domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: the corpus's train domains).")] = None,
+    chars_per_domain: Annotated[int, typer.Option("--chars-per-domain")] = 2_000_000,
+):
+    """Train a byte-level BPE on a corpus, balanced across domains.
+
+    EXAMPLES
+      elmforest tokenizer train --corpus ../shared/corpus --out runs/tokenizer --vocab-size 8192
+    """
+    from btm.data import Corpus
+    from btm.tokenizer import iter_balanced_texts, train_bpe
+
+    c = Corpus(corpus)
+    names = _split_list(domains) or c.names("train") or c.names()
+    texts = iter_balanced_texts({n: c[n].documents("train") for n in names}, chars_per_domain)
+    tok = train_bpe(texts, vocab_size)
+    tok.save_pretrained(str(out))
+    console.print(f"tokenizer with {len(tok)} tokens saved to {out}")
+
+
+def seed(
+    corpus: Annotated[Path, typer.Option(help="Corpus directory; the seed trains on a balanced mixture of its train domains.")],
+    out: Annotated[Path, typer.Option(help="Directory of the seed LM (a Hugging Face model directory).")],
+    domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: the corpus's train domains).")] = None,
+    preset: Annotated[str, typer.Option(help="Architecture preset: tiny, small, base, gpt2-125m.")] = "small",
+    config: Annotated[Path | None, typer.Option(help="Any Hugging Face causal-LM config directory instead of a preset.")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from a pretrained HF model directory (its config and tokenizer).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory; default: train a byte-level BPE on the corpus.")] = None,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size when training one.")] = 8192,
+    kind: Annotated[str, typer.Option(help="seed, or dense for the compute-matched dense baseline.")] = "seed",
+    steps: Steps = 1000,
+    batch_size: BatchSize = 32,
+    micro_batch_size: MicroBatch = None,
+    block_size: BlockSize = 256,
+    lr: Lr = 5e-4,
+    warmup: Warmup = 0.08,
+    schedule_steps: ScheduleSteps = None,
+    checkpoint_every: CkptEvery = 0,
+    seed_: Seed = 0,
+    compile: Compile = False,
+    precision: Precision = "auto",
+    cache_dir: CacheDir = None,
+    no_progress: NoProgress = False,
+):
+    """Train the seed LM on a balanced mixture of the corpus's domains.
+
+    Under torchrun the same command trains with DDP. Killed and run again with the same
+    options, it resumes from OUT/checkpoint.
+
+    EXAMPLES
+      elmforest seed --corpus ../shared/corpus --out runs/seed --preset small --steps 300
+      torchrun --nproc-per-node 2 --no-python elmforest seed --corpus data --out runs/seed
+    """
+    import torch.distributed as dist
+
+    from btm.data import BlockSampler, Corpus, tokenize_file
+    from btm.family import Card, load_model, new_model, preset_config
+    from btm.tokenizer import iter_balanced_texts, load_tokenizer, train_bpe
+    from btm.train import setup_distributed, train
+
+    d = setup_distributed()
+    c = Corpus(corpus)
+    names = _split_list(domains) or c.names("train") or c.names()
+    for n in names:
+        c[n]  # noqa: B018 - clear error for a missing domain
+    tok_dir = out / "tokenizer"
+    if init is not None:
+        tok = load_tokenizer(init)
+    elif tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        if d.main and not (tok_dir / "tokenizer.json").exists():
+            console.print(f"training a {vocab_size}-token byte-level BPE on {', '.join(names)}")
+            texts = iter_balanced_texts({n: c[n].documents("train") for n in names}, 2_000_000)
+            train_bpe(texts, vocab_size).save_pretrained(str(tok_dir))
+        if d.world > 1:
+            dist.barrier()
+        tok = load_tokenizer(tok_dir)
+    streams = [tokenize_file(c[n].split_path("train"), tok, cache_dir) for n in names]
+    cfg = _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, schedule_steps,
+                        checkpoint_every, seed_, compile, precision, no_progress)
+    if init is not None:
+        model = load_model(init)
+    elif config is not None:
+        from transformers import AutoConfig
+
+        model = new_model(AutoConfig.from_pretrained(str(config)), seed_)
+    else:
+        model = new_model(preset_config(preset, tok), seed_)
+    if block_size > _max_positions(model.config):
+        raise BTMError(f"--block-size {block_size} exceeds the model's {_max_positions(model.config)} positions")
+    card = Card(name=out.name, kind=kind, data={"corpus": str(corpus), "domains": names, "mixture": "balanced"},
+                recipe=f"elmforest seed --corpus {corpus} --out {out} --preset {preset} --steps {steps} "
+                f"--batch-size {batch_size} --block-size {block_size}")
+    train(model, tok, BlockSampler(streams, block_size, seed_), cfg, out, card, dist_info=d)
+    if d.main:
+        console.print(f"[green]{kind} LM saved to {out}[/green]")
+
+
+def train_cmd(
+    init: Annotated[Path, typer.Option(help="The branch initialisation (a model directory from `elmforest branch`).")],
+    out: Annotated[Path, typer.Option(help="Directory of the trained ELM.")],
+    data: Annotated[Path | None, typer.Option(help="A domain directory (train.jsonl, ...) or a file/directory of documents.")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Corpus directory (with --domain).")] = None,
+    domain: Annotated[str | None, typer.Option(help="The domain to train on (a directory of --corpus); also recorded in the card.")] = None,
+    mixture: Annotated[bool, typer.Option("--mixture", help="Train on a balanced mixture of all the corpus's train domains (the dense baseline).")] = False,
+    continue_schedule: Annotated[bool, typer.Option("--continue-schedule", help="Continue the init's LR schedule where it stopped (compute-matched BTM).")] = False,
+    fresh_optimizer: Annotated[bool, typer.Option("--fresh-optimizer", help="Ignore optimizer state that came with the init.")] = False,
+    steps: Steps = 500,
+    batch_size: BatchSize = 32,
+    micro_batch_size: MicroBatch = None,
+    block_size: BlockSize = 256,
+    lr: Lr = 5e-4,
+    warmup: Warmup = 0.08,
+    schedule_steps: ScheduleSteps = None,
+    checkpoint_every: CkptEvery = 0,
+    seed_: Seed = 0,
+    compile: Compile = False,
+    precision: Precision = "auto",
+    cache_dir: CacheDir = None,
+    no_progress: NoProgress = False,
+):
+    """Train an ELM from its branch init on its own domain (or the dense baseline on a mixture).
+
+    EXAMPLES
+      elmforest train --init runs/init-python --corpus ../shared/corpus --domain python --out runs/python --steps 300
+      elmforest train --init runs/init-mine --data ~/my-texts --domain my-notes --out runs/mine
+    """
+    from btm.data import BlockSampler, Corpus, Domain, tokenize_file
+    from btm.family import Card, load_model, read_card
+    from btm.tokenizer import load_tokenizer
+    from btm.train import read_checkpoint_state, setup_distributed, train
+
+    d = setup_distributed()
+    tok = load_tokenizer(init)
+    if mixture:
+        if corpus is None:
+            raise DataError("--mixture needs --corpus")
+        c = Corpus(corpus)
+        names = c.names("train") or c.names()
+        sources = [c[n].split_path("train") for n in names]
+        data_desc = {"corpus": str(corpus), "domains": names, "mixture": "balanced"}
+    elif corpus is not None:
+        if not domain:
+            raise DataError("--corpus needs --domain (which domain to train on)")
+        sources = [Corpus(corpus)[domain].split_path("train")]
+        data_desc = {"corpus": str(corpus), "domain": domain}
+    elif data is not None:
+        dom = Domain(data.name, data)
+        sources = [dom.split_path("train") if data.is_dir() and dom.has_split("train") else data]
+        data_desc = {"source": str(data)}
+    else:
+        raise DataError("say what to train on: --corpus DIR --domain NAME, or --data PATH")
+    streams = [tokenize_file(s, tok, cache_dir) for s in sources]
+    start = 0
+    sched = schedule_steps
+    if continue_schedule:
+        st = read_checkpoint_state(init)
+        if st is None:
+            raise BTMError(f"{init}: no checkpoint/state.json to continue a schedule from")
+        start = int(st["global_step"])
+        sched = schedule_steps or st["config"].get("schedule_steps") or start + steps
+    cfg = _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, sched, checkpoint_every,
+                        seed_, compile, precision, no_progress, schedule_start=start)
+    init_card = read_card(init)
+    model = load_model(init)
+    opt_state = None
+    if not fresh_optimizer:
+        from btm.train import checkpoint_optimizer
+
+        opt_state = checkpoint_optimizer(init)
+    card = Card(name=out.name, kind="dense" if mixture else "elm", domain=None if mixture else (domain or init_card.domain),
+                parents=init_card.parents if init_card.kind == "branch-init" else [{"name": init_card.name, "weight": 1.0}],
+                origin=init_card.origin,
+                data=data_desc, recipe=f"elmforest train --init {init} --out {out} --steps {steps} "
+                f"--batch-size {batch_size} --block-size {block_size}")
+    train(model, tok, BlockSampler(streams, block_size, seed_), cfg, out, card, init_optimizer=opt_state, dist_info=d)
+    if d.main:
+        console.print(f"[green]ELM saved to {out}[/green]")
+
+
+branch_app = typer.Typer(help="Make a new ELM's initialisation (locally; `branch request` asks a coordinator).")
+
+
+@branch_app.callback(invoke_without_command=True)
+def branch_cmd(
+    ctx: typer.Context,
+    out: Annotated[Path | None, typer.Option(help="Directory of the new ELM's initialisation.")] = None,
+    from_: Annotated[Path | None, typer.Option("--from", help="Branch from this one model (the seed or an ELM).")] = None,
+    forest: Annotated[Path | None, typer.Option(help="Branch from a forest (posterior-weighted average of its ELMs).")] = None,
+    sample: Annotated[Path | None, typer.Option(help="A sample of the new domain: a .jsonl/.txt file or a directory.")] = None,
+    method: Annotated[str, typer.Option(help="posterior (paper's best), argmax (nearest ELM), uniform, or seed.")] = "posterior",
+    domain: Annotated[str | None, typer.Option(help="The new domain's name (recorded in the card).")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="Tokens per sample block for the posterior.")] = 256,
+    max_blocks: Annotated[int, typer.Option("--max-blocks", help="Sample blocks used for the posterior (paper: 100).")] = 100,
+    carry_optimizer: Annotated[bool, typer.Option("--carry-optimizer", help="Carry the parents' optimizer state (averaged with the same weights).")] = False,
+):
+    """Make the initialisation of a new ELM: from one model, or from a forest weighted by the
+    domain posterior of a sample of the new domain.
+
+    EXAMPLES
+      elmforest branch --from runs/seed --out runs/init-python --domain python
+      elmforest branch --forest forest --sample ~/my-texts/valid.jsonl --out runs/init-mine --domain mine
+      elmforest branch request --forest demo --domain mine --data ~/my-texts --out runs/init   (a coordinator)
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise BTMError("--out is required: the directory to write the new ELM's initialisation to")
+    from btm.branch import branch as do_branch
+    from btm.family import Card, read_card, write_card
+    from btm.forest import Forest, copy_model_dir
+    from btm.train import checkpoint_optimizer
+
+    if (from_ is None) == (forest is None):
+        raise BTMError("give exactly one of --from MODEL_DIR or --forest FOREST_DIR")
+    if from_ is not None:
+        parent = read_card(from_)
+        copy_model_dir(from_, out)
+        if carry_optimizer:
+            opt = checkpoint_optimizer(from_)
+            if opt is None:
+                raise BTMError(f"{from_}: no optimizer state saved with this model to carry")
+            import shutil
+
+            shutil.copyfile(opt, out / "optimizer.safetensors")
+        write_card(out, Card(name=out.name, kind="branch-init", domain=domain,
+                             parents=[{"name": parent.name, "weight": 1.0}], data={"branch_method": "copy"},
+                             family=parent.family))
+        console.print(f"branch init for {domain or out.name} from {parent.name} saved to {out}")
+        return
+    f = Forest.load(forest)
+    if method in ("posterior", "argmax") and sample is None and len(f):
+        raise DataError(f"--method {method} needs --sample (a sample of the new domain's text)")
+    path, plan = do_branch(f, out, sample, method, domain, block_size, max_blocks, carry_optimizer=carry_optimizer)
+    console.print(f"branch init ({plan.method}) saved to {path}")
+    for n, w in zip(plan.names, plan.weights, strict=True):
+        if w > 0:
+            console.print(f"  {n:<24} {w:.4f}")
+
+
+def _max_positions(config) -> int:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1 << 30)
+
+
+# ---------------------------------------------------------------------- forest
+
+
+forest_app = typer.Typer(help="Create and change a forest on disk: init, add, remove, list, show, verify.",
+                         no_args_is_help=True)
+
+
+@forest_app.command("init")
+def forest_init(
+    forest: Annotated[Path, typer.Argument(help="Directory of the new forest.")],
+    seed_dir: Annotated[Path, typer.Option("--seed", help="The seed LM directory.")],
+    name: Annotated[str | None, typer.Option(help="The forest's name.")] = None,
+):
+    """Create a forest rooted at a seed LM.
+
+    EXAMPLES
+      elmforest forest init forest --seed runs/seed --name debian
+    """
+    from btm.forest import Forest
+
+    f = Forest.init(forest, seed_dir, name)
+    console.print(f"forest {f.manifest['name']!r} (version {f.version}) created at {forest}")
+
+
+@forest_app.command("add")
+def forest_add(
+    forest: Annotated[Path, typer.Argument(help="The forest directory.")],
+    elm: Annotated[Path, typer.Argument(help="A trained ELM directory.")],
+    name: Annotated[str | None, typer.Option(help="Name in the forest (default: the ELM's card name).")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain (default: the ELM's card).")] = None,
+):
+    """Add a trained ELM (checked to be of the seed's family); writes a new version.
+
+    EXAMPLES
+      elmforest forest add forest runs/python --domain python
+    """
+    from btm.forest import Forest
+
+    f = Forest.load(forest)
+    e = f.add(elm, name, domain)
+    console.print(f"added {e.name} (domain {e.domain}); forest is now version {f.version}")
+
+
+@forest_app.command("remove")
+def forest_remove(
+    forest: Annotated[Path, typer.Argument(help="The forest directory.")],
+    name: Annotated[str, typer.Argument(help="The ELM to remove.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the forest's history).")],
+    keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep the ELM's files on disk.")] = False,
+):
+    """Remove (forget) an ELM; writes a new version with the reason.
+
+    EXAMPLES
+      elmforest forest remove forest fortunes --reason "license withdrawn"
+    """
+    from btm.forest import Forest
+
+    f = Forest.load(forest)
+    f.remove(name, reason, delete_files=not keep_files)
+    console.print(f"removed {name}; forest is now version {f.version}")
+
+
+@forest_app.command("list")
+def forest_list(forest: Annotated[Path, typer.Argument(help="The forest directory.")]):
+    """List the ELMs of a forest."""
+    from rich.table import Table
+
+    from btm.forest import Forest
+
+    f = Forest.load(forest)
+    t = Table(title=f"{f.manifest['name']} v{f.version}")
+    for c in ("name", "domain", "parents", "tokens", "added"):
+        t.add_column(c)
+    for e in f.elms:
+        parents = ", ".join(f"{p['name']}:{p['weight']:.2f}" for p in e.parents)
+        t.add_row(e.name, e.domain or "", parents, str(e.entry.get("training", {}).get("tokens", "")), e.entry.get("added", ""))
+    Console().print(t)
+
+
+@forest_app.command("show")
+def forest_show(
+    forest: Annotated[Path, typer.Argument(help="The forest directory.")],
+    name: Annotated[str | None, typer.Argument(help="An ELM (default: the whole manifest).")] = None,
+):
+    """Print the manifest, or one ELM's entry, as JSON."""
+    from btm.forest import Forest
+
+    f = Forest.load(forest)
+    print(json.dumps(f.get(name).entry if name else f.manifest, indent=2))
+
+
+@forest_app.command("verify")
+def forest_verify(forest: Annotated[Path, typer.Argument(help="The forest directory.")]):
+    """Check every file against the sha256 in the manifest."""
+    from btm.forest import Forest
+
+    problems = Forest.load(forest).verify()
+    for p in problems:
+        console.print(f"[red]{p}[/red]")
+    if problems:
+        raise typer.Exit(1)
+    console.print("all files match the manifest")
+
+
+# ---------------------------------------------------------------------- inference
+
+
+def eval_cmd(
+    forest: Annotated[Path, typer.Option(help="The forest directory.")],
+    corpus: Annotated[Path, typer.Option(help="Corpus with the domains to evaluate on (test split; valid for the prior).")],
+    domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: all of the corpus).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Also score NAME=DIR (e.g. the dense baseline). Repeatable.")] = None,
+    top_k: Annotated[str, typer.Option("--top-k", help="Comma-separated k for top-k ensembles.")] = "1,2,4",
+    block_size: Annotated[int, typer.Option("--block-size")] = 256,
+    max_eval_blocks: Annotated[int | None, typer.Option("--max-eval-blocks", help="Cap on test blocks per domain.")] = None,
+    prior_blocks: Annotated[int, typer.Option("--prior-blocks", help="Development blocks for the cached prior (paper: 100).")] = 100,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where averaged models are built (default: FOREST/.eval).")] = None,
+    cache_dir: CacheDir = None,
+):
+    """Per-domain perplexity of every ELM, the ensemble (all, top-k), the averages
+    (uniform, argmax, posterior) and any extra model.
+
+    EXAMPLES
+      elmforest eval --forest forest --corpus ../shared/corpus --model dense=runs/dense --json eval.json
+    """
+    from btm.data import Corpus
+    from btm.evaluate import domain_blocks, evaluate_forest, table
+    from btm.forest import Forest
+    from btm.tokenizer import load_tokenizer
+
+    f = Forest.load(forest)
+    c = Corpus(corpus)
+    names = _split_list(domains) or c.names()
+    tok = load_tokenizer(f.seed_dir)
+    doms = domain_blocks(c, names, tok, block_size, max_eval_blocks, prior_blocks, cache_dir)
+    extra = {}
+    for m in model or []:
+        if "=" not in m:
+            raise BTMError(f"--model {m!r}: use NAME=DIR")
+        k, v = m.split("=", 1)
+        extra[k] = Path(v)
+    ks = [int(k) for k in _split_list(top_k) or []]
+    report = evaluate_forest(f, doms, work_dir or (forest / ".eval"), ks, extra_models=extra,
+                             progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    print(table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+        console.print(f"report written to {json_out}")
+
+
+def average_cmd(
+    forest: Annotated[Path, typer.Option(help="The forest directory.")],
+    out: Annotated[Path, typer.Option(help="Directory of the averaged model.")],
+    method: Annotated[str, typer.Option(help="posterior (weights = the target's cached prior), argmax, or uniform.")] = "posterior",
+    target: Annotated[Path | None, typer.Option(help="Development text of the target domain (.jsonl/.txt file or directory).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Explicit weights NAME=W,... instead of a target.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Output dtype: F32, F16 or BF16 (default: the inputs').")] = None,
+    max_shard_size: Annotated[int | None, typer.Option("--max-shard-bytes", help="Shard the output above this many bytes.")] = None,
+    block_size: Annotated[int, typer.Option("--block-size")] = 256,
+    max_blocks: Annotated[int, typer.Option("--max-blocks")] = 100,
+):
+    """Collapse the forest into one model by a parameter average, streamed tensor by tensor.
+
+    EXAMPLES
+      elmforest average --forest forest --target ../shared/corpus/go/valid.jsonl --out runs/avg-go
+      elmforest average --forest forest --method uniform --out runs/avg-uniform
+    """
+    from btm.average import average_models, method_weights
+    from btm.branch import sample_blocks
+    from btm.family import Card
+    from btm.forest import Forest
+    from btm.posterior import domain_prior
+
+    f = Forest.load(forest)
+    elms = f.elms
+    if not elms:
+        raise BTMError(f"{forest}: the forest has no ELMs to average")
+    names = [e.name for e in elms]
+    if weights:
+        pairs = dict(p.split("=", 1) for p in _split_list(weights) or [])
+        unknown = set(pairs) - set(names)
+        if unknown:
+            raise BTMError(f"--weights names unknown ELMs {sorted(unknown)}; ELMs: {', '.join(names)}")
+        w = [float(pairs.get(n, 0.0)) for n in names]
+        method = "explicit"
+    elif method == "uniform":
+        w = method_weights("uniform", None, len(names))
+    else:
+        if target is None:
+            raise DataError(f"--method {method} needs --target (development text of the target domain)")
+        post = domain_prior([e.path for e in elms], sample_blocks(f, target, block_size, max_blocks)).tolist()
+        w = method_weights(method, post, len(names))
+    card = Card(name=out.name, kind="average", data={"method": method, "forest_version": f.version,
+                "target": str(target) if target else None},
+                recipe=f"elmforest average --forest {forest} --out {out} --method {method}" + (f" --target {target}" if target else ""))
+    average_models([e.path for e in elms], w, out, card, names=names, out_dtype=dtype, max_shard_bytes=max_shard_size)
+    console.print(f"averaged model ({method}) saved to {out}")
+    for n, x in zip(names, w, strict=True):
+        if x > 0:
+            console.print(f"  {n:<24} {x / sum(w):.4f}")
+
+
+def generate_cmd(
+    forest: Annotated[Path, typer.Option(help="The forest directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    target: Annotated[Path | None, typer.Option(help="Development text of the target domain, for the cached prior (default: uniform).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts to run.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 100,
+    temperature: float = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    seed_: Seed = 0,
+):
+    """Generate text with the top-k ensemble of a forest.
+
+    EXAMPLES
+      elmforest generate --forest forest --prompt "def parse(" --target ../shared/corpus/python/valid.jsonl
+    """
+    from btm.branch import sample_blocks
+    from btm.ensemble import EnsembleLM
+    from btm.forest import Forest
+    from btm.posterior import domain_prior
+    from btm.tokenizer import load_tokenizer
+
+    f = Forest.load(forest)
+    paths = [e.path for e in f.elms]
+    if not paths:
+        raise BTMError(f"{forest}: the forest has no ELMs")
+    prior = domain_prior(paths, sample_blocks(f, target, 256, 100)) if target else [1.0 / len(paths)] * len(paths)
+    ens = EnsembleLM(paths, prior, top_k, names=f.names(), tokenizer=load_tokenizer(f.seed_dir))
+    console.print("experts: " + ", ".join(f"{n} ({w:.2f})" for n, w in zip(ens.names, ens.weights, strict=True)))
+    print(ens.generate(prompt, max_new_tokens, temperature, top_p, seed_))
+
+
+def register(app: typer.Typer) -> None:
+    tok_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
+    tok_app.command("train")(tokenizer_train)
+    app.add_typer(tok_app, name="tokenizer")
+    app.command("seed")(seed)
+    app.add_typer(branch_app, name="branch")
+    app.command("train")(train_cmd)
+    app.add_typer(forest_app, name="forest")
+    app.command("eval")(eval_cmd)
+    app.command("average")(average_cmd)
+    app.command("generate")(generate_cmd)

@@ -1,0 +1,179 @@
+"""Per-domain perplexity tables for ELMs, ensembles and averaged models.
+
+Scoring is the expensive part, so each model is run once per domain and its per-token log
+probabilities are kept (test blocks) along with per-sequence log-likelihoods (development
+blocks, for the cached prior). Every ensemble variant (all ELMs, top-k, an ELM removed) is
+then exact arithmetic on those scores: the same numbers EnsembleLM computes, without
+running any expert twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from btm.average import average_models, method_weights
+from btm.data import Corpus, eval_blocks, tokenize_file
+from btm.ensemble import mix_logprobs, select_top_k
+from btm.family import Card
+from btm.forest import Forest
+from btm.posterior import cached_prior, token_logprobs
+
+
+@dataclass
+class DomainBlocks:
+    name: str
+    role: str | None
+    test: torch.Tensor  # (N, T+1) evaluation blocks
+    dev: torch.Tensor  # (M, T+1) development blocks for the cached prior
+
+    @property
+    def tokens(self) -> int:
+        return int(self.test.shape[0] * (self.test.shape[1] - 1))
+
+
+def domain_blocks(corpus: Corpus, names: Sequence[str], tokenizer, block_size: int, max_eval_blocks: int | None,
+                  prior_blocks: int = 100, cache_dir: str | os.PathLike | None = None,
+                  eval_split: str = "test", dev_split: str = "valid") -> list[DomainBlocks]:
+    out = []
+    for n in names:
+        d = corpus[n]
+        test = eval_blocks(tokenize_file(d.split_path(eval_split), tokenizer, cache_dir), block_size, max_eval_blocks)
+        dev = eval_blocks(tokenize_file(d.split_path(dev_split), tokenizer, cache_dir), block_size, prior_blocks)
+        out.append(DomainBlocks(n, d.role, test, dev))
+    return out
+
+
+@dataclass
+class Scores:
+    """Per-token test log probs and per-sequence dev log-likelihoods, by (model, domain)."""
+
+    test: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    dev: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    _shell: torch.nn.Module | None = field(default=None, repr=False)  # refilled with each model's weights
+
+    def _load(self, path, device) -> torch.nn.Module:
+        from btm.family import reuse_or_load
+
+        self._shell = reuse_or_load(self._shell, path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return self._shell
+
+    def add_model(self, name: str, model_or_dir, domains: Sequence[DomainBlocks], batch_size: int = 16,
+                  device: str | None = None, dev_too: bool = True) -> None:
+        own = isinstance(model_or_dir, (str, os.PathLike))
+        model = self._load(model_or_dir, device) if own else model_or_dir
+        for d in domains:
+            self.test[(name, d.name)] = token_logprobs(model, d.test, batch_size)
+            if dev_too:
+                self.dev[(name, d.name)] = token_logprobs(model, d.dev, batch_size).double().sum(1).numpy()
+
+    def ppl(self, name: str, domain: str) -> float:
+        return math.exp(-self.test[(name, domain)].double().mean().item())
+
+    def prior(self, names: Sequence[str], domain: str, batch_size: int = 16) -> np.ndarray:
+        ll = np.stack([self.dev[(n, domain)] for n in names], axis=1)
+        return cached_prior(ll, batch_size)
+
+    def ensemble_ppl(self, names: Sequence[str], domain: str, top_k: int | None = None,
+                     prior: np.ndarray | None = None) -> float:
+        prior = self.prior(names, domain) if prior is None else prior
+        idx, w = select_top_k(prior, top_k)
+        lp = torch.stack([self.test[(names[i], domain)] for i in idx])
+        mixed = mix_logprobs(lp, torch.tensor(np.log(w)))
+        return math.exp(-mixed.double().mean().item())
+
+
+def evaluate_forest(
+    forest: Forest,
+    domains: Sequence[DomainBlocks],
+    work_dir: str | os.PathLike,
+    top_ks: Sequence[int] = (1, 2, 4),
+    averages: Sequence[str] = ("uniform", "argmax", "posterior"),
+    extra_models: dict[str, str | os.PathLike] | None = None,
+    batch_size: int = 16,
+    progress=None,
+) -> dict:
+    """The leaderboard of a forest: one row per (subject, domain) with its perplexity."""
+    elms = forest.elms
+    names = [e.name for e in elms]
+    scores = Scores()
+    step = progress or (lambda msg: None)
+    for e in elms:
+        step(f"scoring ELM {e.name}")
+        scores.add_model(e.name, e.path, domains, batch_size)
+    rows: list[dict] = []
+    priors: dict[str, dict[str, float]] = {}
+
+    def row(subject, kind, method, d, ppl):
+        rows.append({"subject": subject, "kind": kind, "method": method, "domain": d.name, "role": d.role,
+                     "ppl": ppl, "tokens": d.tokens})
+
+    for d in domains:
+        for e in elms:
+            row(e.name, "elm", "elm", d, scores.ppl(e.name, d.name))
+        if not elms:
+            continue
+        prior = scores.prior(names, d.name)
+        priors[d.name] = {n: float(p) for n, p in zip(names, prior, strict=True)}
+        row("ensemble", "ensemble", "ensemble", d, scores.ensemble_ppl(names, d.name, None, prior))
+        for k in top_ks:
+            if k < len(names):
+                row(f"ensemble/top{k}", "ensemble", f"top{k}", d, scores.ensemble_ppl(names, d.name, k, prior))
+    work = Path(work_dir)
+    if elms and "uniform" in averages:
+        step("building the uniform average")
+        out = average_models([e.path for e in elms], method_weights("uniform", None, len(elms)),
+                             work / "average-uniform", Card(name="average-uniform", kind="average"), names=names)
+        scores.add_model("average/uniform", out, domains, batch_size, dev_too=False)
+        for d in domains:
+            row("average/uniform", "average", "uniform", d, scores.ppl("average/uniform", d.name))
+    for d in domains if elms else []:
+        p = [priors[d.name][n] for n in names]
+        if "argmax" in averages:
+            best = names[int(np.argmax(p))]
+            row("average/argmax", "average", "argmax", d, scores.ppl(best, d.name))
+        if "posterior" in averages:
+            step(f"building the posterior average for {d.name}")
+            out = average_models([e.path for e in elms], p, work / f"average-posterior-{d.name}",
+                                 Card(name=f"average-posterior-{d.name}", kind="average", domain=d.name), names=names)
+            key = f"average/posterior/{d.name}"
+            scores.add_model(key, out, [d], batch_size, dev_too=False)
+            row("average/posterior", "average", "posterior", d, scores.ppl(key, d.name))
+    for name, path in (extra_models or {}).items():
+        step(f"scoring {name}")
+        scores.add_model(name, path, domains, batch_size, dev_too=False)
+        for d in domains:
+            row(name, "model", "model", d, scores.ppl(name, d.name))
+    return {"forest_version": forest.version, "rows": rows, "priors": priors,
+            "domains": [{"name": d.name, "role": d.role, "tokens": d.tokens} for d in domains],
+            "summary": summarise(rows)}
+
+
+def summarise(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Mean perplexity per subject over train domains and over eval domains."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        role = r.get("role") or "all"
+        out.setdefault(r["subject"], {}).setdefault(role, []).append(r["ppl"])
+    return {s: {role: float(np.mean(v)) for role, v in by.items()} for s, by in out.items()}
+
+
+def table(report: dict, subjects: Sequence[str] | None = None) -> str:
+    """A plain-text perplexity table: subjects as rows, domains as columns."""
+    doms = [d["name"] for d in report["domains"]]
+    by: dict[str, dict[str, float]] = {}
+    for r in report["rows"]:
+        by.setdefault(r["subject"], {})[r["domain"]] = r["ppl"]
+    subjects = subjects or list(by)
+    w = max(12, *(len(s) for s in subjects)) if subjects else 12
+    cols = [d[:10] for d in doms]
+    lines = [f"{'':<{w}} " + " ".join(f"{c:>10}" for c in cols)]
+    for s in subjects:
+        lines.append(f"{s:<{w}} " + " ".join(f"{by[s].get(d, float('nan')):>10.2f}" for d in doms))
+    return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""A forest on disk: the seed, the ELMs, and a manifest that versions them.
+
+    forest/
+      forest.json          the current manifest
+      versions/<n>.json    every earlier manifest, never rewritten
+      seed/                the seed LM (an HF directory)
+      elms/<name>/         one HF directory per ELM
+
+Adding or removing an ELM writes a new version; removal records who and why. The manifest
+holds each ELM's domain, parents with weights, metrics and the sha256 of every file, so a
+forest can be verified and shipped as content-addressed files.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from btm.errors import FamilyError, ForestError
+from btm.family import check_same_family, family_id, load_config, read_card
+from btm.hashing import sha256_file
+from btm.safetensors_io import atomic_write_text
+from btm.tokenizer import load_tokenizer, tokenizer_sha256
+
+FORMAT = "elmforest.forest/1"
+MANIFEST = "forest.json"
+# Files of a model directory that belong to the published model (not training state).
+SKIP = {"checkpoint", "checkpoint.tmp", "checkpoint.old", "metrics.jsonl", "optimizer.safetensors"}
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def model_files(model_dir: Path) -> dict[str, str]:
+    """{file name: sha256} of the files that make up a model directory."""
+    out = {}
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.name not in SKIP and not f.name.endswith(".tmp"):
+            out[f.name] = sha256_file(f)
+    return out
+
+
+def copy_model_dir(src: Path, dst: Path) -> None:
+    """Copy a model directory (without training state) to dst, atomically."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in SKIP and not f.name.endswith(".tmp"):
+            shutil.copyfile(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+@dataclass
+class Elm:
+    name: str
+    domain: str | None
+    path: Path
+    entry: dict[str, Any]
+
+    @property
+    def parents(self) -> list[dict[str, Any]]:
+        return self.entry.get("parents", [])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.entry.get("metrics", {})
+
+
+class Forest:
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+
+    # ------------------------------------------------------------------ create / load
+
+    @classmethod
+    def init(cls, root: str | os.PathLike, seed_dir: str | os.PathLike, name: str | None = None) -> Forest:
+        root, seed_dir = Path(root), Path(seed_dir)
+        if (root / MANIFEST).exists():
+            raise ForestError(f"{root}: a forest already exists here; use `elmforest forest add`")
+        config, tok = load_config(seed_dir), load_tokenizer(seed_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        copy_model_dir(seed_dir, root / "seed")
+        card = read_card(root / "seed")
+        manifest = {
+            "format": FORMAT,
+            "name": name or root.name,
+            "version": 1,
+            "created": now(),
+            "family": family_id(config, tok),
+            "model_type": config.model_type,
+            "tokenizer_sha256": tokenizer_sha256(tok),
+            "seed": {"name": card.name or "seed", "path": "seed", "files": model_files(root / "seed"),
+                     "metrics": card.metrics, "training": card.training},
+            "elms": [],
+            "history": [{"version": 1, "action": "init", "at": now(), "by": _who()}],
+        }
+        f = cls(root, manifest)
+        f._commit()
+        return f
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> Forest:
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            raise ForestError(f"{root}: no {MANIFEST}; create a forest with `elmforest forest init`")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ForestError(f"{path}: not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise ForestError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+        return cls(root, manifest)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def seed_dir(self) -> Path:
+        return self.root / self.manifest["seed"]["path"]
+
+    @property
+    def elms(self) -> list[Elm]:
+        return [Elm(e["name"], e.get("domain"), self.root / e["path"], e) for e in self.manifest["elms"]]
+
+    def __len__(self) -> int:
+        return len(self.manifest["elms"])
+
+    def __iter__(self) -> Iterator[Elm]:
+        return iter(self.elms)
+
+    def names(self) -> list[str]:
+        return [e["name"] for e in self.manifest["elms"]]
+
+    def get(self, name: str) -> Elm:
+        for e in self.elms:
+            if e.name == name:
+                return e
+        if name == self.manifest["seed"]["name"] or name == "seed":
+            return Elm(name, None, self.seed_dir, self.manifest["seed"])
+        raise ForestError(
+            f"{self.root}: no ELM named {name!r}; ELMs: {', '.join(self.names()) or '(none)'}"
+        )
+
+    def by_domain(self, domain: str) -> Elm | None:
+        for e in self.elms:
+            if e.domain == domain:
+                return e
+        return None
+
+    # ------------------------------------------------------------------ changes
+
+    def check_family(self, model_dir: Path) -> None:
+        seed_cfg = load_config(self.seed_dir)
+        check_same_family(load_config(model_dir), seed_cfg, str(model_dir), "this forest's seed")
+        tok_sha = tokenizer_sha256(load_tokenizer(model_dir))
+        if tok_sha != self.manifest["tokenizer_sha256"]:
+            raise FamilyError(
+                f"{model_dir}: its tokenizer differs from the forest's (sha256 {tok_sha[:12]} vs "
+                f"{self.manifest['tokenizer_sha256'][:12]}); ELMs must keep the seed's tokenizer"
+            )
+
+    def add(
+        self,
+        model_dir: str | os.PathLike,
+        name: str | None = None,
+        domain: str | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> Elm:
+        model_dir = Path(model_dir)
+        card = read_card(model_dir)
+        name = name or card.name or model_dir.name
+        domain = domain or card.domain
+        if name in self.names():
+            raise ForestError(f"{self.root}: an ELM named {name!r} is already in the forest; pick another --name")
+        self.check_family(model_dir)
+        dst = self.root / "elms" / name
+        dst.parent.mkdir(exist_ok=True)
+        copy_model_dir(model_dir, dst)
+        entry = {
+            "name": name,
+            "domain": domain,
+            "path": f"elms/{name}",
+            "files": model_files(dst),
+            "parents": card.parents,
+            "metrics": {**card.metrics, **(metrics or {})},
+            "training": card.training,
+            "data": card.data,
+            "added": now(),
+        }
+        self.manifest["elms"].append(entry)
+        self._bump("add", name, None)
+        return self.get(name)
+
+    def remove(self, name: str, reason: str, delete_files: bool = True) -> None:
+        """Forget an ELM: it leaves the manifest (a new version) and, by default, the disk."""
+        if not reason.strip():
+            raise ForestError("removing an ELM needs a reason (it is recorded in the forest history)")
+        elm = self.get(name)
+        if elm.path == self.seed_dir:
+            raise ForestError("the seed is the forest's root and cannot be removed")
+        self.manifest["elms"] = [e for e in self.manifest["elms"] if e["name"] != name]
+        self._bump("remove", name, reason)
+        if delete_files:
+            shutil.rmtree(elm.path, ignore_errors=True)
+
+    def set_metrics(self, name: str, metrics: dict[str, Any]) -> None:
+        for e in self.manifest["elms"]:
+            if e["name"] == name:
+                e.setdefault("metrics", {}).update(metrics)
+        self._write_manifest()
+
+    def verify(self) -> list[str]:
+        """Problems found: missing files or hashes that differ from the manifest."""
+        problems = []
+        for e in [self.manifest["seed"], *self.manifest["elms"]]:
+            d = self.root / e["path"]
+            for fname, sha in e.get("files", {}).items():
+                f = d / fname
+                if not f.exists():
+                    problems.append(f"{f}: missing")
+                elif sha256_file(f) != sha:
+                    problems.append(f"{f}: sha256 differs from the manifest")
+        return problems
+
+    def _bump(self, action: str, elm: str, reason: str | None) -> None:
+        self.manifest["version"] = self.version + 1
+        rec = {"version": self.version, "action": action, "elm": elm, "at": now(), "by": _who()}
+        if reason:
+            rec["reason"] = reason
+        self.manifest["history"].append(rec)
+        self._commit()
+
+    def _commit(self) -> None:
+        (self.root / "versions").mkdir(exist_ok=True)
+        text = json.dumps(self.manifest, indent=2)
+        atomic_write_text(self.root / "versions" / f"{self.version}.json", text)
+        atomic_write_text(self.root / MANIFEST, text)
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=2))
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers)
+        return "unknown"

@@ -1,0 +1,396 @@
+"""Safetensors read/write without loading whole files.
+
+The format is 8 bytes (little-endian u64 header length N), N bytes of JSON header
+({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}), then the
+tensor bytes. Reading the header by hand lets us check an untrusted file's claims (sizes,
+offsets, dtypes) before touching its data, and writing it by hand lets us stream tensors to
+disk one at a time: peak memory is one tensor, not one model.
+
+Tensors are read with positional reads into fresh buffers rather than through mmap, so the
+pages of n input files never all become resident in this process at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from btm.errors import WeightsError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: str | os.PathLike, *, max_file_bytes: int | None = None) -> Header:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Every claim is checked against the real file size before anything else is read, so a
+    file that announces huge tensors or a huge header is refused cheaply.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found") from None
+    if max_file_bytes is not None and size > max_file_bytes:
+        raise WeightsError(f"{path}: {size} bytes is over the limit of {max_file_bytes} bytes")
+    if size < 8:
+        raise WeightsError(f"{path}: {size} bytes is too short to be a safetensors file")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise WeightsError(
+                f"{path}: not a safetensors file (header claims {n} bytes, file has {size}); "
+                "weights must be saved with safetensors, not pickle"
+            )
+        raw = f.read(n)
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightsError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: safetensors header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise WeightsError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, info in obj.items():
+        if not isinstance(info, dict):
+            raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise WeightsError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise WeightsError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
+        want = math.prod(shape) * ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != want:
+            raise WeightsError(
+                f"{path}: tensor {name!r} claims {offsets[1] - offsets[0]} bytes but "
+                f"shape {shape} of {dtype} needs {want}"
+            )
+        if offsets[1] > data_len:
+            raise WeightsError(
+                f"{path}: tensor {name!r} ends at byte {offsets[1]} but the file holds only "
+                f"{data_len} bytes of data (truncated or corrupt)"
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, e1, a), (b2, _, b) in zip(spans, spans[1:], strict=False):
+        if b2 < e1:
+            raise WeightsError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return Header(path, tensors, metadata, data_start)
+
+
+def read_tensor(path: str | os.PathLike, info: TensorInfo, fd: int | None = None) -> torch.Tensor:
+    """Read one tensor with a positional read into a new buffer (no mmap)."""
+    buf = bytearray(info.nbytes)
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        view = memoryview(buf)
+        got = 0
+        while got < info.nbytes:
+            n = os.preadv(fd, [view[got:]], info.begin + got)
+            if n == 0:
+                raise WeightsError(f"{path}: unexpected end of file in tensor {info.name!r}")
+            got += n
+    finally:
+        if own:
+            os.close(fd)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
+# --------------------------------------------------------------------------- model directories
+
+
+@dataclass(frozen=True)
+class WeightsIndex:
+    """Where each tensor of a model directory lives (single file or sharded)."""
+
+    files: dict[str, Header]  # file name -> header
+    location: dict[str, str]  # tensor name -> file name
+
+    def info(self, name: str) -> TensorInfo:
+        return self.files[self.location[name]].tensors[name]
+
+    def path(self, name: str) -> Path:
+        return self.files[self.location[name]].path
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return next(iter(self.files.values())).metadata if self.files else {}
+
+    def signature(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {n: (self.info(n).dtype, self.info(n).shape) for n in self.location}
+
+
+def weights_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory (the single file, or every shard)."""
+    d = Path(model_dir)
+    if (d / SINGLE_FILE).exists():
+        return [d / SINGLE_FILE]
+    if (d / INDEX_FILE).exists():
+        index = json.loads((d / INDEX_FILE).read_text())
+        return [d / f for f in sorted(set(index["weight_map"].values()))]
+    raise WeightsError(
+        f"{d}: no {SINGLE_FILE} or {INDEX_FILE}; an ELM directory holds its weights as safetensors"
+    )
+
+
+def open_weights(model_dir: str | os.PathLike) -> WeightsIndex:
+    d = Path(model_dir)
+    files: dict[str, Header] = {}
+    location: dict[str, str] = {}
+    if (d / SINGLE_FILE).exists():
+        h = read_header(d / SINGLE_FILE)
+        files[SINGLE_FILE] = h
+        location = {n: SINGLE_FILE for n in h.tensors}
+    elif (d / INDEX_FILE).exists():
+        try:
+            weight_map = json.loads((d / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WeightsError(f"{d / INDEX_FILE}: malformed index (no weight_map)") from None
+        for fname in sorted(set(weight_map.values())):
+            if "/" in fname or fname.startswith("."):
+                raise WeightsError(f"{d / INDEX_FILE}: shard name {fname!r} leaves the directory")
+            files[fname] = read_header(d / fname)
+        for name, fname in weight_map.items():
+            if name not in files[fname].tensors:
+                raise WeightsError(f"{d / fname}: index lists {name!r} but the shard lacks it")
+            location[name] = fname
+    else:
+        weights_files(d)  # raises the explanatory error
+    return WeightsIndex(files, location)
+
+
+# --------------------------------------------------------------------------- streaming writer
+
+
+class ShardedWriter:
+    """Write tensors one at a time into a model directory as safetensors.
+
+    The layout (names, dtypes, shapes, and so the header) is known up front, so each tensor
+    is written straight to its final offset and freed. Files go to `*.tmp` and are renamed
+    into place on `close()`; an exception leaves no partial weights file behind.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        layout: Iterable[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        max_shard_bytes: int | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        layout = list(layout)
+        shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in layout:
+            nbytes = math.prod(entry[2]) * ITEMSIZE[entry[1]]
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        self.sharded = len(shards) > 1
+        n = len(shards)
+        self.names = [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" if self.sharded else SINGLE_FILE
+            for i in range(n)
+        ]
+        self._where: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
+        self._files = []
+        self.total_bytes = 0
+        for si, entries in enumerate(shards):
+            header: dict[str, object] = {"__metadata__": self.metadata}
+            off = 0
+            for name, dtype, shape in entries:
+                nbytes = math.prod(shape) * ITEMSIZE[dtype]
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+                off += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            start = 8 + len(raw)
+            for name, dtype, shape in entries:
+                b = header[name]["data_offsets"][0]  # type: ignore[index]
+                self._where[name] = (si, start + b, dtype, shape)
+            f = open(self.out_dir / (self.names[si] + ".tmp"), "wb")
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(start + off)
+            self._files.append(f)
+            self.total_bytes += off
+        self._written: set[str] = set()
+        self._elements: dict[str, int] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        si, offset, dtype, shape = self._where[name]
+        if tuple(tensor.shape) != shape or DTYPE_NAMES[tensor.dtype] != dtype:
+            raise WeightsError(
+                f"tensor {name!r}: got {DTYPE_NAMES.get(tensor.dtype)} {tuple(tensor.shape)}, "
+                f"layout says {dtype} {shape}"
+            )
+        t = tensor.detach().contiguous().cpu()
+        f = self._files[si]
+        f.seek(offset)
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._written.add(name)
+
+    def write_range(self, name: str, element_offset: int, tensor: torch.Tensor) -> None:
+        """Write a 1-d run of elements of tensor `name`, starting at element_offset (chunked
+        writers call this until every element is written)."""
+        si, offset, dtype, shape = self._where[name]
+        if DTYPE_NAMES[tensor.dtype] != dtype:
+            raise WeightsError(f"tensor {name!r}: got {DTYPE_NAMES.get(tensor.dtype)}, layout says {dtype}")
+        t = tensor.detach().reshape(-1).contiguous().cpu()
+        total = math.prod(shape)
+        if element_offset + t.numel() > total:
+            raise WeightsError(f"tensor {name!r}: elements {element_offset}..{element_offset + t.numel()} of {total}")
+        f = self._files[si]
+        f.seek(offset + element_offset * ITEMSIZE[dtype])
+        if t.numel():
+            f.write(memoryview(t.view(torch.uint8).numpy()))
+        done = self._elements.get(name, 0) + t.numel()
+        self._elements[name] = done
+        if done >= total:
+            self._written.add(name)
+
+    def close(self) -> list[str]:
+        missing = set(self._where) - self._written
+        if missing:
+            self.abort()
+            raise WeightsError(f"writer closed with {len(missing)} tensors unwritten: {sorted(missing)[:5]}")
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for fname in self.names:
+            os.replace(self.out_dir / (fname + ".tmp"), self.out_dir / fname)
+        if self.sharded:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {n: self.names[w[0]] for n, w in self._where.items()},
+            }
+            atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2))
+        return self.names
+
+    def abort(self) -> None:
+        for f in self._files:
+            f.close()
+        for fname in self.names:
+            (self.out_dir / (fname + ".tmp")).unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    max_shard_bytes: int | None = None,
+) -> list[str]:
+    layout = [(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in state.items()]
+    with ShardedWriter(out_dir, layout, metadata, max_shard_bytes) as w:
+        for n, t in state.items():
+            w.write(n, t)
+    return w.names
+
+
+def iter_tensors(index: WeightsIndex) -> Iterator[tuple[str, torch.Tensor]]:
+    fds: dict[str, int] = {}
+    try:
+        for name in index.names:
+            fname = index.location[name]
+            if fname not in fds:
+                fds[fname] = os.open(index.files[fname].path, os.O_RDONLY)
+            yield name, read_tensor(index.files[fname].path, index.info(name), fds[fname])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

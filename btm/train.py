@@ -1,0 +1,418 @@
+"""One training loop for the seed LM, branch ELMs and the dense baseline.
+
+Single process or `torchrun` (DDP) with the same code: the global batch is fixed, each rank
+takes its rows of it (see data.BlockSampler) and gradient accumulation fills the rest. The
+learning rate is a pure function of the global step (linear warm-up, then linear decay), and
+batches are a pure function of the global step too, so a checkpoint needs only model,
+optimizer, RNG and the step to resume exactly where it stopped.
+
+A phase can continue another's schedule: the paper's compute-matched BTM takes the dense
+run's first N/2 updates as the seed (same schedule, same optimizer state) and the branches
+train the remaining N/2 updates of that schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from btm.data import BlockSampler
+from btm.errors import BTMError
+from btm.family import Card, save_elm
+from btm.safetensors_io import (
+    DTYPE_NAMES,
+    atomic_write_text,
+    read_header,
+    read_tensor,
+    save_state_dict,
+)
+
+CHECKPOINT = "checkpoint"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int  # optimizer updates in this phase
+    batch_size: int = 32  # global batch, in sequences
+    micro_batch_size: int | None = None  # per process per forward; default: as large as allowed
+    block_size: int = 256
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup: float = 0.08  # fraction of the schedule
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    # The LR schedule this phase runs in: steps [schedule_start, schedule_start + steps) of a
+    # schedule `schedule_steps` long (default: just this phase).
+    schedule_start: int = 0
+    schedule_steps: int | None = None
+    checkpoint_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    progress: bool = True
+
+    @property
+    def total_schedule(self) -> int:
+        return self.schedule_steps or (self.schedule_start + self.steps)
+
+    def lr_at(self, global_step: int) -> float:
+        total = self.total_schedule
+        warm = max(1, round(self.warmup * total)) if self.warmup > 0 else 0
+        if global_step < warm:
+            return self.lr * (global_step + 1) / warm
+        frac = (global_step - warm) / max(1, total - warm)
+        return self.min_lr + (self.lr - self.min_lr) * max(0.0, 1.0 - frac)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Initialise torch.distributed when launched by torchrun, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank, world, local, device)
+
+
+# --------------------------------------------------------------------------- optimizer I/O
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def optimizer_state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW moments keyed by parameter name, so they can be saved as safetensors (no
+    pickle) and averaged like weights."""
+    out = {}
+    for name, p in model.named_parameters():
+        st = opt.state.get(p)
+        if not st:
+            continue
+        for k, v in st.items():
+            out[f"{name}::{k}"] = v.detach().reshape(v.shape).to("cpu", torch.float32).contiguous()
+    return out
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> int:
+    """Load moments saved by optimizer_state_tensors; returns how many parameters matched."""
+    infos = read_header(path).tensors
+    n = 0
+    for name, p in model.named_parameters():
+        keys = [k for k in infos if k.startswith(name + "::")]
+        if not keys:
+            continue
+        st = opt.state[p]
+        for k in keys:
+            t = read_tensor(path, infos[k])
+            what = k.split("::", 1)[1]
+            if what == "step":
+                st[what] = t.to(torch.float32).reshape(()).to(p.device if opt.defaults.get("fused") else "cpu")
+            else:
+                if tuple(t.shape) != tuple(p.shape):
+                    raise BTMError(
+                        f"{path}: optimizer state {k} has shape {tuple(t.shape)}, "
+                        f"the parameter has {tuple(p.shape)}"
+                    )
+                st[what] = t.to(p.device, p.dtype)
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig, step: int, extra: dict) -> None:
+    """Atomically replace run_dir/checkpoint with the state after `step` local steps."""
+    from btm.family import _dedup_tied
+
+    ck = run_dir / CHECKPOINT
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_state_dict(_dedup_tied(model.state_dict()), tmp)
+    save_state_dict(optimizer_state_tensors(model, opt), tmp / "opt")
+    os.replace(tmp / "opt" / "model.safetensors", tmp / OPTIMIZER_FILE)
+    (tmp / "opt").rmdir()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_state_dict(rng, tmp / "rng")
+    os.replace(tmp / "rng" / "model.safetensors", tmp / "rng.safetensors")
+    (tmp / "rng").rmdir()
+    state = {"step": step, "global_step": cfg.schedule_start + step, "config": asdict(cfg), **extra}
+    atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+    old = run_dir / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ck.exists():
+        os.replace(ck, old)
+    os.replace(tmp, ck)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint_state(run_dir: Path) -> dict | None:
+    f = run_dir / CHECKPOINT / STATE_FILE
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise BTMError(f"{f}: corrupted checkpoint state; delete {f.parent} to start over") from None
+
+
+def _load_state_into(model: torch.nn.Module, model_dir: Path) -> None:
+    from btm.family import load_weights_into
+
+    load_weights_into(model, model_dir)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
+    # use_cache=False: training needs no key/value cache, and building one costs time
+    logits = model(input_ids=block[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    sampler: BlockSampler,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    card: Card,
+    init_optimizer: Path | None = None,
+    dist_info: Dist | None = None,
+    on_step=None,
+) -> Path:
+    """Train `model` for cfg.steps updates and save it as an ELM directory at out_dir.
+
+    Resumes from out_dir/checkpoint when one exists (same config required). Returns out_dir.
+    `on_step(step, metrics)` is called on the main process after every update.
+    """
+    d = dist_info or setup_distributed()
+    out = Path(out_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + d.rank)
+    model.to(d.device)
+    model.train()
+    opt = make_optimizer(model, cfg)
+
+    start = 0
+    loss_val = float("nan")
+    state = read_checkpoint_state(out)
+    if state is not None:
+        saved = state["config"]
+        mine = asdict(cfg)
+        diff = [k for k in mine if k not in ("progress", "checkpoint_every", "log_every") and saved.get(k) != mine[k]]
+        if diff:
+            raise BTMError(
+                f"{out / CHECKPOINT} was written with different settings ({', '.join(diff)}); "
+                f"use another --out or delete {out / CHECKPOINT} to start over"
+            )
+        _load_state_into(model, out / CHECKPOINT)
+        load_optimizer_state(model, opt, out / CHECKPOINT / OPTIMIZER_FILE)
+        rh = read_header(out / CHECKPOINT / "rng.safetensors")
+        torch.set_rng_state(read_tensor(rh.path, rh.tensors["torch"]))
+        if "cuda" in rh.tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(read_tensor(rh.path, rh.tensors["cuda"]))
+        start = int(state["step"])
+        loss_val = float(state.get("loss", float("nan")))
+        if state.get("finished") and start == cfg.steps and (out / "README.md").exists():
+            _load_state_into(model, out / CHECKPOINT)
+            model.eval()
+            return out  # already done: running a finished phase again changes nothing
+    elif init_optimizer is not None:
+        load_optimizer_state(model, opt, Path(init_optimizer))
+
+    per_rank = cfg.batch_size // d.world
+    if cfg.batch_size % d.world:
+        raise BTMError(f"--batch-size {cfg.batch_size} must be divisible by the {d.world} processes")
+    micro = min(cfg.micro_batch_size or per_rank, per_rank)
+    if per_rank % micro:
+        raise BTMError(f"per-process batch {per_rank} must be divisible by --micro-batch-size {micro}")
+    accum = per_rank // micro
+
+    run_model = model
+    if cfg.compile:
+        run_model = torch.compile(model)
+    if d.world > 1:
+        run_model = torch.nn.parallel.DistributedDataParallel(
+            run_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
+        )
+
+    metrics_f = open(out / "metrics.jsonl", "a") if d.main else None
+    progress = None
+    if d.main and cfg.progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        progress.start()
+        task = progress.add_task(card.name, total=cfg.steps, completed=start, loss=float("nan"), tps=0.0)
+
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    t_last = time.perf_counter()
+    steps_since = 0
+    try:
+        with _explain_resource_errors(out, micro, cfg):
+            for step in range(start, cfg.steps):
+                gstep = cfg.schedule_start + step
+                lr = cfg.lr_at(gstep)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = sampler.batch(gstep, cfg.batch_size, d.rank, d.world).to(d.device, non_blocking=True)
+                loss_sum = torch.zeros((), device=d.device)
+                for i in range(accum):
+                    mb = batch[i * micro : (i + 1) * micro]
+                    sync = contextlib.nullcontext() if (d.world == 1 or i == accum - 1) else run_model.no_sync()
+                    with sync, _autocast(cfg, d.device):
+                        loss = lm_loss(run_model, mb) / accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps_since += 1
+                done = step + 1
+                last = done == cfg.steps
+                if done % cfg.log_every == 0 or last or done == start + 1:
+                    if d.world > 1:
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= d.world
+                    loss_val = loss_sum.item()
+                    if not math.isfinite(loss_val):
+                        raise BTMError(
+                            f"loss became {loss_val} at step {done}; lower --lr or check the data"
+                        )
+                    now = time.perf_counter()
+                    tps = steps_since * tokens_per_step / max(now - t_last, 1e-9)
+                    t_last, steps_since = now, 0
+                    rec = {"step": done, "global_step": gstep + 1, "loss": loss_val, "lr": lr, "tokens_per_s": tps,
+                           "grad_norm": float(gnorm) if gnorm is not None else None, "time": time.time()}
+                    if metrics_f:
+                        metrics_f.write(json.dumps(rec) + "\n")
+                        metrics_f.flush()
+                    if progress:
+                        progress.update(task, completed=done, loss=loss_val, tps=tps)
+                    if on_step and d.main:
+                        on_step(done, rec)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not last:
+                    if d.main:
+                        save_checkpoint(out, model, opt, cfg, done, {"name": card.name, "loss": loss_val})
+                    if d.world > 1:
+                        dist.barrier()
+    finally:
+        if progress:
+            progress.stop()
+        if metrics_f:
+            metrics_f.close()
+
+    if d.main:
+        with _explain_resource_errors(out, micro, cfg):
+            save_checkpoint(out, model, opt, cfg, cfg.steps, {"name": card.name, "loss": loss_val, "finished": True})
+        card.training = {
+            **card.training,
+            "updates": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "block_size": cfg.block_size,
+            "tokens": cfg.steps * tokens_per_step,
+            "lr": cfg.lr,
+            "schedule": f"steps {cfg.schedule_start}..{cfg.schedule_start + cfg.steps} of {cfg.total_schedule}, "
+            f"{cfg.warmup:.0%} warm-up, linear decay",
+            "final_loss": round(loss_val, 4),
+        }
+        with _explain_resource_errors(out, micro, cfg):
+            save_elm(model, tokenizer, out, card)
+    if d.world > 1:
+        dist.barrier()
+    model.eval()
+    return out
+
+
+@contextlib.contextmanager
+def _explain_resource_errors(out: Path, micro: int, cfg: TrainConfig):
+    """GPU out of memory and a full disk, as instructions."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise BTMError(
+            f"the GPU ran out of memory with {micro} sequences of {cfg.block_size} tokens per forward pass: "
+            "lower --micro-batch-size (gradient accumulation keeps the global batch) or --block-size, and run "
+            "the command again (it resumes from the last checkpoint)"
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise BTMError(
+                f"the disk is full while writing to {out}: free some space and run the command again; training "
+                "resumes from the last complete checkpoint (a half-written one is never used)"
+            ) from None
+        raise
+
+
+def checkpoint_optimizer(model_dir: str | os.PathLike) -> Path | None:
+    """The optimizer state saved with a trained model, if any (to carry into branches)."""
+    p = Path(model_dir) / CHECKPOINT / OPTIMIZER_FILE
+    if p.exists():
+        return p
+    p = Path(model_dir) / OPTIMIZER_FILE
+    return p if p.exists() else None
+
+
+__all__ = ["DTYPE_NAMES", "Dist", "TrainConfig", "checkpoint_optimizer", "lm_loss", "setup_distributed", "train"]

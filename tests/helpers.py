@@ -1,0 +1,23 @@
+"""Helpers shared by tests: where the test corpus is, tiny training settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "btm" / "demo_corpus"
+TRAIN_DOMAINS = ["python", "kjv_bible", "postgres_docs", "webster_dictionary"]
+
+
+def tiny_train_config(steps: int, **kw):
+    from btm.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=kw.pop("batch_size", 8), block_size=kw.pop("block_size", 64),
+                       lr=kw.pop("lr", 3e-3), progress=False, log_every=kw.pop("log_every", 5), **kw)
+
+
+def streams(tok, cache_dir, domains):
+    from btm.data import Corpus, tokenize_file
+
+    c = Corpus(CORPUS)
+    return [tokenize_file(c[d].split_path("train"), tok, cache_dir) for d in domains]
