@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, status
+
+from coordinator.api.deps import (
+    DB,
+    Contributor,
+    Id,
+    Maintainer,
+    OptionalUser,
+    Reader,
+    SettingsDep,
+    StorageDep,
+)
+from coordinator.errors import NotFound
+from coordinator.models import BranchInit, Contribution, Job
+from coordinator.schemas import (
+    BranchIn,
+    BranchOut,
+    CompleteIn,
+    ContributionCreated,
+    ContributionIn,
+    ContributionOut,
+    DecisionIn,
+    Error,
+    EventOut,
+    JobOut,
+    RemoveIn,
+    UploadOut,
+)
+from coordinator.services import branches, contributions, forests, jobs
+
+router = APIRouter(tags=["contributions"],
+                   responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
+                              404: {"model": Error}, 409: {"model": Error}, 413: {"model": Error},
+                              422: {"model": Error}})
+
+
+def branch_out(storage, b: BranchInit, job: Job | None = None) -> BranchOut:
+    return BranchOut(id=b.id, forest=b.forest.name, version=b.version.number, domain=b.domain.name, method=b.method,
+                     status=b.status.value, posterior=b.posterior, parents=b.parents, files=b.files, error=b.error,
+                     urls=forests.file_urls(storage, b.files) if b.files else {}, job_id=job.id if job else None)
+
+
+def contribution_out(c: Contribution, history: bool = True) -> ContributionOut:
+    out = ContributionOut(
+        id=c.id, name=c.name, owner=c.owner.username, forest=c.forest.name, domain=c.domain.name,
+        branch_init_id=c.branch_init_id, state=c.state.value, weights_sha256=c.weights_sha256,
+        weights_size=c.weights_size, training=c.training, validation=c.validation, evaluation=c.evaluation,
+        created_at=c.created_at, updated_at=c.updated_at,
+    )
+    if history:
+        out.history = [EventOut(from_state=e.from_state, to_state=e.to_state, actor=e.actor.username if e.actor else None,
+                                reason=e.reason, at=e.at, details=e.details) for e in c.events]
+    return out
+
+
+@router.post("/branch-inits", status_code=status.HTTP_202_ACCEPTED, response_model=BranchOut)
+def request_branch_init(body: BranchIn, user: Contributor, db: DB, storage: StorageDep):
+    """Ask for a new ELM's initialisation: the posterior-weighted average of the current
+    version, from an uploaded sample of the domain or a posterior computed privately."""
+    b, needs_job = branches.request(db, user, body.forest, body.domain, body.method, body.sample_sha256, body.posterior)
+    job = jobs.enqueue(db, "branch_init", f"branch:{b.id}", {"branch_init_id": b.id}) if needs_job else None
+    return branch_out(storage, b, job)
+
+
+@router.get("/branch-inits/{init_id}", response_model=BranchOut)
+def get_branch_init(init_id: Id, user: Contributor, db: DB, storage: StorageDep):
+    return branch_out(storage, branches.get(db, user, init_id))
+
+
+@router.post("/contributions", status_code=status.HTTP_201_CREATED, response_model=ContributionCreated)
+def create_contribution(body: ContributionIn, user: Contributor, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Declare a trained ELM (its weights' sha256 and size, config, training metadata) and
+    get the URLs to upload model.safetensors."""
+    c, up = contributions.create(db, storage, settings, user, body.forest, body.branch_init_id, body.sha256, body.size,
+                                 body.config, body.tokenizer_sha256, body.name, body.training, body.forest_version)
+    return ContributionCreated(contribution=contribution_out(c), upload=UploadOut(**up))
+
+
+@router.get("/contributions", response_model=list[ContributionOut])
+def list_contributions(db: DB, user: OptionalUser, state: str | None = Query(default=None, max_length=16,
+                       pattern="^(uploading|uploaded|validating|validated|rejected|evaluated|approved|declined|merged|removed)$"),
+                       mine: bool = False, forest: str | None = Query(default=None, max_length=64)):
+    return [contribution_out(c, history=False) for c in contributions.list_(db, user, state, mine, forest)]
+
+
+@router.get("/contributions/{cid}", response_model=ContributionOut)
+def get_contribution(cid: Id, db: DB, user: OptionalUser):
+    """A contribution's state and its whole history (who, when, why)."""
+    return contribution_out(contributions.get(db, user, cid))
+
+
+@router.get("/contributions/{cid}/upload", response_model=UploadOut)
+def upload_status(cid: Id, user: Contributor, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Where the weights upload stands (parts done, fresh URLs), to resume it."""
+    return contributions.upload_info(db, storage, settings, user, cid)
+
+
+@router.post("/contributions/{cid}/complete", response_model=ContributionOut)
+def complete(cid: Id, body: CompleteIn, user: Contributor, db: DB, storage: StorageDep):
+    """Finish the upload: the server checks the sha256, then validation starts."""
+    parts = [p.model_dump() for p in body.parts] if body.parts else None
+    c = contributions.complete_upload(db, storage, user, cid, parts)
+    jobs.enqueue(db, "validate", f"contribution:{c.id}", {"contribution_id": c.id})
+    return contribution_out(c)
+
+
+@router.post("/contributions/{cid}/approve", response_model=ContributionOut)
+def approve(cid: Id, body: DecisionIn, user: Maintainer, db: DB):
+    return contribution_out(contributions.decide(db, user, cid, "approve", body.reason))
+
+
+@router.post("/contributions/{cid}/decline", response_model=ContributionOut)
+def decline(cid: Id, body: DecisionIn, user: Maintainer, db: DB):
+    return contribution_out(contributions.decide(db, user, cid, "decline", body.reason))
+
+
+@router.post("/contributions/{cid}/remove", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def remove(cid: Id, body: RemoveIn, user: Maintainer, db: DB):
+    """Forget a merged ELM: a new version without it, with the reason recorded."""
+    c = db.get(Contribution, cid)
+    if c is None:
+        raise NotFound(f"no contribution {cid}")
+    f = c.forest
+    return jobs.enqueue(db, "publish", f"{f.name}:v{f.current_version}:remove:{cid}",
+                        {"forest": f.name, "add": [], "remove": [cid], "note": body.reason, "actor_id": user.id})
+
+
+@router.get("/contributions/{cid}/download", response_model=dict[str, str])
+def download_contribution(cid: Id, db: DB, user: OptionalUser, storage: StorageDep):
+    """Download URLs of the ELM's files (once validated)."""
+    c = contributions.get(db, user, cid)
+    if not c.files:
+        raise NotFound(f"contribution {cid} has no assembled files yet (state {c.state.value})")
+    return forests.file_urls(storage, c.files)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: Id, user: Reader, db: DB):
+    return jobs.get(db, job_id)

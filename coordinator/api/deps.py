@@ -1,0 +1,85 @@
+"""Dependencies as Annotated aliases: the database session, settings, storage and the
+caller (from a bearer API token), with the scope each route needs declared on the route."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from sqlalchemy.orm import Session
+
+from coordinator.db import get_sessionmaker
+from coordinator.errors import Forbidden, Unauthorized
+from coordinator.models import Role, User
+from coordinator.services import users as users_svc
+from coordinator.settings import Settings
+from coordinator.storage import Storage
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    db = get_sessionmaker(request.app.state.settings.db_url)()
+    try:
+        yield db
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    finally:
+        db.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+# scope="function": commit before the response goes out, so a client never sees success
+# for a write that is not yet (or never) committed
+DB = Annotated[Session, Depends(get_db, scope="function")]
+
+
+def _bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    if h.lower().startswith("bearer "):
+        return h[7:].strip()
+    return None
+
+
+def optional_user(request: Request, db: DB) -> User | None:
+    token = _bearer(request)
+    if not token:
+        return None
+    user, t = users_svc.resolve_token(db, token)
+    request.state.scopes = set(t.scopes)
+    return user
+
+
+def _scoped(scope: str):
+    def dep(request: Request, db: DB) -> User:
+        token = _bearer(request)
+        if not token:
+            raise Unauthorized("log in first: send `Authorization: Bearer <token>` (`elmforest login` stores one)")
+        user, t = users_svc.resolve_token(db, token)
+        if scope not in t.scopes:
+            raise Forbidden(f"this token lacks the {scope!r} scope; create one with it (`elmforest token create`)")
+        if scope == "maintain" and user.role not in (Role.maintainer, Role.admin):
+            raise Forbidden("only maintainers may do this")
+        return user
+
+    return dep
+
+
+OptionalUser = Annotated[User | None, Depends(optional_user)]
+Reader = Annotated[User, Depends(_scoped("read"))]
+Contributor = Annotated[User, Depends(_scoped("contribute"))]
+Maintainer = Annotated[User, Depends(_scoped("maintain"))]
+
+
+# database ids: bounded so a huge number is a 422, not an overflow in the driver
+Id = Annotated[int, Path(ge=1, le=2**31 - 1)]

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import JSONResponse
+
+from coordinator.api.deps import DB, Id, Maintainer, Reader, SettingsDep, StorageDep
+from coordinator.errors import NotFound
+from coordinator.models import AveragedModel, Job
+from coordinator.schemas import (
+    AverageIn,
+    AverageOut,
+    BaselineIn,
+    BaselineOut,
+    DownloadOut,
+    Error,
+    ForestIn,
+    ForestOut,
+    JobOut,
+    LeaderboardOut,
+    PublishIn,
+    VersionOut,
+)
+from coordinator.services import averages, forests, jobs, leaderboard
+
+router = APIRouter(prefix="/forests", tags=["forests"],
+                   responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
+                              404: {"model": Error}, 409: {"model": Error}, 422: {"model": Error}})
+
+
+def version_out(v) -> VersionOut:
+    return VersionOut(number=v.number, manifest_sha256=v.manifest_sha256, note=v.note, created_at=v.created_at,
+                      elms=len(v.manifest["elms"]))
+
+
+@router.get("", response_model=list[ForestOut])
+def list_forests(db: DB):
+    return forests.list_(db)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ForestOut)
+def create_forest(body: ForestIn, user: Maintainer, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Register an uploaded seed LM as the root of a new forest (version 1)."""
+    return forests.create(db, storage, settings, user, body.name, body.files, body.description)
+
+
+@router.get("/{name}", response_model=ForestOut)
+def get_forest(name: str, db: DB):
+    return forests.get(db, name)
+
+
+@router.get("/{name}/baselines", response_model=list[BaselineOut])
+def list_baselines(name: str, db: DB):
+    """Models every version's leaderboard is compared with (e.g. the dense baseline)."""
+    return forests.baselines(db, forests.get(db, name))
+
+
+@router.post("/{name}/baselines", status_code=status.HTTP_201_CREATED, response_model=BaselineOut)
+def add_baseline(name: str, body: BaselineIn, user: Maintainer, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Register an uploaded model of the forest's family as a baseline (idempotent)."""
+    return forests.add_baseline(db, storage, settings, user, name, body.name, body.files, body.description)
+
+
+@router.get("/{name}/versions", response_model=list[VersionOut])
+def list_versions(name: str, db: DB):
+    return [version_out(v) for v in forests.versions(db, forests.get(db, name))]
+
+
+@router.get("/{name}/versions/{number}", response_model=dict)
+def get_manifest(name: str, number: Id, db: DB):
+    """The version's manifest (immutable)."""
+    return forests.version(db, forests.get(db, name), number).manifest
+
+
+@router.get("/{name}/download", response_model=DownloadOut)
+def download(name: str, db: DB, storage: StorageDep, version: int | None = Query(default=None, ge=1)):
+    """The manifest of a version (default: current) and a download URL for every file."""
+    v = forests.version(db, forests.get(db, name), version)
+    return forests.version_download(storage, v)
+
+
+@router.post("/{name}/publish", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def publish(name: str, body: PublishIn, user: Maintainer, db: DB):
+    """Merge approved contributions (and forget removed ones) into a new version, as a job."""
+    f = forests.get(db, name)
+    key = f"{f.name}:v{f.current_version}:{sorted(body.add) if body.add is not None else 'approved'}:{sorted(body.remove)}"
+    return jobs.enqueue(db, "publish", key, {"forest": f.name, "add": body.add, "remove": body.remove,
+                                             "note": body.note, "actor_id": user.id})
+
+
+@router.post("/{name}/evaluate", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def evaluate(name: str, user: Maintainer, db: DB, version: int | None = Query(default=None, ge=1)):
+    """Evaluate a version again (e.g. after a domain got held-out data)."""
+    v = forests.version(db, forests.get(db, name), version)
+    return jobs.enqueue(db, "evaluate_version", f"version:{v.id}", {"version_id": v.id})
+
+
+@router.get("/{name}/leaderboard", response_model=LeaderboardOut)
+def get_leaderboard(name: str, db: DB, version: int | None = Query(default=None, ge=1, le=2**31 - 1),
+                    role: str | None = Query(default=None, pattern="^(train|eval)$"),
+                    kind: str | None = Query(default=None, pattern="^(elm|ensemble|average|model)$"),
+                    sort: str = Query(default="mean", max_length=64,
+                                      description="mean, mean_train, mean_eval, or a domain's name"),
+                    desc: bool = False, page: int = Query(default=1, ge=1, le=100_000),
+                    per_page: int = Query(default=25, ge=1, le=500)):
+    """One page of a version's leaderboard: subjects x domains, sorted and filtered."""
+    f = forests.get(db, name)
+    b = leaderboard.board(db, forests.version(db, f, version), role, kind, sort, desc, page, per_page)
+    # built as plain JSON: thousands of numbers need no second validation pass (the schema
+    # above still documents the shape, and tests check it)
+    return JSONResponse({
+        "forest": f.name, "version": b.version.number, "total": b.total, "page": b.page, "per_page": b.per_page,
+        "domains": [{"name": n, "role": r} for n, r in b.domains],
+        "rows": [{"subject": x["subject"], "kind": x["kind"], "method": x["method"], "mean_train": x["mean_train"],
+                  "mean_eval": x["mean_eval"], "mean": x["mean"],
+                  "ppl": {d: b.cells[(x["subject"], d)] for d, _ in b.domains if (x["subject"], d) in b.cells}}
+                 for x in b.subjects],
+    })
+
+
+@router.get("/{name}/posteriors", response_model=dict[str, dict[str, float]])
+def get_posteriors(name: str, db: DB, version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+    """The cached prior of each domain over the version's ELMs (what the ensemble uses)."""
+    return leaderboard.posteriors(db, forests.version(db, forests.get(db, name), version))
+
+
+def average_out(storage, a: AveragedModel, job: Job | None = None) -> AverageOut:
+    out = AverageOut.model_validate(a)
+    out.status = a.status.value
+    if a.files:
+        out.urls = forests.file_urls(storage, a.files)
+    out.job_id = job.id if job else None
+    return out
+
+
+@router.post("/{name}/averages", status_code=status.HTTP_202_ACCEPTED, response_model=AverageOut)
+def request_average(name: str, body: AverageIn, user: Reader, db: DB, storage: StorageDep,
+                    version: int | None = Query(default=None, ge=1)):
+    """An averaged model of a version for a target domain (cached; built by a job)."""
+    v = forests.version(db, forests.get(db, name), version)
+    a, needs_job = averages.request(db, v, body.method, body.domain)
+    job = jobs.enqueue(db, "average", f"average:{a.id}", {"average_id": a.id}) if needs_job else None
+    return average_out(storage, a, job)
+
+
+@router.get("/{name}/averages/{average_id}", response_model=AverageOut)
+def get_average(name: str, average_id: Id, db: DB, storage: StorageDep):
+    a = db.get(AveragedModel, average_id)
+    if a is None or a.version.forest.name != name:
+        raise NotFound(f"no averaged model {average_id} of forest {name!r}")
+    return average_out(storage, a)

@@ -1,0 +1,88 @@
+"""The Celery app. Production: Redis as the broker. Embedded default: kombu's filesystem
+transport under the data directory, so `elmforest serve` needs no broker server yet stays
+asynchronous (a worker thread in the same process consumes the queue).
+
+Results live in the jobs table, not in a Celery result backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from coordinator.services import jobs
+from coordinator.settings import Settings, get_settings
+
+log = logging.getLogger("elmforest.worker")
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("elmforest", broker=settings.celery_broker)
+    conf = dict(
+        task_acks_late=True,  # a worker killed mid-task leaves the message for another
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue=settings.queue,
+    )
+    if settings.celery_broker.startswith("filesystem://"):
+        q = settings.queue_dir
+        for sub in ("messages", "processed", "control"):
+            (q / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(q / "messages"),
+            "data_folder_out": str(q / "messages"),
+            "processed_folder": str(q / "processed"),
+            "control_folder": str(q / "control"),  # else kombu writes ./control in the cwd
+            "store_processed": False,
+        }
+    else:
+        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(conf)
+    return app
+
+
+app = make_celery(get_settings())
+
+
+@app.task(name="elmforest.run_job", bind=True, acks_late=True, max_retries=None)
+def run_job(self, job_id: int) -> str:
+    try:
+        return jobs.run(job_id, get_settings(), max_attempts=get_settings().job_retries)
+    except jobs.Transient as e:
+        # exponential backoff: 2, 4, 8 ... seconds
+        raise self.retry(exc=e, countdown=min(300, 2 ** (self.request.retries + 1))) from e
+
+
+def _sweep(stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        try:
+            jobs.recover(get_settings())
+        except Exception:
+            log.exception("recovery sweep failed")
+
+
+@worker_ready.connect
+def _on_ready(sender=None, **kw):
+    n = jobs.recover(get_settings())
+    if n:
+        log.info("re-dispatched %d unfinished jobs", n)
+    threading.Thread(target=_sweep, args=(threading.Event(), get_settings().job_lease_seconds), daemon=True).start()
+
+
+def start_embedded_worker() -> threading.Thread:
+    """A worker inside this process (for the broker-less default)."""
+
+    def target():
+        w = app.WorkController(pool_cls="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True,
+                               without_mingle=True, without_gossip=True, hostname="embedded@elmforest")
+        w.start()
+
+    t = threading.Thread(target=target, name="elmforest-worker", daemon=True)
+    t.start()
+    return t

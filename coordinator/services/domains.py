@@ -1,0 +1,92 @@
+"""Domains: what an ELM is an expert on, defined by provenance."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
+from coordinator.models import Artifact, Domain, DomainRole, DomainStatus, Role, User
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
+
+
+def is_maintainer(user: User | None) -> bool:
+    return user is not None and user.role in (Role.maintainer, Role.admin)
+
+
+def get(db: Session, name: str) -> Domain:
+    d = db.scalar(select(Domain).where(Domain.name == name))
+    if d is None:
+        raise NotFound(f"unknown domain {name!r}; register it first (`elmforest domain register {name}`)")
+    return d
+
+
+def list_(db: Session, role: str | None = None, include_retired: bool = False) -> list[Domain]:
+    q = select(Domain).order_by(Domain.name)
+    if role:
+        q = q.where(Domain.role == DomainRole(role))
+    if not include_retired:
+        q = q.where(Domain.status == DomainStatus.active)
+    return list(db.scalars(q))
+
+
+def create(db: Session, user: User, name: str, description: str = "", category: str = "", provenance: str = "",
+           license: str = "", role: str = "train") -> Domain:
+    if not NAME.match(name):
+        raise BadRequest("domain names are 2-64 lowercase letters, digits, '_' or '-' (e.g. python_stdlib)")
+    if role != "train" and not is_maintainer(user):
+        raise Forbidden("only maintainers declare evaluation domains; contributors register train domains")
+    if db.scalar(select(Domain).where(Domain.name == name)):
+        raise Conflict(f"domain {name!r} already exists; pick another name or contribute to it")
+    d = Domain(name=name, description=description, category=category, provenance=provenance, license=license,
+               role=DomainRole(role), created_by_id=user.id)
+    db.add(d)
+    db.flush()
+    return d
+
+
+def update(db: Session, user: User, name: str, role: str | None = None, status: str | None = None,
+           description: str | None = None) -> Domain:
+    d = get(db, name)
+    if not is_maintainer(user):
+        raise Forbidden("only maintainers change a domain's role or retire it")
+    if role is not None:
+        d.role = DomainRole(role)
+    if status is not None:
+        d.status = DomainStatus(status)
+    if description is not None:
+        d.description = description
+    return d
+
+
+def held_out_blocks(storage, settings, d: Domain, tokenizer):
+    """A domain's held-out data as btm DomainBlocks: the first blocks (up to a quarter, at
+    most prior_blocks) estimate the cached prior, the rest are scored. None if too short."""
+    from btm.data import encode_texts, eval_blocks, read_documents
+    from btm.evaluate import DomainBlocks
+    from coordinator.materialize import blob
+
+    if d.eval_data_sha256 is None:
+        return None
+    tokens = encode_texts(tokenizer, read_documents(blob(storage, settings.work_dir, d.eval_data_sha256)))
+    if len(tokens) < 16:
+        return None
+    size = min(settings.eval_block_size, max(8, (len(tokens) - 1) // 2))
+    b = eval_blocks(tokens, size, settings.eval_max_blocks + settings.prior_blocks)
+    n_dev = min(settings.prior_blocks, b.shape[0] // 4)
+    return DomainBlocks(d.name, d.role.value, b[n_dev:], b[:n_dev] if n_dev else b[:1])
+
+
+def set_eval_data(db: Session, user: User, name: str, sha256: str) -> Domain:
+    d = get(db, name)
+    if not (is_maintainer(user) or d.created_by_id == user.id):
+        raise Forbidden("only the domain's creator or a maintainer sets its held-out evaluation data")
+    a = db.get(Artifact, sha256)
+    if a is None:
+        raise BadRequest(f"no uploaded file with sha256 {sha256}; upload it first (POST /api/v1/uploads)")
+    d.eval_data_sha256 = sha256
+    d.eval_data_bytes = a.size
+    return d

@@ -1,0 +1,269 @@
+"""Forests and their immutable versions: creation from a seed, manifests, publishing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from btm.errors import BTMError
+from btm.forest import FORMAT
+from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from coordinator.materialize import model_dir
+from coordinator.models import (
+    Baseline,
+    Contribution,
+    ContributionEvent,
+    Forest,
+    ForestVersion,
+    Role,
+    State,
+    User,
+    VersionMember,
+)
+from coordinator.services import uploads
+from coordinator.storage import Storage, blob_key
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
+REQUIRED_SEED_FILES = ("config.json", "tokenizer.json")
+
+
+def require_maintainer(user: User) -> None:
+    if user.role not in (Role.maintainer, Role.admin):
+        raise Forbidden("only maintainers may do this")
+
+
+def get(db: Session, name: str) -> Forest:
+    f = db.scalar(select(Forest).where(Forest.name == name))
+    if f is None:
+        raise NotFound(f"unknown forest {name!r}")
+    return f
+
+
+def list_(db: Session) -> list[Forest]:
+    return list(db.scalars(select(Forest).order_by(Forest.name)))
+
+
+def version(db: Session, forest: Forest, number: int | None = None) -> ForestVersion:
+    n = forest.current_version if number is None else number
+    v = db.scalar(select(ForestVersion).where(ForestVersion.forest_id == forest.id, ForestVersion.number == n))
+    if v is None:
+        raise NotFound(f"forest {forest.name!r} has no version {n}")
+    return v
+
+
+def versions(db: Session, forest: Forest) -> list[ForestVersion]:
+    return list(db.scalars(select(ForestVersion).where(ForestVersion.forest_id == forest.id)
+                           .order_by(ForestVersion.number.desc())))
+
+
+def version_numbers(db: Session, forest: Forest) -> list[int]:
+    """The version numbers, newest first, without loading their manifests."""
+    return list(db.scalars(select(ForestVersion.number).where(ForestVersion.forest_id == forest.id)
+                           .order_by(ForestVersion.number.desc())))
+
+
+def members(db: Session, v: ForestVersion) -> list[Contribution]:
+    q = (select(Contribution).join(VersionMember, VersionMember.contribution_id == Contribution.id)
+         .where(VersionMember.version_id == v.id).order_by(Contribution.id))
+    return list(db.scalars(q))
+
+
+def create(db: Session, storage: Storage, settings, user: User, name: str, files: dict[str, str],
+           description: str = "") -> Forest:
+    """Register a seed LM (its files already uploaded) as the root of a new forest."""
+    require_maintainer(user)
+    if not NAME.match(name):
+        raise BadRequest("forest names are 2-64 lowercase letters, digits, '_' or '-'")
+    if db.scalar(select(Forest).where(Forest.name == name)):
+        raise Conflict(f"forest {name!r} already exists")
+    missing = [f for f in REQUIRED_SEED_FILES if f not in files]
+    if missing or not any(f.startswith("model") and f.endswith(".safetensors") for f in files):
+        raise BadRequest(f"a seed needs config.json, tokenizer.json and model.safetensors; missing {missing or ['model.safetensors']}")
+    for fname, sha in files.items():
+        uploads.require_artifact(db, sha, fname)
+    from btm.family import family_id, load_config
+    from btm.safetensors_io import open_weights
+    from btm.tokenizer import load_tokenizer, tokenizer_sha256
+
+    d = model_dir(storage, settings.work_dir, files)
+    try:
+        config, tok = load_config(d), load_tokenizer(d)
+        open_weights(d)
+    except (BTMError, OSError, ValueError) as e:
+        raise Unprocessable(f"the seed's files are not a loadable model: {e}") from None
+    f = Forest(name=name, description=description, family=family_id(config, tok), config=config.to_dict(),
+               tokenizer_sha256=tokenizer_sha256(tok), seed_files=files, created_by_id=user.id, current_version=1)
+    db.add(f)
+    db.flush()
+    _write_version(db, storage, f, 1, [], user, "seed registered", history=[])
+    return f
+
+
+def add_baseline(db: Session, storage: Storage, settings, user: User, forest: str, name: str, files: dict[str, str],
+                 description: str = "") -> Baseline:
+    """Register a model of the forest's family (e.g. the compute-matched dense LM) that every
+    version's leaderboard scores next to the forest. Registering the same files again is a no-op."""
+    from transformers import AutoConfig
+
+    from btm.family import architecture, load_config
+    from btm.tokenizer import load_tokenizer, tokenizer_sha256
+    from coordinator.models import Baseline
+
+    require_maintainer(user)
+    f = get(db, forest)
+    if not NAME.match(name) or name.startswith(("ensemble", "average")):
+        raise BadRequest("a baseline's name is 2-64 lowercase letters, digits, '_' or '-', not ensemble*/average*")
+    old = db.scalar(select(Baseline).where(Baseline.forest_id == f.id, Baseline.name == name))
+    if old is not None:
+        if old.files == files:
+            return old
+        raise Conflict(f"forest {forest!r} already has a different baseline named {name!r}")
+    for fname, sha in files.items():
+        uploads.require_artifact(db, sha, fname)
+    d = model_dir(storage, settings.work_dir, files)
+    try:
+        cfg, tok = load_config(d), load_tokenizer(d)
+    except (BTMError, OSError, ValueError) as e:
+        raise Unprocessable(f"the baseline's files are not a loadable model: {e}") from None
+    if architecture(cfg) != architecture(AutoConfig.for_model(**f.config)) or tokenizer_sha256(tok) != f.tokenizer_sha256:
+        raise Unprocessable("a baseline must be of the forest's family (same architecture and tokenizer)")
+    b = Baseline(forest_id=f.id, name=name, description=description, files=files)
+    db.add(b)
+    db.flush()
+    return b
+
+
+def baselines(db: Session, f: Forest) -> list[Baseline]:
+    return list(db.scalars(select(Baseline).where(Baseline.forest_id == f.id).order_by(Baseline.name)))
+
+
+def manifest(db: Session, f: Forest, number: int, elms: list[Contribution], history: list[dict]) -> dict:
+    return {
+        "format": FORMAT,
+        "name": f.name,
+        "version": number,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "family": f.family,
+        "model_type": f.config.get("model_type"),
+        "tokenizer_sha256": f.tokenizer_sha256,
+        "seed": {"name": "seed", "path": "seed", "files": f.seed_files},
+        "elms": [
+            {
+                "name": c.name,
+                "domain": c.domain.name,
+                "path": f"elms/{c.name}",
+                "files": c.files,
+                "parents": c.branch_init.parents or [],
+                "metrics": c.evaluation or {},
+                "training": c.training,
+                "contribution_id": c.id,
+                "owner": c.owner.username,
+            }
+            for c in elms
+        ],
+        "history": history,
+    }
+
+
+def _write_version(db: Session, storage: Storage, f: Forest, number: int, elms: list[Contribution], user: User | None,
+                   note: str, history: list[dict], publish_key: str | None = None) -> ForestVersion:
+    m = manifest(db, f, number, elms, history)
+    raw = json.dumps(m, indent=2, sort_keys=True).encode()
+    uploads.put_small(db, storage, raw, "manifest")  # the store keeps every manifest too
+    v = ForestVersion(forest_id=f.id, number=number, manifest=m, manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                      note=note, created_by_id=user.id if user else None, publish_key=publish_key)
+    db.add(v)
+    db.flush()
+    for c in elms:
+        db.add(VersionMember(version_id=v.id, contribution_id=c.id))
+    return v
+
+
+def publish(db: Session, storage: Storage, f: Forest, actor: User | None, add: list[int] | None = None,
+            remove: list[int] | None = None, note: str = "", publish_key: str | None = None) -> ForestVersion:
+    """current members - removed + approved additions -> a new version, in one transaction:
+    a crash before commit leaves the previous version current and every state as it was."""
+    if publish_key:
+        done = db.scalar(select(ForestVersion).where(ForestVersion.publish_key == publish_key))
+        if done is not None:
+            return done  # a retried job: already published
+    current = version(db, f)
+    now = members(db, current)
+    remove = list(remove or [])
+    unknown = [i for i in remove if i not in {c.id for c in now}]
+    if unknown:
+        raise BadRequest(f"contributions {unknown} are not in version {current.number} of {f.name!r}")
+    if add is None:
+        add_c = list(db.scalars(select(Contribution).where(Contribution.forest_id == f.id,
+                                                          Contribution.state == State.approved).order_by(Contribution.id)))
+    else:
+        add_c = [db.get(Contribution, i) for i in add]
+        bad = [i for i, c in zip(add, add_c, strict=True) if c is None or c.forest_id != f.id or c.state != State.approved]
+        if bad:
+            raise BadRequest(f"contributions {bad} are not approved contributions of {f.name!r}")
+    if not add_c and not remove:
+        raise BadRequest("nothing to publish: no approved contributions and nothing to remove")
+    names = {c.name for c in now if c.id not in remove}
+    for c in add_c:
+        if c.name in names:
+            raise Conflict(f"the forest already has an ELM named {c.name!r}; remove it first or rename the contribution")
+        names.add(c.name)
+    keep = [c for c in now if c.id not in remove] + add_c
+    number = current.number + 1
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    history = list(current.manifest.get("history", []))
+    history += [{"version": number, "action": "add", "elm": c.name, "contribution_id": c.id, "at": at} for c in add_c]
+    history += [{"version": number, "action": "remove", "elm": c.name, "contribution_id": c.id, "at": at,
+                 "reason": note} for c in now if c.id in remove]
+    v = _write_version(db, storage, f, number, keep, actor, note, history, publish_key)
+    for c in add_c:
+        transition(db, c, State.merged, actor, f"merged into {f.name} v{number}")
+    for c in now:
+        if c.id in remove:
+            transition(db, c, State.removed, actor, note or f"removed in {f.name} v{number}")
+    f.current_version = number
+    db.flush()
+    return v
+
+
+# contribution transitions live here so publishing needs no import cycle
+ALLOWED = {
+    State.uploading: {State.uploaded},
+    State.uploaded: {State.validating, State.rejected},
+    State.validating: {State.validated, State.rejected, State.validating},
+    State.validated: {State.evaluated, State.rejected},
+    State.evaluated: {State.approved, State.declined, State.rejected},
+    State.approved: {State.merged, State.declined},
+    State.merged: {State.removed},
+    State.rejected: set(),
+    State.declined: set(),
+    State.removed: set(),
+}
+
+
+def transition(db: Session, c: Contribution, to: State, actor: User | None, reason: str = "",
+               details: dict | None = None) -> None:
+    if to not in ALLOWED[c.state]:
+        raise Conflict(f"contribution {c.id} is {c.state.value}; it cannot become {to.value}")
+    db.add(ContributionEvent(contribution_id=c.id, from_state=c.state.value, to_state=to.value,
+                             actor_id=actor.id if actor else None, reason=reason, details=details))
+    c.state = to
+
+
+def file_urls(storage: Storage, files: dict[str, str]) -> dict[str, str]:
+    return {name: storage.download_url(blob_key(sha), name) for name, sha in files.items()}
+
+
+def version_download(storage: Storage, v: ForestVersion) -> dict:
+    """The manifest plus a download URL for every file, by path inside the forest directory."""
+    m = v.manifest
+    urls = {}
+    for entry in [m["seed"], *m["elms"]]:
+        for name, url in file_urls(storage, entry["files"]).items():
+            urls[f"{entry['path']}/{name}"] = url
+    return {"manifest": m, "files": urls}

@@ -1,0 +1,178 @@
+"""Evaluations of a forest version (the leaderboard) and domain posteriors (the heatmap)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from coordinator.errors import BadRequest
+from coordinator.models import (
+    Domain,
+    DomainStatus,
+    Evaluation,
+    ForestVersion,
+    Posterior,
+    SubjectSummary,
+)
+
+KINDS = ("elm", "ensemble", "average", "model")
+SORTS = ("mean", "mean_train", "mean_eval")
+
+
+@dataclass
+class Board:
+    """One page of a version's leaderboard: subjects (rows) x domains (columns)."""
+
+    version: ForestVersion
+    domains: list[tuple[str, str]]  # (name, role), in column order
+    subjects: list[dict]  # {subject, kind, method, mean_train, mean_eval, mean_all}, in row order
+    cells: dict[tuple[str, str], float]  # (subject, domain) -> perplexity
+    total: int
+    page: int
+    per_page: int
+    role: str | None
+    kind: str | None
+    sort: str
+    desc: bool
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+
+def board(db: Session, v: ForestVersion, role: str | None = None, kind: str | None = None, sort: str = "mean",
+          desc: bool = False, page: int = 1, per_page: int = 50) -> Board:
+    """Sorting and paging happen in the database (on the summaries, or on one domain's
+    column), so a page costs about per_page x domains rows whatever the forest's size."""
+    if role not in (None, "train", "eval"):
+        raise BadRequest("role is train or eval")
+    if kind not in (None, *KINDS):
+        raise BadRequest(f"kind is one of {', '.join(KINDS)}")
+    # the version's domains are those of its most-evaluated subject (every ELM, ensemble and
+    # average is scored on all of them): an index lookup, not a scan of every evaluation
+    widest = db.scalar(select(SubjectSummary.subject).where(SubjectSummary.version_id == v.id)
+                       .order_by(SubjectSummary.domains.desc(), SubjectSummary.subject).limit(1))
+    dq = (select(Domain.id, Domain.name, Domain.role).where(Domain.id.in_(
+        select(Evaluation.domain_id).where(Evaluation.version_id == v.id, Evaluation.subject == widest)))
+          .order_by(Domain.role, Domain.name))
+    if role:
+        dq = dq.where(Domain.role == role)
+    conn = db.connection()  # plain Core rows: thousands of cells need no ORM bookkeeping
+    dom_rows = list(conn.execute(dq))
+    domains = [(n, r.value if hasattr(r, "value") else r) for _, n, r in dom_rows]
+    dom_name = {i: n for i, n, _ in dom_rows}
+    page, per_page = max(1, page), max(1, min(per_page, 500))
+    S = SubjectSummary
+    base = select(S.subject, S.kind, S.method, S.mean_train, S.mean_eval, S.mean_all).where(S.version_id == v.id)
+    if kind:
+        base = base.where(S.kind == kind)
+    total = conn.execute(select(func.count()).select_from(base.subquery())).scalar() or 0
+    if sort in SORTS:
+        # "mean" is over the domains shown: all of them, or only the train or eval ones
+        mean = {None: S.mean_all, "train": S.mean_train, "eval": S.mean_eval}[role]
+        col = {"mean": mean, "mean_train": S.mean_train, "mean_eval": S.mean_eval}[sort]
+        order = [col.desc().nulls_last() if desc else col.asc().nulls_last(), S.subject]
+        q = base.order_by(*order).offset((page - 1) * per_page).limit(per_page)
+        subjects = [dict(zip(("subject", "kind", "method", "mean_train", "mean_eval", "mean_all"), r, strict=True))
+                    for r in conn.execute(q)]
+    else:  # sort by one domain's column
+        d = db.scalar(select(Domain.id).where(Domain.name == sort))
+        if d is None:
+            raise BadRequest(f"cannot sort by {sort!r}: not a domain of this leaderboard (or one of {', '.join(SORTS)})")
+        E = Evaluation
+        q = (select(E.subject).where(E.version_id == v.id, E.domain_id == d)
+             .order_by(E.perplexity.desc() if desc else E.perplexity.asc(), E.subject))
+        if kind:
+            q = q.where(E.kind == kind)
+        names = list(conn.execute(q.offset((page - 1) * per_page).limit(per_page)).scalars())
+        info = {r[0]: r for r in conn.execute(base.where(S.subject.in_(names)))}
+        subjects = [dict(zip(("subject", "kind", "method", "mean_train", "mean_eval", "mean_all"), info[n], strict=True))
+                    for n in names if n in info]
+    for x in subjects:
+        x["mean"] = {None: x["mean_all"], "train": x["mean_train"], "eval": x["mean_eval"]}[role]
+    names = [x["subject"] for x in subjects]
+    cells: dict[tuple[str, str], float] = {}
+    if names and dom_name:
+        cq = select(Evaluation.subject, Evaluation.domain_id, Evaluation.perplexity).where(
+            Evaluation.version_id == v.id, Evaluation.subject.in_(names))
+        if role:
+            cq = cq.where(Evaluation.domain_id.in_(list(dom_name)))
+        cells = {(s_, dom_name[d_]): p for s_, d_, p in conn.execute(cq).all() if d_ in dom_name}
+    return Board(v, domains, subjects, cells, total, page, per_page, role, kind, sort, desc)
+
+
+def rows(db: Session, v: ForestVersion, role: str | None = None, method: str | None = None,
+         domain: str | None = None) -> list[dict]:
+    """Every evaluation of a version, unpaged (for exports and small forests)."""
+    q = (select(Evaluation.subject, Evaluation.kind, Evaluation.method, Evaluation.perplexity, Evaluation.tokens,
+                Domain.name, Domain.role)
+         .join(Domain, Domain.id == Evaluation.domain_id).where(Evaluation.version_id == v.id))
+    if role:
+        q = q.where(Domain.role == role)
+    if method:
+        q = q.where(Evaluation.method == method)
+    if domain:
+        q = q.where(Domain.name == domain)
+    return [{"subject": s, "kind": k, "method": m, "ppl": p, "tokens": t, "domain": dn, "role": r.value}
+            for s, k, m, p, t, dn, r in db.execute(q)]
+
+
+def posteriors(db: Session, v: ForestVersion) -> dict[str, dict[str, float]]:
+    q = select(Posterior, Domain.name).join(Domain, Domain.id == Posterior.domain_id).where(Posterior.version_id == v.id)
+    return {name: p.weights for p, name in db.execute(q)}
+
+
+def summarize(db: Session, v: ForestVersion) -> None:
+    """(Re)compute the version's subject summaries from its evaluations."""
+    db.query(SubjectSummary).filter(SubjectSummary.version_id == v.id).delete()
+    q = (select(Evaluation.subject, Evaluation.kind, Evaluation.method, Domain.role, Evaluation.perplexity)
+         .join(Domain, Domain.id == Evaluation.domain_id).where(Evaluation.version_id == v.id))
+    acc: dict[str, dict] = {}
+    for subj, kind, method, role, ppl in db.execute(q):
+        a = acc.setdefault(subj, {"kind": kind, "method": method, "train": [], "eval": []})
+        a[role.value].append(ppl)
+    rows_ = []
+    for subj, a in acc.items():
+        both = a["train"] + a["eval"]
+        rows_.append({"version_id": v.id, "subject": subj, "kind": a["kind"], "method": a["method"],
+                      "mean_train": sum(a["train"]) / len(a["train"]) if a["train"] else None,
+                      "mean_eval": sum(a["eval"]) / len(a["eval"]) if a["eval"] else None,
+                      "mean_all": sum(both) / len(both), "domains": len(both)})
+    if rows_:
+        db.execute(insert(SubjectSummary), rows_)
+
+
+def evaluate_version(db: Session, storage, settings, version_id: int) -> dict:
+    """The job: every ELM, the ensemble (all, top-k), the averages and the forest's baselines
+    on every active domain with held-out data. Replaces the version's rows, so running it
+    again changes nothing."""
+    from btm.evaluate import evaluate_forest
+    from btm.forest import Forest
+    from btm.tokenizer import load_tokenizer
+    from coordinator.materialize import forest_dir, model_dir
+    from coordinator.services.domains import held_out_blocks
+    from coordinator.services.forests import baselines
+
+    v = db.get(ForestVersion, version_id)
+    forest = Forest.load(forest_dir(storage, settings.work_dir, v.manifest))
+    tok = load_tokenizer(forest.seed_dir)
+    doms = list(db.scalars(select(Domain).where(Domain.status == DomainStatus.active,
+                                                Domain.eval_data_sha256.is_not(None)).order_by(Domain.name)))
+    blocks = [b for d in doms if (b := held_out_blocks(storage, settings, d, tok)) is not None]
+    by_name = {d.name: d for d in doms}
+    extra = {b.name: model_dir(storage, settings.work_dir, b.files) for b in baselines(db, v.forest)}
+    with tempfile.TemporaryDirectory(dir=settings.work_dir) as work:
+        rep = evaluate_forest(forest, blocks, work, top_ks=settings.top_k, extra_models=extra)
+    db.query(Evaluation).filter(Evaluation.version_id == v.id).delete()
+    db.query(Posterior).filter(Posterior.version_id == v.id).delete()
+    for r in rep["rows"]:
+        db.add(Evaluation(version_id=v.id, subject=r["subject"], kind=r["kind"], method=r["method"],
+                          domain_id=by_name[r["domain"]].id, perplexity=float(r["ppl"]), tokens=int(r["tokens"])))
+    for dn, w in rep["priors"].items():
+        db.add(Posterior(version_id=v.id, domain_id=by_name[dn].id, weights=w))
+    db.flush()
+    summarize(db, v)
+    return {"rows": len(rep["rows"]), "domains": len(blocks)}

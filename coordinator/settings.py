@@ -1,0 +1,91 @@
+"""Settings from the environment (prefix ELMFOREST_), with embedded defaults that need no
+servers: a SQLite file, a local artifact directory and a broker-less job queue, all under
+one data directory."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ELMFOREST_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path.home() / ".local" / "share" / "elmforest",
+                           description="Everything the embedded defaults write: database, artifacts, queue.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    storage_url: str | None = Field(default=None, description="file:///dir or s3://bucket/prefix; default: data_dir/artifacts.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto); default: AWS.")
+    s3_public_endpoint_url: str | None = Field(default=None, description="Endpoint named in presigned URLs, when clients reach S3 by another address.")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    broker_url: str | None = Field(default=None, description="Celery broker (redis://...); default: a broker-less local queue.")
+    public_url: str = Field(default="http://127.0.0.1:8000", description="Where clients reach this API (for signed local URLs).")
+    secret_key: str | None = Field(default=None, description="Signs session cookies and local URLs; default: generated into data_dir.")
+    registration_open: bool = True
+
+    # limits
+    max_upload_bytes: int = 50 * 1024**3
+    max_sample_bytes: int = 16 * 1024**2
+    max_eval_data_bytes: int = 256 * 1024**2
+    part_size: int = 64 * 1024**2
+    url_ttl_seconds: int = 3600
+    token_ttl_days: int = 365
+
+    # evaluation
+    eval_block_size: int = 256
+    eval_max_blocks: int = 64
+    prior_blocks: int = 100
+    top_k: list[int] = [1, 2, 4]
+
+    # jobs
+    job_retries: int = 3
+    job_lease_seconds: int = Field(default=60, description="A running job whose worker sent no heartbeat for this long is run again.")
+    queue: str = Field(default="elmforest", description="The Celery queue name (one per deployment on a shared broker).")
+    visibility_timeout: int = 3600
+    embedded_worker: bool = Field(default=True, description="Run a job worker inside `elmforest serve` when no broker is set.")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    @property
+    def artifacts_url(self) -> str:
+        return self.storage_url or f"file://{self.data_dir / 'artifacts'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def celery_broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for jobs (downloaded models, builds)."""
+        return self.data_dir / "work"
+
+    def signing_key(self) -> str:
+        if self.secret_key:
+            return self.secret_key
+        f = self.data_dir / "secret_key"
+        if not f.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            f.write_text(secrets.token_urlsafe(48))
+            f.chmod(0o600)
+        return f.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
