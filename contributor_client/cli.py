@@ -1,0 +1,419 @@
+"""`elmforest` commands for contributors (and maintainers) talking to a coordinator:
+login, domain, branch request, submit, status, download, review. Thin over commands.py."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from contributor_client import commands, config
+from contributor_client.http import Client, ClientError
+
+console = Console(stderr=True)
+out = Console()
+
+Url = Annotated[str | None, typer.Option("--url", help="The coordinator (default: the one you logged in to, or ELMFOREST_URL).")]
+
+
+def client(url: str | None = None, need_login: bool = True) -> Client:
+    cred = config.load()
+    if need_login and not cred.token:
+        raise ClientError("not logged in: run `elmforest login` first (or set ELMFOREST_TOKEN)")
+    return Client(url or cred.url, cred.token)
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{msg}[/dim]")
+
+
+# ----------------------------------------------------------------------------- accounts
+
+
+def login(
+    url: Annotated[str, typer.Option(help="The coordinator's URL.")] = config.DEFAULT_URL,
+    username: Annotated[str | None, typer.Option(help="Your username (asked if not given).")] = None,
+    password: Annotated[str | None, typer.Option(help="Your password (asked if not given).")] = None,
+    token: Annotated[str | None, typer.Option(help="Store this API token instead of logging in with a password.")] = None,
+    register: Annotated[bool, typer.Option("--register", help="Create the account first.")] = False,
+):
+    """Log in to a coordinator; the API token is stored in your config directory (mode 0600).
+
+    EXAMPLES
+      elmforest login --url https://forest.example.org
+      elmforest login --url http://127.0.0.1:8000 --username alice --register
+    """
+    c = Client(url)
+    if token:
+        me = Client(url, token).me()
+        path = config.save(url, token, me["username"])
+    else:
+        username = username or typer.prompt("username")
+        password = password or getpass.getpass("password: ")
+        r = c.register(username, password) if register else c.login(username, password)
+        path = config.save(url, r["token"], r["user"]["username"])
+        me = r["user"]
+    console.print(f"logged in to {url} as {me['username']} ({me['role']}); token saved in {path}")
+
+
+def logout():
+    """Forget the stored token."""
+    config.forget()
+    console.print("logged out")
+
+
+def whoami(url: Url = None):
+    """Show who you are logged in as."""
+    me = client(url).me()
+    out.print(f"{me['username']} ({me['role']}) at {url if url else config.load().url}")
+
+
+# ----------------------------------------------------------------------------- domains
+
+domain_app = typer.Typer(help="Domains on the coordinator: register, list, held-out data.", no_args_is_help=True)
+
+
+@domain_app.command("register")
+def domain_register(
+    name: Annotated[str, typer.Argument(help="Short name, e.g. python_stdlib.")],
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Held-out documents (.jsonl/.txt) the coordinator evaluates ELMs on.")] = None,
+    description: str = "",
+    category: str = "",
+    provenance: Annotated[str, typer.Option(help="Where the text comes from (a domain is defined by provenance).")] = "",
+    license: str = "",
+    role: Annotated[str, typer.Option(help="train, or eval (maintainers only).")] = "train",
+    url: Url = None,
+):
+    """Register a domain (and, best at once, its held-out evaluation data).
+
+    EXAMPLES
+      elmforest domain register legal_contracts --provenance "EDGAR filings 2020" --eval-data held_out.jsonl
+    """
+    c = client(url)
+    c.create_domain(name, description=description, category=category, provenance=provenance, license=license, role=role)
+    console.print(f"domain {name} registered")
+    if eval_data:
+        c.set_eval_data(name, eval_data)
+        console.print(f"held-out data for {name} uploaded")
+
+
+@domain_app.command("eval-data")
+def domain_eval_data(name: str, file: Annotated[Path, typer.Argument(help="A .jsonl or .txt file of held-out documents.")],
+                     url: Url = None):
+    """Upload a domain's held-out evaluation data."""
+    if not file.exists():
+        raise ClientError(f"{file}: file not found")
+    client(url).set_eval_data(name, file)
+    console.print(f"held-out data for {name} uploaded")
+
+
+@domain_app.command("list")
+def domain_list(url: Url = None):
+    """List the coordinator's domains."""
+    t = Table()
+    for col in ("name", "role", "category", "held-out data", "provenance"):
+        t.add_column(col)
+    for d in client(url, need_login=False).domains():
+        t.add_row(d["name"], d["role"], d["category"], f"{d['eval_data_bytes'] or 0:,} B" if d["eval_data_sha256"] else "none",
+                  d["provenance"][:50])
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------- branch, submit, status
+
+
+def branch_request(
+    forest: Annotated[str, typer.Option(help="The forest to branch from (its current version).")],
+    domain: Annotated[str, typer.Option(help="Your domain (registered on the coordinator).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to put the init (a model directory to train from).")],
+    data: Annotated[Path | None, typer.Option(help="Your domain's text: a directory (train/valid splits) or a file.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Compute the posterior here; only the weight vector is sent, no text.")] = False,
+    method: Annotated[str, typer.Option(help="posterior (default), argmax, uniform or seed.")] = "posterior",
+    url: Url = None,
+):
+    """Ask the coordinator for a branch init for your domain and download it.
+
+    With --data a small sample of your text is uploaded so the coordinator can weigh the
+    forest's ELMs; with --private the ELMs come down one at a time, the posterior is
+    computed on this machine and only the weights go up.
+
+    EXAMPLES
+      elmforest branch request --forest demo --domain mine --data ~/mytexts --out runs/init
+      elmforest branch request --forest demo --domain mine --data ~/mytexts --private --out runs/init
+    """
+    c = client(url)
+    b = commands.request_branch(c, forest, domain, data, private, method, log=_log)
+    commands.download_init(c, b, out_dir, log=_log)
+    parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in b["parents"] or [])
+    console.print(f"branch init {b['id']} ({forest} v{b['version']}; parents: {parents}) saved to {out_dir}")
+    console.print(f"next: elmforest train --init {out_dir} --data <your data> --out <elm dir>")
+
+
+def _progress() -> Progress:
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=console, transient=True)
+
+
+def submit(
+    elm: Annotated[Path, typer.Argument(help="The trained ELM directory.")],
+    forest: Annotated[str | None, typer.Option(help="Default: the forest of the init it was trained from.")] = None,
+    branch_init: Annotated[int | None, typer.Option("--branch-init", help="Default: recorded by `branch request`.")] = None,
+    name: Annotated[str | None, typer.Option(help="Its name in the forest (default: the domain).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it until validated and evaluated.")] = False,
+    url: Url = None,
+):
+    """Upload a trained ELM (resumable: interrupted, run it again and it continues).
+
+    EXAMPLES
+      elmforest submit runs/elm --wait
+    """
+    c = client(url)
+    if not elm.is_dir():
+        raise ClientError(f"{elm}: not a directory; pass the directory `elmforest train --out` wrote")
+    with _progress() as prog:
+        task = prog.add_task(f"uploading {elm.name}", total=None)
+        c_ = commands.submit(c, elm, forest, branch_init, name, progress=lambda done, total: prog.update(
+            task, completed=done, total=total), log=_log)
+    console.print(f"contribution {c_['id']} ({c_['name']}, domain {c_['domain']}) is {c_['state']}")
+    if wait:
+        _follow(c, c_["id"])
+
+
+def _follow(c: Client, cid: int) -> dict:
+    def show(x):
+        last = x["history"][-1] if x.get("history") else {}
+        console.print(f"  {x['state']:<11} {last.get('reason', '')}")
+
+    x = commands.follow(c, cid, on_change=show)
+    if x["state"] == "evaluated" and x.get("evaluation"):
+        e = x["evaluation"]
+        console.print(f"perplexity on {e['domain']}: {e['ppl']:.2f} (its init: {e['init_ppl']:.2f}); waiting for a maintainer")
+    return x
+
+
+def status(
+    cid: Annotated[int | None, typer.Argument(help="A contribution id (default: list yours).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep watching until it settles.")] = False,
+    url: Url = None,
+):
+    """Your contributions, or one contribution's state and history.
+
+    EXAMPLES
+      elmforest status
+      elmforest status 12 --follow
+    """
+    c = client(url)
+    if cid is None:
+        t = Table()
+        for col in ("id", "name", "domain", "forest", "state", "updated"):
+            t.add_column(col)
+        for x in c.get("/contributions", mine=True):
+            t.add_row(str(x["id"]), x["name"], x["domain"], x["forest"], x["state"], x["updated_at"][:19])
+        out.print(t)
+        return
+    if follow:
+        _follow(c, cid)
+        return
+    x = c.get(f"/contributions/{cid}")
+    out.print(f"contribution {x['id']} {x['name']} ({x['domain']}, {x['forest']}): {x['state']}")
+    for h in x["history"]:
+        out.print(f"  {h['at'][:19]}  {h['to_state']:<11} {h['actor'] or 'system':<10} {h['reason']}")
+
+
+# ----------------------------------------------------------------------------- downloads
+
+download_app = typer.Typer(help="Download a forest version, one ELM or an averaged model.", no_args_is_help=True)
+
+
+@download_app.command("forest")
+def download_forest(
+    name: str,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the forest to.")],
+    version: Annotated[int | None, typer.Option(help="Default: the current version.")] = None,
+    url: Url = None,
+):
+    """A forest version as a local forest directory (use it with `elmforest eval`/`generate`).
+
+    EXAMPLES
+      elmforest download forest demo --out forest
+    """
+    c = client(url, need_login=False)
+    commands.download_forest(c, name, out_dir, version, log=_log)
+    m = json.loads((out_dir / "forest.json").read_text())
+    console.print(f"{name} v{m['version']} ({len(m['elms'])} ELMs) saved to {out_dir}")
+
+
+@download_app.command("elm")
+def download_elm(cid: int, out_dir: Annotated[Path, typer.Option("--out")], url: Url = None):
+    """One ELM (a contribution) as a Hugging Face model directory."""
+    c = client(url, need_login=False)
+    urls = c.get(f"/contributions/{cid}/download")
+    x = c.get(f"/contributions/{cid}")
+    files = {name: None for name in urls}
+    for name, u in urls.items():
+        c.download(u, out_dir / name, files[name])
+    console.print(f"ELM {x['name']} saved to {out_dir}")
+
+
+@download_app.command("average")
+def download_average(
+    forest: str,
+    out_dir: Annotated[Path, typer.Option("--out")],
+    method: Annotated[str, typer.Option(help="posterior, argmax or uniform.")] = "posterior",
+    domain: Annotated[str | None, typer.Option(help="The target domain (for posterior and argmax).")] = None,
+    version: Annotated[int | None, typer.Option()] = None,
+    url: Url = None,
+):
+    """An averaged model of a forest for a target domain (loads with transformers).
+
+    EXAMPLES
+      elmforest download average demo --domain go --out go-model
+    """
+    c = client(url)
+    commands.download_average(c, forest, method, domain, out_dir, version, log=_log)
+    console.print(f"averaged model ({method}{' for ' + domain if domain else ''}) saved to {out_dir}")
+
+
+# ----------------------------------------------------------------------------- maintainers
+
+review_app = typer.Typer(help="For maintainers: the review queue, approve, decline, publish, remove.",
+                         no_args_is_help=True)
+
+
+@review_app.command("list")
+def review_list(state: str = "evaluated", url: Url = None):
+    """Contributions waiting for a decision (default: evaluated)."""
+    c = client(url)
+    t = Table()
+    for col in ("id", "name", "owner", "domain", "ppl", "init ppl", "forest ppl"):
+        t.add_column(col)
+    for x in c.get("/contributions", state=state):
+        e = x.get("evaluation") or {}
+        t.add_row(str(x["id"]), x["name"], x["owner"], x["domain"], f"{e.get('ppl', 0):.2f}", f"{e.get('init_ppl', 0):.2f}",
+                  f"{e['forest_ensemble_ppl']:.2f}" if e.get("forest_ensemble_ppl") else "-")
+    out.print(t)
+
+
+@review_app.command("approve")
+def review_approve(cid: int, reason: str = "", url: Url = None):
+    x = client(url).post(f"/contributions/{cid}/approve", {"reason": reason})
+    console.print(f"contribution {cid} is {x['state']}")
+
+
+@review_app.command("decline")
+def review_decline(cid: int, reason: Annotated[str, typer.Option(help="Why (recorded).")], url: Url = None):
+    x = client(url).post(f"/contributions/{cid}/decline", {"reason": reason})
+    console.print(f"contribution {cid} is {x['state']}")
+
+
+@review_app.command("publish")
+def review_publish(forest: str, note: str = "", url: Url = None):
+    """Merge every approved contribution into a new version of FOREST."""
+    c = client(url)
+    job = c.post(f"/forests/{forest}/publish", {"note": note})
+    job = c.wait(lambda: c.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
+    if job["status"] == "failed":
+        raise ClientError(f"publishing failed: {job['error']}")
+    console.print(f"{forest} v{job['result']['version']} published")
+
+
+@review_app.command("remove")
+def review_remove(cid: int, reason: Annotated[str, typer.Option(help="Why (recorded in the version).")], url: Url = None):
+    """Forget a merged ELM: a new version without it."""
+    c = client(url)
+    job = c.post(f"/contributions/{cid}/remove", {"reason": reason})
+    job = c.wait(lambda: c.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
+    if job["status"] == "failed":
+        raise ClientError(f"removal failed: {job['error']}")
+    console.print(f"removed; forest is now v{job['result']['version']}")
+
+
+def register_seed(
+    name: Annotated[str, typer.Argument(help="The new forest's name.")],
+    seed_dir: Annotated[Path, typer.Argument(help="The seed LM directory (from `elmforest seed`).")],
+    description: str = "",
+    url: Url = None,
+):
+    """Upload a seed LM and register it as the root of a new forest (maintainers).
+
+    EXAMPLES
+      elmforest register-seed debian runs/seed --description "8 Debian domains"
+    """
+    c = client(url)
+    with _progress() as prog:
+        task = prog.add_task("uploading the seed", total=None)
+        f, created = commands.register_seed(c, name, seed_dir, description,
+                                            progress=lambda d, t: prog.update(task, completed=d, total=t))
+    if created:
+        console.print(f"forest {f['name']} created (version {f['current_version']}, family {f['family']})")
+    else:
+        console.print(f"forest {f['name']} already has this seed as its root; nothing to do")
+
+
+def register_baseline(
+    forest: Annotated[str, typer.Argument(help="The forest it is compared with.")],
+    name: Annotated[str, typer.Argument(help="Its name on the leaderboard, e.g. dense.")],
+    model_dir: Annotated[Path, typer.Argument(help="The model directory (e.g. from `elmforest seed --kind dense`).")],
+    description: str = "",
+    url: Url = None,
+):
+    """Register a baseline (e.g. the compute-matched dense LM) that the leaderboard scores (maintainers).
+
+    EXAMPLES
+      elmforest register-baseline debian dense runs/dense
+    """
+    b = commands.register_baseline(client(url), forest, name, model_dir, description)
+    console.print(f"baseline {b['name']} registered for {forest}; it is scored when a version is evaluated")
+
+
+def demo(
+    port: Annotated[int, typer.Option(help="Port for the coordinator and its web pages.")] = 8000,
+    workdir: Annotated[Path, typer.Option("--dir", help="Where the demo keeps everything (reused when run again).")] = Path("elmforest-demo"),
+    seed_steps: Annotated[int, typer.Option("--seed-steps", help="Seed LM updates.")] = 400,
+    elm_steps: Annotated[int, typer.Option("--elm-steps", help="Updates per ELM.")] = 150,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Keep serving the leaderboard until Ctrl-C.")] = True,
+):
+    """The whole platform on this machine: coordinator, seed, two contributors, a maintainer.
+
+    EXAMPLES
+      elmforest demo
+      elmforest demo --port 8080 --no-serve
+    """
+    from contributor_client.demo import Demo, summary
+
+    d = Demo(workdir, port, seed_steps, elm_steps, lambda m: console.print(m))
+    try:
+        r = d.run()
+        print()
+        print(summary(r["leaderboard"]))
+        print()
+        console.print(f"[bold green]done in {time.monotonic() - d.t0:.0f}s.[/bold green] forest demo v{r['version']}: "
+                      f"leaderboard at [bold]{d.url}/[/bold], API at {d.url}/docs")
+        if serve:
+            console.print("serving until Ctrl-C")
+            with contextlib.suppress(KeyboardInterrupt):
+                d.server.wait()
+    finally:
+        d.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+    app.command("login")(login)
+    app.command("logout")(logout)
+    app.command("whoami")(whoami)
+    app.add_typer(domain_app, name="domain")
+    app.command("submit")(submit)
+    app.command("status")(status)
+    app.add_typer(download_app, name="download")
+    app.add_typer(review_app, name="review")
+    app.command("register-seed")(register_seed)
+    app.command("register-baseline")(register_baseline)

@@ -1,0 +1,245 @@
+"""The contributor's workflow as functions over the HTTP client and btm: request a branch
+init (with a sample, or privately), train from it, submit the ELM, follow it, download
+forests and averaged models. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from contributor_client.http import Client, ClientError, sha256_file
+
+Log = Callable[[str], None]
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def sample_file(data: Path, max_bytes: int, out: Path) -> Path:
+    """A small JSONL sample of a data directory or file (its validation split if it has one)."""
+    from btm.data import Domain, read_documents
+
+    src = data
+    if data.is_dir():
+        dom = Domain(data.name, data)
+        for split in ("valid", "train"):
+            if dom.has_split(split):
+                src = dom.split_path(split)
+                break
+    n = 0
+    with open(out, "w") as f:
+        for doc in read_documents(src):
+            line = json.dumps({"text": doc}) + "\n"
+            if n + len(line.encode()) > max_bytes and n:
+                break
+            f.write(line)
+            n += len(line.encode())
+    if n == 0:
+        from btm.errors import DataError
+
+        raise DataError(f"{data}: no text to sample")
+    return out
+
+
+# ----------------------------------------------------------------------------- forests
+
+
+def download_files(client: Client, files: dict[str, str], urls: dict[str, str], dest: Path, log: Log = _quiet) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, sha in files.items():
+        p = dest / name
+        if p.exists() and sha256_file(p) == sha:
+            continue
+        log(f"downloading {name}")
+        client.download(urls[name], p, sha)
+    return dest
+
+
+def download_forest(client: Client, forest: str, dest: Path, version: int | None = None, log: Log = _quiet) -> Path:
+    """A published version as a btm forest directory (forest.json, seed/, elms/<name>/)."""
+    d = client.get(f"/forests/{forest}/download", version=version)
+    m = d["manifest"]
+    for entry in [m["seed"], *m["elms"]]:
+        urls = {name: d["files"][f"{entry['path']}/{name}"] for name in entry["files"]}
+        download_files(client, entry["files"], urls, dest / entry["path"], log)
+    (dest / "forest.json").write_text(json.dumps(m, indent=2))
+    (dest / "versions").mkdir(exist_ok=True)
+    (dest / "versions" / f"{m['version']}.json").write_text(json.dumps(m, indent=2))
+    return dest
+
+
+def private_posterior(client: Client, forest: str, data: Path, work: Path, block_size: int = 256,
+                      max_blocks: int = 100, log: Log = _quiet) -> tuple[dict[str, float], int]:
+    """The domain posterior over the current version's ELMs, computed here: the ELMs come
+    down one at a time (memory and disk of one ELM) and only the weights go back."""
+    import numpy as np
+
+    from btm.data import encode_texts, eval_blocks, read_documents
+    from btm.posterior import cached_prior, sequence_logliks
+    from btm.tokenizer import load_tokenizer
+
+    d = client.get(f"/forests/{forest}/download")
+    m = d["manifest"]
+    if not m["elms"]:
+        return {}, m["version"]
+    seed = m["seed"]
+    tok_files = {k: v for k, v in seed["files"].items() if k.startswith("tokenizer") or k == "config.json"}
+    tok_dir = download_files(client, tok_files, {k: d["files"][f"seed/{k}"] for k in tok_files}, work / "tokenizer", log)
+    tok = load_tokenizer(tok_dir)
+    src = data
+    if data.is_dir():
+        from btm.data import Domain
+
+        dom = Domain(data.name, data)
+        src = next((dom.split_path(s) for s in ("valid", "train") if dom.has_split(s)), data)
+    tokens = encode_texts(tok, read_documents(src))
+    blocks = eval_blocks(tokens, min(block_size, max(8, len(tokens) - 1)), max_blocks)
+    cols = []
+    for e in m["elms"]:
+        log(f"scoring the sample under {e['name']}")
+        edir = work / "elm"
+        shutil.rmtree(edir, ignore_errors=True)
+        download_files(client, e["files"], {k: d["files"][f"{e['path']}/{k}"] for k in e["files"]}, edir)
+        cols.append(sequence_logliks([edir], blocks)[:, 0])
+        shutil.rmtree(edir, ignore_errors=True)
+    prior = cached_prior(np.stack(cols, axis=1))
+    return {e["name"]: float(p) for e, p in zip(m["elms"], prior, strict=True)}, m["version"]
+
+
+def local_files(model_dir: Path) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in sorted(Path(model_dir).iterdir())
+            if f.is_file() and (f.suffix in (".json", ".safetensors") or f.name == "README.md") and not f.name.startswith(".")}
+
+
+def register_seed(client: Client, name: str, seed_dir: Path, description: str = "", progress=None) -> tuple[dict, bool]:
+    """Register a seed as the root of forest `name`; (forest, created). Running it again with
+    the same seed is a no-op, so a restarted cluster job registers its seed exactly once."""
+    try:
+        f = client.forest(name)
+    except ClientError as e:
+        if e.status != 404:
+            raise
+        return client.create_forest(name, seed_dir, description, progress), True
+    seed = client.get(f"/forests/{name}/versions/1")["seed"]["files"]
+    if seed != local_files(seed_dir):
+        raise ClientError(f"forest {name!r} already exists with another seed; choose another name")
+    return f, False
+
+
+def register_baseline(client: Client, forest: str, name: str, model_dir: Path, description: str = "",
+                      progress=None) -> dict:
+    files = client.upload_model(model_dir, progress)
+    return client.post(f"/forests/{forest}/baselines", {"name": name, "description": description, "files": files})
+
+
+# ----------------------------------------------------------------------------- branch, train, submit
+
+
+def request_branch(client: Client, forest: str, domain: str, data: Path | None = None, private: bool = False,
+                   method: str = "posterior", wait: bool = True, log: Log = _quiet, max_sample_bytes: int = 1 << 20) -> dict:
+    body: dict = {"forest": forest, "domain": domain, "method": method}
+    if data is not None and method in ("posterior", "argmax"):
+        if private:
+            with tempfile.TemporaryDirectory() as td:
+                post, _ = private_posterior(client, forest, data, Path(td), log=log)
+            if post:
+                body["posterior"] = post
+        else:
+            with tempfile.TemporaryDirectory() as td:
+                s = sample_file(data, max_sample_bytes, Path(td) / "sample.jsonl")
+                body["sample_sha256"] = client.upload(s, "sample")["sha256"]
+    b = client.post("/branch-inits", body)
+    if wait and b["status"] == "requested":
+        log(f"branch init {b['id']} is being computed")
+        b = client.wait(lambda: client.get(f"/branch-inits/{b['id']}"), lambda x: x["status"] != "requested")
+    if b["status"] == "failed":
+        raise ClientError(f"the coordinator could not compute branch init {b['id']}: {b['error']}")
+    return b
+
+
+def download_init(client: Client, branch: dict, dest: Path, log: Log = _quiet) -> Path:
+    """The init's files; its card's `origin` names the forest, version and branch init, and
+    `elmforest train` carries it into the ELM, so `submit` knows what it was trained from."""
+    return download_files(client, branch["files"], branch["urls"], dest, log)
+
+
+def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init_id: int | None = None,
+           name: str | None = None, progress: Callable[[int, int], None] | None = None, log: Log = _quiet) -> dict:
+    """Upload a trained ELM (resumable: run it again after an interruption and it continues
+    from the last part that arrived)."""
+    from btm.family import read_card
+    from btm.tokenizer import load_tokenizer, tokenizer_sha256
+
+    elm_dir = Path(elm_dir)
+    weights = elm_dir / "model.safetensors"
+    if not weights.exists():
+        raise ClientError(f"{elm_dir}: no model.safetensors; train the ELM first (`elmforest train`)")
+    card = read_card(elm_dir)
+    info = card.origin or {}
+    forest = forest or info.get("forest")
+    branch_init_id = branch_init_id or info.get("branch_init_id")
+    if not forest or not branch_init_id:
+        raise ClientError(f"{elm_dir}: which branch init was this trained from? pass --forest and --branch-init")
+    state_path = elm_dir / ".elmforest-submit.json"
+    sha = sha256_file(weights)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("sha256") != sha or state.get("url") != client.url:
+        state = {}
+    if not state.get("contribution_id"):
+        body = {
+            "forest": forest, "branch_init_id": branch_init_id, "forest_version": info.get("version"),
+            "name": name, "sha256": sha, "size": weights.stat().st_size,
+            "config": json.loads((elm_dir / "config.json").read_text()),
+            "tokenizer_sha256": tokenizer_sha256(load_tokenizer(elm_dir)),
+            "training": {**card.training, "data": card.data},
+        }
+        r = client.post("/contributions", body)
+        state = {"contribution_id": r["contribution"]["id"], "sha256": sha, "url": client.url}
+        state_path.write_text(json.dumps(state))
+        up = r["upload"]
+        log(f"contribution {state['contribution_id']} created; uploading {weights.stat().st_size:,} bytes")
+    else:
+        c = client.get(f"/contributions/{state['contribution_id']}")
+        if c["state"] != "uploading":
+            state_path.unlink(missing_ok=True)
+            return c
+        up = client.get(f"/contributions/{state['contribution_id']}/upload")
+        log(f"resuming the upload of contribution {state['contribution_id']} ({len(up['parts_done'])} parts already sent)")
+    if not up["exists"]:
+        client.put_parts(weights, up, progress)
+    c = client.complete(f"/contributions/{state['contribution_id']}/complete")
+    state_path.unlink(missing_ok=True)
+    return c
+
+
+def follow(client: Client, cid: int, until: set[str] | None = None, timeout: float = 3600,
+           on_change: Callable[[dict], None] | None = None) -> dict:
+    until = until or {"evaluated", "rejected", "approved", "declined", "merged", "removed"}
+    seen = {"state": None}
+
+    def poll(x):
+        if x["state"] != seen["state"]:
+            seen["state"] = x["state"]
+            if on_change:
+                on_change(x)
+
+    return client.wait(lambda: client.get(f"/contributions/{cid}"), lambda x: x["state"] in until, timeout=timeout,
+                       on_poll=poll)
+
+
+def download_average(client: Client, forest: str, method: str, domain: str | None, dest: Path,
+                     version: int | None = None, log: Log = _quiet) -> Path:
+    a = client.post(f"/forests/{forest}/averages", {"method": method, "domain": domain}, version=version)
+    if a["status"] == "requested":
+        log("the averaged model is being built")
+        a = client.wait(lambda: client.get(f"/forests/{forest}/averages/{a['id']}"), lambda x: x["status"] != "requested")
+    if a["status"] == "failed":
+        raise ClientError(f"the coordinator could not build the averaged model: {a['error']}")
+    return download_files(client, a["files"], a["urls"], dest, log)

@@ -1,0 +1,220 @@
+"""`elmforest demo`: the whole platform on one machine, through its real parts.
+
+Starts a coordinator on the embedded defaults, trains a small seed LM on the corpus that
+ships with the project and registers it as a forest, then runs two contributors through the
+client flow (branch request, local training, submit) in two rounds, so the second round's
+ELMs branch from the posterior-weighted average of the first round's. A maintainer
+approves and publishes each round; the leaderboard is served at the printed URL.
+Running it again reuses what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from contributor_client import commands
+from contributor_client.http import Client, ClientError
+
+CORPUS = Path(__file__).resolve().parents[1] / "btm" / "demo_corpus"
+FOREST = "demo"
+ROUNDS = [  # (contributor, domain, private posterior?)
+    [("alice", "python", False), ("bob", "kjv_bible", True)],
+    [("alice", "postgres_docs", False), ("bob", "webster_dictionary", False)],
+]
+EVAL_DOMAINS = ["go"]
+
+
+class Demo:
+    def __init__(self, workdir: Path, port: int, seed_steps: int, elm_steps: int, log):
+        self.work = workdir.resolve()
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.seed_steps = seed_steps
+        self.elm_steps = elm_steps
+        self.log = log
+        self.t0 = time.monotonic()
+        self.server: subprocess.Popen | None = None
+        self.env = {**os.environ, "ELMFOREST_DATA_DIR": str(self.work / "coordinator"), "ELMFOREST_PUBLIC_URL": self.url,
+                    "ELMFOREST_EVAL_BLOCK_SIZE": "128", "ELMFOREST_EVAL_MAX_BLOCKS": "24", "ELMFOREST_PRIOR_BLOCKS": "24"}
+
+    def say(self, msg: str) -> None:
+        t = time.monotonic() - self.t0
+        self.log(f"[{int(t) // 60:02d}:{int(t) % 60:02d}] {msg}")
+
+    # ------------------------------------------------------------------ steps
+
+    def seed(self) -> Path:
+        out = self.work / "seed"
+        if (out / "README.md").exists() and (out / "checkpoint" / "state.json").exists():
+            self.say("seed LM already trained")
+            return out
+        from btm.data import BlockSampler, Corpus, tokenize_file
+        from btm.family import Card, new_model, preset_config
+        from btm.tokenizer import iter_balanced_texts, load_tokenizer, train_bpe
+        from btm.train import TrainConfig, train
+
+        c = Corpus(CORPUS)
+        names = c.names("train")
+        tok_dir = self.work / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():
+            self.say(f"training a byte-level BPE tokenizer on {', '.join(names)}")
+            train_bpe(iter_balanced_texts({n: c[n].documents("train") for n in names}, 1_000_000), 4096).save_pretrained(str(tok_dir))
+        tok = load_tokenizer(tok_dir)
+        streams = [tokenize_file(c[n].split_path("train"), tok, self.work / "tokens") for n in names]
+        self.say(f"training the seed LM on a balanced mixture of {len(names)} domains ({self.seed_steps} updates)")
+        cfg = TrainConfig(steps=self.seed_steps, batch_size=16, block_size=128, lr=2e-3, checkpoint_every=50)
+        train(new_model(preset_config("mini", tok)), tok, BlockSampler(streams, 128), cfg, out,
+              Card(name="seed", kind="seed", data={"corpus": "btm/demo_corpus", "domains": names}))
+        return out
+
+    def start_coordinator(self) -> None:
+        try:
+            httpx.get(self.url + "/healthz", timeout=1)
+            raise ClientError(f"something already listens on port {self.port}; stop it or pass --port")
+        except httpx.HTTPError:
+            pass
+        (self.work / "coordinator").mkdir(parents=True, exist_ok=True)
+        log = open(self.work / "coordinator.log", "ab")
+        self.server = subprocess.Popen([sys.executable, "-m", "elmforest_cli", "serve", "--port", str(self.port)],
+                                       env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            if self.server.poll() is not None:
+                raise ClientError(f"the coordinator exited; see {self.work / 'coordinator.log'}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    self.say(f"coordinator running at {self.url} (data in {self.work / 'coordinator'})")
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise ClientError("the coordinator did not start within 2 minutes")
+
+    def account(self, name: str, role: str = "contributor") -> Client:
+        f = self.work / "accounts" / f"{name}.json"
+        if f.exists():
+            saved = json.loads(f.read_text())
+            return Client(self.url, saved["token"])
+        f.parent.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(12)
+        if role == "contributor":
+            token = Client(self.url).register(name, password)["token"]
+        else:  # maintainers are made by the operator, on the coordinator's machine
+            r = subprocess.run([sys.executable, "-m", "elmforest_cli", "user", "create", name, "--role", role,
+                                "--password", password], env=self.env, capture_output=True, text=True, check=True)
+            token = r.stdout.strip().splitlines()[-1]
+        f.write_text(json.dumps({"username": name, "password": password, "token": token}))
+        f.chmod(0o600)
+        return Client(self.url, token)
+
+    def forest(self, maint: Client, seed: Path) -> None:
+        try:
+            maint.forest(FOREST)
+            self.say(f"forest {FOREST!r} already registered")
+        except ClientError:
+            self.say(f"registering the seed as the root of forest {FOREST!r}")
+            maint.create_forest(FOREST, seed, "The demo forest: four Debian-sourced domains")
+
+    def domains(self, maint: Client, contributors: dict[str, Client]) -> None:
+        have = {d["name"] for d in maint.domains()}
+        for rnd in ROUNDS:
+            for who, dom, _ in rnd:
+                if dom not in have:
+                    contributors[who].create_domain(dom, description=f"{dom} text", provenance="Debian packages",
+                                                    category="demo")
+                    contributors[who].set_eval_data(dom, CORPUS / dom / "test.jsonl")
+        for dom in EVAL_DOMAINS:
+            if dom not in have:
+                maint.create_domain(dom, description=f"{dom} text (never trained on)", role="eval", category="demo")
+                maint.set_eval_data(dom, CORPUS / dom / "test.jsonl")
+
+    def contribute(self, client: Client, who: str, domain: str, private: bool) -> dict:
+        done = [x for x in client.get("/contributions", mine=True) if x["name"] == domain
+                and x["state"] in ("evaluated", "approved", "merged")]
+        if done:
+            self.say(f"{who}: {domain} ELM already contributed ({done[0]['state']})")
+            return done[0]
+        from btm.data import BlockSampler, Corpus, tokenize_file
+        from btm.family import Card, load_model, read_card
+        from btm.tokenizer import load_tokenizer
+        from btm.train import TrainConfig, train
+
+        base = self.work / "contributors" / who / domain
+        how = "computing the posterior privately" if private else "with a sample of the text"
+        self.say(f"{who}: requesting a branch init for {domain} ({how})")
+        b = commands.request_branch(client, FOREST, domain, CORPUS / domain, private=private)
+        parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in b["parents"])
+        self.say(f"{who}: init {b['id']} from {FOREST} v{b['version']}: {parents}")
+        init = commands.download_init(client, b, base / "init")
+        tok = load_tokenizer(init)
+        stream = tokenize_file(Corpus(CORPUS)[domain].split_path("train"), tok, self.work / "tokens")
+        self.say(f"{who}: training the {domain} ELM on local data ({self.elm_steps} updates)")
+        init_card = read_card(init)
+        cfg = TrainConfig(steps=self.elm_steps, batch_size=8, block_size=128, lr=1e-3, progress=False)
+        train(load_model(init), tok, BlockSampler([stream], 128), cfg, base / "elm",
+              Card(name=domain, domain=domain, parents=init_card.parents, origin=init_card.origin,
+                   data={"source": f"btm/demo_corpus/{domain}/train.jsonl"}))
+        c = commands.submit(client, base / "elm")
+        self.say(f"{who}: submitted contribution {c['id']}; validating and evaluating")
+        c = commands.follow(client, c["id"], timeout=600)
+        e = c.get("evaluation") or {}
+        if c["state"] != "evaluated":
+            raise ClientError(f"contribution {c['id']} ended {c['state']}: {c['history'][-1]['reason']}")
+        self.say(f"{who}: {domain} ELM evaluated: perplexity {e['ppl']:.1f} (its init: {e['init_ppl']:.1f})")
+        return c
+
+    def approve_and_publish(self, maint: Client, contribs: list[dict]) -> None:
+        pending = [c for c in contribs if c["state"] == "evaluated"]
+        for c in pending:
+            maint.post(f"/contributions/{c['id']}/approve", {"reason": "beats its branch init; welcome"})
+        if not pending:
+            return
+        job = maint.post(f"/forests/{FOREST}/publish", {"note": "demo round: " + ", ".join(c["name"] for c in pending)})
+        job = maint.wait(lambda: maint.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
+        if job["status"] != "succeeded":
+            raise ClientError(f"publishing failed: {job['error']}")
+        self.say(f"maintainer approved {', '.join(c['name'] for c in pending)}; published {FOREST} v{job['result']['version']}")
+
+    def run(self) -> dict:
+        self.work.mkdir(parents=True, exist_ok=True)
+        seed = self.seed()
+        self.start_coordinator()
+        maint = self.account("maintainer", "admin")
+        contributors = {"alice": self.account("alice"), "bob": self.account("bob")}
+        self.forest(maint, seed)
+        self.domains(maint, contributors)
+        for rnd in ROUNDS:
+            contribs = [self.contribute(contributors[who], who, dom, private) for who, dom, private in rnd]
+            self.approve_and_publish(maint, contribs)
+        version = maint.forest(FOREST)["current_version"]
+        self.say("waiting for the leaderboard of the latest version")
+        lb = maint.wait(lambda: maint.get(f"/forests/{FOREST}/leaderboard", version=version),
+                        lambda x: len(x["domains"]) >= 5, timeout=600)
+        return {"version": version, "leaderboard": lb}
+
+    def stop(self) -> None:
+        if self.server and self.server.poll() is None:
+            self.server.terminate()
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+
+
+def summary(lb: dict) -> str:
+    by = {r["subject"]: r["ppl"] for r in lb["rows"]}
+    doms = [d["name"] for d in lb["domains"]]
+    subjects = [s for s in ("ensemble", "ensemble/top1", "average/posterior", "average/uniform") if s in by]
+    subjects += sorted(s for s in by if "/" not in s and s != "ensemble")
+    w = max(len(s) for s in subjects)
+    lines = [f"{'perplexity':<{w}} " + " ".join(f"{d[:12]:>12}" for d in doms)]
+    for s in subjects:
+        lines.append(f"{s:<{w}} " + " ".join(f"{by[s].get(d, float('nan')):>12.1f}" for d in doms))
+    return "\n".join(lines)

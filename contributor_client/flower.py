@@ -1,0 +1,274 @@
+"""The Flower ClientApp of federated BTM rounds (`contributor_client.flower:app`): what an
+institution's SuperNode runs. Its data never leaves it; it talks to the coordinator over
+HTTP with its owner's API token, exactly as `elmforest branch request` and `elmforest
+submit` do, and to the round's ServerApp through Flower with control messages only.
+
+Node config (`flower-supernode --node-config "domain='python' data-dir='/data/python' ..."`):
+
+  domain           the domain this node trains an ELM for (registered at the coordinator)
+  data-dir         a domain directory (train.jsonl / valid.jsonl, or .txt files) or a file
+  coordinator-url  the coordinator (default: ELMFOREST_URL, else `elmforest login`'s)
+  token-file       a file holding the owner's API token (or `token`, or ELMFOREST_TOKEN,
+                   else `elmforest login`'s); the ELM is uploaded as the owner's contribution
+  work-dir         where the init and the ELM are written (default ~/.cache/elmforest/flower)
+  cache-dir        token cache (default: btm's)
+  max-steps        an upper bound on the training steps a round may ask of this node
+  keep-files       true: keep the init and ELM directories after a successful upload
+
+Message handlers (the protocol is documented in coordinator/federated/protocol.py):
+
+  query         report the node's domain, its data size, its owner and its device
+  query.branch  compute the domain posterior over the forest here (the forest's ELMs come down
+                one at a time; only the weight vector goes to the coordinator) and request
+                a branch init with the owner's token; answer with its id
+  train         download the init by the URLs in the message (each file checked against the
+                sha256 the coordinator holds for this owner's init), train it on the local
+                data with btm's training loop (GPU if there is one), upload the ELM through
+                the contributions API and answer with the contribution id and the metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from contributor_client import commands
+from contributor_client.http import Client, ClientError
+
+log = logging.getLogger("elmforest.flower")
+
+# the protocol's names (kept equal to coordinator/federated/protocol.py)
+NODE, BRANCH, INIT, TRAIN, RESULT, METRICS = "node", "branch", "init", "train", "result", "metrics"
+
+app = ClientApp()
+# A SuperNode runs one ClientApp process per message. Where ClientApps share a process (the
+# in-process LocalGrid with several workers), models are loaded one at a time: loading with
+# transformers is not thread-safe.
+_MODELS = threading.Lock()
+
+
+class NodeConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Node:
+    domain: str
+    data: Path
+    url: str
+    token: str
+    work_dir: Path
+    cache_dir: Path | None = None
+    max_steps: int | None = None
+    keep_files: bool = False
+
+    def client(self) -> Client:
+        return Client(self.url, self.token, timeout=120)
+
+
+def node_settings(context: Context) -> Node:
+    """The node's settings from its node config, with the login's defaults."""
+    from contributor_client import config
+
+    nc = dict(context.node_config)
+    domain = str(nc.get("domain") or "")
+    if not domain:
+        raise NodeConfigError("this SuperNode has no `domain` in its node config; start it with "
+                              "--node-config \"domain='NAME' data-dir='/path/to/data'\"")
+    if not nc.get("data-dir"):
+        raise NodeConfigError("this SuperNode has no `data-dir` in its node config")
+    data = Path(str(nc["data-dir"])).expanduser()
+    if not data.exists():
+        raise NodeConfigError(f"data-dir {data} does not exist on this node")
+    creds = config.load()
+    token = None
+    if nc.get("token-file"):
+        tf = Path(str(nc["token-file"])).expanduser()
+        if not tf.is_file():
+            raise NodeConfigError(f"token-file {tf} does not exist on this node")
+        token = tf.read_text().strip()
+    token = token or (str(nc["token"]) if nc.get("token") else None) or creds.token
+    if not token:
+        raise NodeConfigError("no API token for the coordinator: set `token-file` in the node config "
+                              "(or ELMFOREST_TOKEN, or run `elmforest login` as the node's owner)")
+    url = str(nc.get("coordinator-url") or creds.url)
+    work = Path(str(nc.get("work-dir") or Path.home() / ".cache" / "elmforest" / "flower")).expanduser()
+    max_steps = nc.get("max-steps")
+    return Node(domain=domain, data=data, url=url, token=token, work_dir=work,
+                cache_dir=Path(str(nc["cache-dir"])).expanduser() if nc.get("cache-dir") else None,
+                max_steps=int(max_steps) if max_steps else None,
+                keep_files=str(nc.get("keep-files", "")).lower() in ("1", "true", "yes"))
+
+
+def train_source(data: Path) -> Path:
+    """The file (or directory) of training documents: a domain directory's train split."""
+    from btm.data import Domain
+
+    if data.is_dir():
+        dom = Domain(data.name, data)
+        if dom.has_split("train"):
+            return dom.split_path("train")
+    return data
+
+
+def data_size(data: Path) -> tuple[int, int]:
+    """(documents, bytes) of the training split, cheaply (lines of JSONL files, .txt files
+    as one document each; nothing parsed): only these counts are sent."""
+    src = train_source(data)
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+    docs = 0
+    for f in files:
+        if f.suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                docs += sum(1 for line in fh if line.strip())
+        else:
+            docs += 1
+    return docs, sum(f.stat().st_size for f in files)
+
+
+def describe(e: BaseException) -> str:
+    """What a node says about its own failure: the message of the errors this code raises
+    (they name files and settings, never document text), else only the error's type."""
+    from btm.errors import BTMError
+
+    if isinstance(e, (ClientError, BTMError, NodeConfigError)):
+        return f"{type(e).__name__}: {str(e)[:1000]}"
+    return f"{type(e).__name__} (details in the SuperNode's log)"
+
+
+def reply(msg: Message, records: dict[str, dict[str, Any]], metrics: dict[str, float] | None = None) -> Message:
+    content = RecordDict({name: ConfigRecord(values) for name, values in records.items()})
+    if metrics:
+        content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which domain, how much data, whose node, which device."""
+    info: dict[str, Any] = {"domain": str(context.node_config.get("domain") or "")}
+    try:
+        node = node_settings(context)
+        info["owner"] = str(node.client().me()["username"])
+        info["documents"], info["bytes"] = data_size(node.data)
+        import torch
+
+        info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        return reply(msg, {NODE: {"ok": True, **info}})
+    except Exception as e:
+        log.exception("query failed")
+        return reply(msg, {NODE: {"ok": False, **info, "error": describe(e)}})
+
+
+@app.query("branch")
+def branch(msg: Message, context: Context) -> Message:
+    """The domain posterior over the forest, computed here; then a branch init requested
+    with the owner's token (the coordinator computes the average as a job)."""
+    try:
+        node = node_settings(context)
+        ask = msg.content[BRANCH]
+        forest, domain = str(ask["forest"]), str(ask["domain"])
+        if domain != node.domain:
+            raise NodeConfigError(f"asked to branch for domain {domain!r}; this node serves {node.domain!r}")
+        with _MODELS:
+            b = commands.request_branch(node.client(), forest, node.domain, data=node.data, private=True,
+                                        wait=False, log=log.info)
+        return reply(msg, {BRANCH: {"ok": True, "branch-init-id": int(b["id"])}})
+    except Exception as e:
+        log.exception("branch request failed")
+        return reply(msg, {BRANCH: {"ok": False, "error": describe(e)}})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Download the init by reference, train on the local data, upload the ELM."""
+    try:
+        node = node_settings(context)
+        result, metrics = train_and_submit(node, dict(msg.content[INIT]), dict(msg.content[TRAIN]))
+        return reply(msg, {RESULT: {"ok": True, **result}}, metrics)
+    except Exception as e:
+        log.exception("training failed")
+        return reply(msg, {RESULT: {"ok": False, "error": describe(e)}})
+
+
+def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any]) -> tuple[dict, dict]:
+    from btm.data import BlockSampler, tokenize_file
+    from btm.family import Card, load_model, read_card
+    from btm.tokenizer import load_tokenizer
+    from btm.train import TrainConfig, checkpoint_optimizer
+    from btm.train import train as btm_train
+
+    init_id, forest, name = int(init["branch-init-id"]), str(init["forest"]), str(init["name"])
+    round_id = int(init.get("round-id", 0))
+    files, urls = json.loads(init["files"]), json.loads(init["urls"])
+    client = node.client()
+    # the init must be this owner's, for this node's domain, with exactly these files: the
+    # node trusts its coordinator (reached with its owner's token), not the message
+    mine = client.get(f"/branch-inits/{init_id}")
+    if mine["domain"] != node.domain:
+        raise NodeConfigError(f"branch init {init_id} is for domain {mine['domain']!r}; this node serves {node.domain!r}")
+    if mine["files"] != files or mine["forest"] != forest:
+        raise NodeConfigError(f"the files the round names for branch init {init_id} differ from the coordinator's")
+    work = node.work_dir / f"round-{round_id}-init-{init_id}"
+    init_dir = commands.download_files(client, files, same_origin(urls, mine["urls"]), work / "init",
+                                       log=log.info)  # every file sha256-checked
+
+    steps = int(settings["steps"])
+    if node.max_steps:
+        steps = min(steps, node.max_steps)
+    block = int(settings["block-size"])
+    cfg = TrainConfig(steps=steps, batch_size=int(settings["batch-size"]), block_size=block,
+                      lr=float(settings["lr"]), warmup=float(settings["warmup"]),
+                      precision=str(settings.get("precision", "auto")), progress=False)
+    tok = load_tokenizer(init_dir)
+    stream = tokenize_file(train_source(node.data), tok, node.cache_dir)
+    init_card = read_card(init_dir)
+    card = Card(name=name, kind="elm", domain=node.domain, parents=init_card.parents, origin=init_card.origin,
+                data={"domain": node.domain, "tokens": int(stream.size), "federated_round": round_id})
+    t0 = time.perf_counter()
+    with _MODELS:
+        model = load_model(init_dir)
+    out = btm_train(model, tok, BlockSampler([stream], block), cfg, work / "elm", card,
+                    init_optimizer=checkpoint_optimizer(init_dir))
+    seconds = time.perf_counter() - t0
+    c = commands.submit(client, out, forest=forest, branch_init_id=init_id, name=name, log=log.info)
+    trained = read_card(out).training
+    if not node.keep_files:
+        shutil.rmtree(work, ignore_errors=True)
+    metrics = {"loss": float(trained.get("final_loss", float("nan"))), "steps": float(steps),
+               "tokens": float(trained.get("tokens", 0)), "seconds": round(seconds, 3)}
+    return {"contribution-id": int(c["id"]), "state": str(c["state"]), "name": str(c["name"])}, metrics
+
+
+
+def same_origin(given: dict[str, str], coordinator: dict[str, str]) -> dict[str, str]:
+    """The round's download URLs, each only if it points where the coordinator's own URL for
+    that file does (its store); otherwise the coordinator's. A round message cannot make a
+    node fetch from anywhere else."""
+    from urllib.parse import urlsplit
+
+    def origin(u: str) -> tuple[str, str]:
+        x = urlsplit(u)
+        return x.scheme, x.netloc
+
+    out = {}
+    for name, url in coordinator.items():
+        msg_url = given.get(name)
+        if isinstance(msg_url, str) and origin(msg_url) == origin(url):
+            out[name] = msg_url
+        else:
+            log.warning("the round's URL for %s does not point at the coordinator's store; using the coordinator's", name)
+            out[name] = url
+    return out

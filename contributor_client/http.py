@@ -1,0 +1,237 @@
+"""The coordinator's API as Python methods, with uploads and downloads that resume.
+
+Errors come back as ClientError carrying the server's message, which already says what
+was wrong and what to do; a coordinator that cannot be reached says so with its URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from btm.hashing import sha256_file  # noqa: F401 - part of this module's API
+
+CHUNK = 1 << 20
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, status: int | None = None, body: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, transport=None):
+        self.url = url.rstrip("/")
+        self.token = token
+        headers = {"user-agent": "elmforest-client"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout,
+                                 transport=transport, follow_redirects=True)
+        # part PUTs and downloads go to storage URLs, with no API token attached
+        self.raw = httpx.Client(timeout=httpx.Timeout(timeout, read=600.0, write=600.0), transport=transport,
+                                follow_redirects=True)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def request(self, method: str, path: str, **kw) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.ConnectError:
+            raise ClientError(f"cannot reach the coordinator at {self.url}: is it running, and is the URL right? "
+                              "(set it with `elmforest login --url URL` or ELMFOREST_URL)") from None
+        except httpx.TimeoutException:
+            raise ClientError(f"the coordinator at {self.url} did not answer in time; try again") from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                msg = body.get("error", {}).get("message") or body.get("detail") or r.text
+            except ValueError:
+                body, msg = {}, r.text[:500]
+            if r.status_code == 401 and not self.token:
+                msg = "not logged in: run `elmforest login` first (or set ELMFOREST_TOKEN)"
+            raise ClientError(str(msg), r.status_code, body)
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    def complete(self, path: str) -> Any:
+        """Finish an upload: the server assembles the parts and hashes the whole file, which
+        takes a while for large files, so this call waits longer than others."""
+        return self.request("POST", path, json={}, timeout=httpx.Timeout(60.0, read=3600.0))
+
+    def get(self, path: str, **params) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict | None = None, **params) -> Any:
+        return self.request("POST", path, json=body or {}, params={k: v for k, v in params.items() if v is not None})
+
+    # ------------------------------------------------------------------ accounts, domains, forests
+
+    def register(self, username: str, password: str) -> dict:
+        return self.post("/auth/register", {"username": username, "password": password})
+
+    def login(self, username: str, password: str) -> dict:
+        return self.post("/auth/login", {"username": username, "password": password, "token_name": "cli"})
+
+    def me(self) -> dict:
+        return self.get("/me")
+
+    def domains(self) -> list[dict]:
+        return self.get("/domains")
+
+    def domain(self, name: str) -> dict:
+        return self.get(f"/domains/{name}")
+
+    def create_domain(self, name: str, **fields) -> dict:
+        return self.post("/domains", {"name": name, **fields})
+
+    def set_eval_data(self, name: str, path: Path, progress=None) -> dict:
+        art = self.upload(path, "eval-data", progress=progress)
+        return self.request("PUT", f"/domains/{name}/eval-data", json={"sha256": art["sha256"]})
+
+    def forests(self) -> list[dict]:
+        return self.get("/forests")
+
+    def forest(self, name: str) -> dict:
+        return self.get(f"/forests/{name}")
+
+    def upload_model(self, model_dir: Path, progress=None) -> dict[str, str]:
+        """Upload a model directory's files (not its training state); {filename: sha256}."""
+        files = {}
+        for f in sorted(Path(model_dir).iterdir()):
+            if f.is_file() and (f.suffix in (".json", ".safetensors") or f.name == "README.md") and not f.name.startswith("."):
+                purpose = "weights" if f.suffix == ".safetensors" else "model-file"
+                files[f.name] = self.upload(f, purpose, progress=progress)["sha256"]
+        return files
+
+    def create_forest(self, name: str, model_dir: Path, description: str = "", progress=None) -> dict:
+        return self.post("/forests", {"name": name, "description": description,
+                                      "files": self.upload_model(model_dir, progress)})
+
+    # ------------------------------------------------------------------ jobs
+
+    def wait(self, fetch: Callable[[], dict], done: Callable[[dict], bool], timeout: float = 3600,
+             interval: float = 0.5, on_poll: Callable[[dict], None] | None = None) -> dict:
+        end = time.monotonic() + timeout
+        while True:
+            x = fetch()
+            if on_poll:
+                on_poll(x)
+            if done(x):
+                return x
+            if time.monotonic() > end:
+                raise ClientError(f"still not done after {timeout:.0f}s: {json.dumps(x)[:300]}")
+            time.sleep(interval)
+            interval = min(interval * 1.5, 5.0)
+
+    def job(self, job_id: int) -> dict:
+        return self.get(f"/jobs/{job_id}")
+
+    # ------------------------------------------------------------------ uploads
+
+    def upload(self, path: Path, purpose: str, sha256: str | None = None, state_file: Path | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
+        """Upload a file in parts; returns the artifact {sha256, size}. With a state file, an
+        interrupted upload resumes from the parts that already arrived."""
+        path = Path(path)
+        size = path.stat().st_size
+        sha256 = sha256 or sha256_file(path)
+        info = None
+        if state_file and state_file.exists():
+            saved = json.loads(state_file.read_text())
+            if saved.get("sha256") == sha256 and saved.get("upload_id"):
+                try:
+                    info = self.get(f"/uploads/{saved['upload_id']}")
+                except ClientError:
+                    info = None
+        if info is None:
+            info = self.post("/uploads", {"purpose": purpose, "filename": path.name, "sha256": sha256, "size": size})
+            if info["exists"]:
+                return {"sha256": sha256, "size": size}
+            if state_file:
+                state_file.write_text(json.dumps({"sha256": sha256, "upload_id": info["upload_id"]}))
+        self.put_parts(path, info, progress)
+        art = self.complete(f"/uploads/{info['upload_id']}/complete")
+        if state_file:
+            state_file.unlink(missing_ok=True)
+        return art
+
+    def put_parts(self, path: Path, info: dict, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """PUT every part not yet done, streaming from the file (never the whole file in memory)."""
+        part_size = info["part_size"]
+        done = set(info.get("parts_done", []))
+        total = info["size"]
+        sent = sum(min(part_size, total - (n - 1) * part_size) for n in done)
+        if progress:
+            progress(sent, total)
+        out = []
+        with open(path, "rb") as f:
+            for p in info["parts"]:
+                n = p["part_number"]
+                length = min(part_size, total - (n - 1) * part_size)
+                if n in done:
+                    continue
+
+                def body(offset=(n - 1) * part_size, length=length):
+                    f.seek(offset)
+                    left = length
+                    while left:
+                        b = f.read(min(CHUNK, left))
+                        if not b:
+                            break
+                        left -= len(b)
+                        yield b
+
+                for attempt in range(4):
+                    try:
+                        r = self.raw.put(p["url"], content=body(), headers={"content-length": str(length)})
+                        break
+                    except httpx.TransportError as e:
+                        if attempt == 3:
+                            raise ClientError(f"uploading part {n} failed: {e}; run the command again to resume") from None
+                        time.sleep(2**attempt)
+                if r.status_code >= 400:
+                    raise ClientError(f"the store refused part {n} ({r.status_code}): {r.text[:300]}")
+                out.append({"part_number": n, "etag": r.headers.get("etag")})
+                sent += length
+                if progress:
+                    progress(sent, total)
+        return out
+
+    def download(self, url: str, dest: Path, sha256: str | None = None, progress: Callable[[int], None] | None = None) -> Path:
+        """Stream a URL to dest (atomically), checking the sha256 when given."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        h = hashlib.sha256()
+        try:
+            with self.raw.stream("GET", url) as r:
+                if r.status_code >= 400:
+                    raise ClientError(f"download of {dest.name} failed ({r.status_code}): {r.read()[:300]!r}")
+                with open(tmp, "wb") as f:
+                    for b in r.iter_bytes(CHUNK):
+                        f.write(b)
+                        h.update(b)
+                        if progress:
+                            progress(len(b))
+        except httpx.ConnectError:
+            raise ClientError(f"cannot reach the store to download {dest.name}") from None
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno == 28:
+                raise ClientError(f"the disk is full while writing {dest}: free some space and run the command again") from None
+            raise
+        if sha256 and h.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise ClientError(f"{dest.name} arrived corrupted (sha256 mismatch); run the command again")
+        os.replace(tmp, dest)
+        return dest
