@@ -1,0 +1,381 @@
+"""The web pages. Every query goes through coordinator.services (the API's own logic);
+forms post back here with a CSRF token and a session cookie."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+from starlette.middleware.sessions import SessionMiddleware
+
+from coordinator.api.deps import DB, Id, StorageDep
+from coordinator.errors import Forbidden, NotFound, ServiceError
+from coordinator.models import AveragedModel, Contribution, Evaluation, Role, State, User
+from coordinator.services import averages, contributions, domains, forests, jobs, leaderboard, users
+from web import svg
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(include_in_schema=False)
+
+
+# ----------------------------------------------------------------------------- session, CSRF
+
+
+def session_user(request: Request, db: DB) -> User | None:
+    uid = request.session.get("uid")
+    if uid is None:
+        return None
+    u = db.get(User, uid)
+    return u if u is not None and u.is_active else None
+
+
+WebUser = Annotated[User | None, Depends(session_user)]
+
+
+def csrf_token(request: Request) -> str:
+    if "csrf" not in request.session:
+        request.session["csrf"] = secrets.token_urlsafe(24)
+    return request.session["csrf"]
+
+
+def check_csrf(request: Request, token: str) -> None:
+    if not token or not secrets.compare_digest(token, request.session.get("csrf", "")):
+        raise Forbidden("the form expired or came from another site; reload the page and try again")
+
+
+def render(request: Request, name: str, user: User | None, status_code: int = 200, **ctx) -> HTMLResponse:
+    ctx.update(user=user, csrf=csrf_token(request), flash=request.session.pop("flash", None),
+               is_maintainer=domains.is_maintainer(user))
+    return templates.TemplateResponse(request, name, ctx, status_code=status_code)
+
+
+def flash(request: Request, msg: str) -> None:
+    request.session["flash"] = msg
+
+
+def require_maintainer(request: Request, user: User | None) -> User:
+    if user is None:
+        raise _LoginRequired(request.url.path)
+    if not domains.is_maintainer(user):
+        raise Forbidden("only maintainers can review contributions")
+    return user
+
+
+class _LoginRequired(Exception):
+    def __init__(self, next_: str):
+        self.next = next_
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, db: DB, user: WebUser):
+    cards = []
+    for f in forests.list_(db):
+        v = forests.version(db, f)
+        cards.append({"forest": f, "version": v, "elms": v.manifest["elms"],
+                      "domains": sorted({e["domain"] for e in v.manifest["elms"]}),
+                      "history": list(reversed(v.manifest.get("history", [])))[:6]})
+    if len(cards) == 1:
+        return RedirectResponse(f"/forests/{cards[0]['forest'].name}", status_code=303)
+    return render(request, "home.html", user, cards=cards, title="Forests")
+
+
+@router.get("/forests/{name}", response_class=HTMLResponse)
+def forest_page(request: Request, name: str, db: DB, user: WebUser):
+    f = forests.get(db, name)
+    v = forests.version(db, f)
+    b = leaderboard.board(db, v, kind=None, per_page=8)
+    doms = {d.name: d for d in domains.list_(db)}
+    elms = v.manifest["elms"]
+    bar_items = [(x["subject"], x["mean"], x["kind"]) for x in b.subjects]
+    return render(request, "forest.html", user, title=f"{f.name} forest", forest=f, version=v,
+                  versions=forests.versions(db, f), elms=elms, domains=doms,
+                  history=list(reversed(v.manifest.get("history", [])))[:12],
+                  pending=len(contributions.list_(db, user, "evaluated")) if domains.is_maintainer(user) else 0,
+                  bars=svg.bars(bar_items, title="mean perplexity, best subjects"))
+
+
+def _board_ctx(db, f, v, role, kind, sort, desc, page, per_page):
+    """The leaderboard page's table, prepared here (links, numbers, best cells) so the
+    template only loops: with 100 domains a page has thousands of cells."""
+    b = leaderboard.board(db, v, role or None, kind or None, sort, desc, page, per_page)
+    base = {"version": v.number, "role": role or "", "kind": kind or "", "sort": sort, "desc": int(desc),
+            "page": page, "per_page": per_page}
+
+    def url(**change):
+        q = {**base, **change}
+        return f"/forests/{f.name}/leaderboard?" + urlencode({k: x for k, x in q.items() if x not in ("", None)})
+
+    def column(key, label, role_=None):
+        on = sort == key
+        return {"label": label, "role": role_, "url": url(sort=key, desc=int(not desc) if on else 0, page=1),
+                "aria": ("descending" if desc else "ascending") if on else "none",
+                "arrow": (" ▼" if desc else " ▲") if on else ""}
+
+    best = {}
+    for d, _ in b.domains:
+        vals = [b.cells[(x["subject"], d)] for x in b.subjects if (x["subject"], d) in b.cells]
+        best[d] = min(vals) if vals else None
+    rows = []
+    for x in b.subjects:
+        cells = []
+        for d, _ in b.domains:
+            p = b.cells.get((x["subject"], d))
+            cells.append(("–", False) if p is None else (f"{p:.2f}", p == best[d]))
+        rows.append({"x": x, "mean": "–" if x["mean"] is None else f"{x['mean']:.2f}", "cells": cells})
+    return {"board": b, "url": url, "mean_col": column("mean", "mean"),
+            "columns": [column(d, d, r) for d, r in b.domains], "rows": rows}
+
+
+@router.get("/forests/{name}/leaderboard", response_class=HTMLResponse)
+def leaderboard_page(request: Request, name: str, db: DB, user: WebUser,
+                     version: int | None = Query(default=None, ge=1, le=2**31 - 1),
+                     role: str = Query(default="", pattern="^(|train|eval)$"),
+                     kind: str = Query(default="", pattern="^(|elm|ensemble|average|model)$"),
+                     sort: str = Query(default="mean", max_length=64), desc: bool = False,
+                     page: int = Query(default=1, ge=1, le=100_000), per_page: int = Query(default=25, ge=1, le=500)):
+    f = forests.get(db, name)
+    v = forests.version(db, f, version)
+    ctx = _board_ctx(db, f, v, role, kind, sort, desc, page, per_page)
+    ctx.update(forest=f, version=v, versions=forests.version_numbers(db, f), role=role, kind=kind, sort=sort,
+               desc=desc)
+    if request.headers.get("hx-request") and not request.headers.get("hx-boosted"):
+        return templates.TemplateResponse(request, "_board.html", ctx)
+    return render(request, "leaderboard.html", user, title=f"Leaderboard · {f.name} v{v.number}", **ctx)
+
+
+@router.get("/forests/{name}/posterior", response_class=HTMLResponse)
+def posterior_page(request: Request, name: str, db: DB, user: WebUser,
+                   version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+    f = forests.get(db, name)
+    v = forests.version(db, f, version)
+    post = leaderboard.posteriors(db, v)
+    roles = {d.name: d.role.value for d in domains.list_(db, include_retired=True)}
+    rows = sorted(post, key=lambda d: (roles.get(d) != "train", d))
+    weight = {(d, e): w for d, ws in post.items() for e, w in ws.items()}
+    cols = [e["name"] for e in v.manifest["elms"]]
+    # large forests: keep the ELMs some domain actually leans on
+    if len(cols) > 60:
+        top = sorted(cols, key=lambda e: -max((weight.get((d, e), 0) for d in rows), default=0))
+        cols = [c for c in cols if c in set(top[:60])]
+    return render(request, "posterior.html", user, title=f"Domain posterior · {f.name} v{v.number}", forest=f,
+                  version=v, versions=forests.versions(db, f), heatmap=svg.heatmap(rows, cols, weight),
+                  rows=rows, cols=cols, roles=roles, post=post)
+
+
+def _elm_entry(v, elm: str) -> dict:
+    for e in v.manifest["elms"]:
+        if e["name"] == elm:
+            return e
+    raise NotFound(f"{v.forest.name} v{v.number} has no ELM named {elm!r}")
+
+
+@router.get("/forests/{name}/elms/{elm}", response_class=HTMLResponse)
+def elm_page(request: Request, name: str, elm: str, db: DB, user: WebUser):
+    f = forests.get(db, name)
+    v = forests.version(db, f)
+    e = _elm_entry(v, elm)
+    c = db.get(Contribution, e["contribution_id"])
+    # lineage: walk parents through their contributions' branch inits back to the seed
+    nodes = {e["name"]: {"label": e["name"], "sub": f"domain {e['domain']}"}}
+    edges: list[tuple[str, str, float]] = []
+    todo, seen = [(e["name"], e.get("parents", []))], set()
+    while todo:
+        child, ps = todo.pop()
+        if child in seen:
+            continue
+        seen.add(child)
+        for p in ps:
+            pname = p["name"]
+            if pname == "seed" or not p.get("contribution_id"):
+                nodes.setdefault(pname, {"label": pname, "sub": "seed LM", "seed": True})
+            else:
+                pc = db.get(Contribution, p["contribution_id"])
+                nodes.setdefault(pname, {"label": pname, "sub": f"domain {pc.domain.name}" if pc else ""})
+                if pc is not None:
+                    todo.append((pname, pc.branch_init.parents or []))
+            edges.append((pname, child, float(p["weight"])))
+    graph = svg.lineage(nodes, edges, e["name"], href=lambda n: f"/forests/{f.name}/elms/{n}")
+    evals = db.execute(select(Evaluation).where(Evaluation.version_id == v.id, Evaluation.subject == elm)).scalars().all()
+    per_domain = sorted(((x.domain.name, x.perplexity, x.domain.role.value) for x in evals), key=lambda t: t[1])
+    return render(request, "elm.html", user, title=f"{elm} · {f.name}", forest=f, version=v, elm=e, contribution=c,
+                  graph=graph, per_domain=per_domain,
+                  bars=svg.bars([(d, p, r) for d, p, r in per_domain], title=f"perplexity of {elm} by domain"))
+
+
+@router.get("/contributions/{cid}", response_class=HTMLResponse)
+def contribution_page(request: Request, cid: Id, db: DB, user: WebUser):
+    c = contributions.get(db, user, cid)
+    return render(request, "contribution.html", user, title=f"Contribution {c.id} · {c.name}", c=c)
+
+
+@router.get("/review", response_class=HTMLResponse)
+def review_page(request: Request, db: DB, user: WebUser):
+    require_maintainer(request, user)
+    pending = contributions.list_(db, user, "evaluated")
+    approved = contributions.list_(db, user, "approved")
+    return render(request, "review.html", user, title="Review queue", pending=pending, approved=approved,
+                  forests=forests.list_(db))
+
+
+@router.post("/review/{cid}/{decision}")
+def review_decide(request: Request, cid: Id, decision: str, db: DB, user: WebUser,
+                  csrf: Annotated[str, Form()] = "", reason: Annotated[str, Form(max_length=10_000)] = ""):
+    require_maintainer(request, user)
+    check_csrf(request, csrf)
+    if decision not in ("approve", "decline"):
+        raise NotFound("no such decision")
+    try:
+        c = contributions.decide(db, user, cid, decision, reason)
+        flash(request, f"contribution {c.id} ({c.name}) {c.state.value}")
+    except ServiceError as e:
+        flash(request, f"not done: {e.message}")
+    return RedirectResponse("/review", status_code=303)
+
+
+@router.post("/forests/{name}/publish")
+def publish(request: Request, name: str, db: DB, user: WebUser, csrf: Annotated[str, Form()] = "",
+            note: Annotated[str, Form(max_length=10_000)] = ""):
+    require_maintainer(request, user)
+    check_csrf(request, csrf)
+    f = forests.get(db, name)
+    approved = [c for c in contributions.list_(db, user, "approved", forest=name)]
+    if not approved:
+        flash(request, "nothing to publish: approve a contribution first")
+        return RedirectResponse("/review", status_code=303)
+    key = f"{f.name}:v{f.current_version}:approved:[]"
+    job = jobs.enqueue(db, "publish", key, {"forest": f.name, "add": None, "remove": [], "note": note or "published from the review queue",
+                                             "actor_id": user.id})
+    flash(request, f"publishing {len(approved)} ELM(s) into {f.name} v{f.current_version + 1} (job {job.id})")
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.get("/forests/{name}/rounds", response_class=HTMLResponse)
+def rounds_page(request: Request, name: str, db: DB, user: WebUser):
+    """Federated rounds of a forest and each node's status (maintainers)."""
+    require_maintainer(request, user)
+    from coordinator.services import rounds
+
+    f = forests.get(db, name)
+    live = [r for r in rounds.list_with_nodes(db, name) if r["status"] in ("pending", "running")]
+    return render(request, "rounds.html", user, title=f"Federated rounds · {f.name}", forest=f,
+                  rounds=rounds.list_with_nodes(db, name), live=bool(live))
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: Id, db: DB, user: WebUser):
+    if user is None:
+        raise _LoginRequired(request.url.path)
+    j = jobs.get(db, job_id)
+    forest = j.payload.get("forest")
+    return render(request, "job.html", user, title=f"Job {j.id}", job=j, forest=forest)
+
+
+@router.get("/forests/{name}/download", response_class=HTMLResponse)
+def download_page(request: Request, name: str, db: DB, user: WebUser, storage: StorageDep,
+                  version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+    f = forests.get(db, name)
+    v = forests.version(db, f, version)
+    d = forests.version_download(storage, v)
+    built = db.scalars(select(AveragedModel).where(AveragedModel.version_id == v.id)).all()
+    return render(request, "download.html", user, title=f"Download · {f.name} v{v.number}", forest=f, version=v,
+                  versions=forests.versions(db, f), files=d["files"], domains=domains.list_(db), averages=built,
+                  base=str(request.base_url).rstrip("/"))
+
+
+@router.post("/forests/{name}/averages")
+def request_average(request: Request, name: str, db: DB, user: WebUser, csrf: Annotated[str, Form()] = "",
+                    method: Annotated[str, Form()] = "posterior", domain: Annotated[str, Form()] = "",
+                    version: Annotated[int | None, Form()] = None):
+    if user is None:
+        raise _LoginRequired(f"/forests/{name}/download")
+    check_csrf(request, csrf)
+    f = forests.get(db, name)
+    v = forests.version(db, f, version)
+    try:
+        a, needs_job = averages.request(db, v, method, domain or None)
+    except ServiceError as e:
+        flash(request, f"not done: {e.message}")
+        return RedirectResponse(f"/forests/{name}/download?version={v.number}", status_code=303)
+    if needs_job:
+        jobs.enqueue(db, "average", f"average:{a.id}", {"average_id": a.id})
+    return RedirectResponse(f"/forests/{name}/averages/{a.id}", status_code=303)
+
+
+@router.get("/forests/{name}/averages/{average_id}", response_class=HTMLResponse)
+def average_page(request: Request, name: str, average_id: Id, db: DB, user: WebUser, storage: StorageDep):
+    a = db.get(AveragedModel, average_id)
+    if a is None or a.version.forest.name != name:
+        raise NotFound(f"no averaged model {average_id} of forest {name!r}")
+    urls = forests.file_urls(storage, a.files) if a.files else {}
+    ctx = dict(forest=a.version.forest, a=a, urls=urls, base=str(request.base_url).rstrip("/"))
+    if request.headers.get("hx-request"):
+        return templates.TemplateResponse(request, "_average.html", ctx)
+    return render(request, "average.html", user, title=f"Averaged model · {name}", **ctx)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, user: WebUser, next: str = "/"):
+    return render(request, "login.html", user, title="Log in", next=next if next.startswith("/") else "/")
+
+
+@router.post("/login")
+def login(request: Request, db: DB, username: Annotated[str, Form(max_length=64)] = "",
+          password: Annotated[str, Form(max_length=256)] = "", csrf: Annotated[str, Form()] = "",
+          next: Annotated[str, Form()] = "/"):
+    check_csrf(request, csrf)
+    try:
+        u = users.authenticate(db, username, password)
+    except ServiceError as e:
+        return render(request, "login.html", None, status_code=401, title="Log in", error=e.message, next=next,
+                      username=username)
+    request.session.clear()
+    request.session["uid"] = u.id
+    flash(request, f"logged in as {u.username}")
+    return RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: Annotated[str, Form()] = ""):
+    check_csrf(request, csrf)
+    request.session.clear()
+    return RedirectResponse("/", status_code=303)
+
+
+# ----------------------------------------------------------------------------- mounting
+
+
+def mount(app: FastAPI) -> None:
+    settings = app.state.settings
+    app.add_middleware(SessionMiddleware, secret_key=settings.signing_key(), session_cookie="elmforest_session",
+                       same_site="lax", https_only=settings.public_url.startswith("https://"), max_age=14 * 24 * 3600)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(router)
+    templates.env.globals["State"] = State
+    templates.env.globals["Role"] = Role
+
+    @app.exception_handler(_LoginRequired)
+    async def login_required(request: Request, exc: _LoginRequired):
+        return RedirectResponse("/login?" + urlencode({"next": exc.next}), status_code=303)
+
+    api_handler = app.exception_handlers.get(ServiceError)
+
+    async def service_error(request: Request, exc: ServiceError):
+        # pages get a page; the API keeps its JSON errors
+        if request.url.path.startswith("/api/") or api_handler is None:
+            return await api_handler(request, exc)
+        user = None
+        return render(request, "error.html", user, status_code=exc.status, title="Something is not right",
+                      message=exc.message, status=exc.status)
+
+    app.add_exception_handler(ServiceError, service_error)
