@@ -1,0 +1,70 @@
+"""Model directories and forests on local disk, assembled from content-addressed blobs.
+
+Jobs run btm code, which works on directories. Blobs are downloaded once into a cache
+(`work/blobs/<sha256>`) and hard-linked into directories, so a forest of n ELMs sharing one
+tokenizer stores that tokenizer once and re-assembling a directory costs no copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from coordinator.storage import Storage, blob_key
+
+
+def blob(storage: Storage, cache: Path, sha256: str) -> Path:
+    p = cache / "blobs" / sha256[:2] / sha256
+    if not p.exists():
+        storage.get_file(blob_key(sha256), p)
+    return p
+
+
+def _link(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def model_dir(storage: Storage, cache: Path, files: dict[str, str]) -> Path:
+    """A directory holding `files` ({filename: sha256}); the same files give the same path."""
+    key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:24]
+    d = cache / "models" / key
+    done = d / ".complete"
+    if done.exists():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    for name, sha in files.items():
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"file name {name!r} in a model directory")
+        _link(blob(storage, cache, sha), d / name)
+    done.write_text("")
+    return d
+
+
+def forest_dir(storage: Storage, cache: Path, manifest: dict) -> Path:
+    """A btm forest directory (forest.json, seed/, elms/<name>/) for a published manifest."""
+    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:24]
+    root = cache / "forests" / key
+    if (root / "forest.json").exists():
+        return root
+    tmp = cache / "forests" / f"{key}.{uuid.uuid4().hex[:6]}.tmp"
+    tmp.mkdir(parents=True)
+    for entry in [manifest["seed"], *manifest["elms"]]:
+        d = tmp / entry["path"]
+        d.mkdir(parents=True, exist_ok=True)
+        for name, sha in entry["files"].items():
+            _link(blob(storage, cache, sha), d / name)
+    (tmp / "forest.json").write_text(json.dumps(manifest, indent=2))
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,378 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+
+class Orm(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+# ---- accounts
+
+class RegisterIn(BaseModel):
+    username: str = Field(min_length=2, max_length=64)
+    password: str = Field(min_length=8, max_length=256)
+    email: str | None = Field(default=None, max_length=254)
+
+
+class LoginIn(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+    token_name: str = Field(default="cli", max_length=100)
+
+
+class UserOut(Orm):
+    id: int
+    username: str
+    role: str
+    created_at: datetime
+
+
+class TokenIn(BaseModel):
+    name: str = Field(default="token", max_length=100)
+    scopes: list[Literal["read", "contribute", "maintain"]] | None = None
+    expires_days: int | None = Field(default=365, ge=1, le=3650)
+
+
+class TokenOut(Orm):
+    id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class NewToken(BaseModel):
+    token: str = Field(description="The secret; shown once, store it now.")
+    info: TokenOut
+    user: UserOut
+
+
+# ---- domains
+
+class DomainIn(BaseModel):
+    name: str = Field(min_length=2, max_length=64)
+    description: str = Field(default="", max_length=10_000)
+    category: str = Field(default="", max_length=64)
+    provenance: str = Field(default="", max_length=10_000)
+    license: str = Field(default="", max_length=128)
+    role: Literal["train", "eval"] = "train"
+
+
+class DomainPatch(BaseModel):
+    role: Literal["train", "eval"] | None = None
+    status: Literal["active", "retired"] | None = None
+    description: str | None = Field(default=None, max_length=10_000)
+
+
+class EvalDataIn(BaseModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="An uploaded JSONL/text file of held-out documents.")
+
+
+class DomainOut(Orm):
+    name: str
+    description: str
+    category: str
+    provenance: str
+    license: str
+    role: str
+    status: str
+    created_at: datetime
+    eval_data_sha256: str | None
+    eval_data_bytes: int | None
+
+
+# ---- uploads
+
+class UploadIn(BaseModel):
+    purpose: Literal["weights", "sample", "eval-data", "model-file"]
+    filename: str = Field(min_length=1, max_length=255)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0, le=2**62)
+
+
+class PartOut(BaseModel):
+    part_number: int
+    url: str
+    done: bool = False
+
+
+class UploadOut(BaseModel):
+    exists: bool
+    upload_id: str | None
+    sha256: str
+    size: int
+    part_size: int | None = None
+    status: str | None = None
+    parts: list[PartOut] = []
+    parts_done: list[int] = []
+
+
+class PartDone(BaseModel):
+    part_number: int = Field(ge=1, le=10_000)
+    etag: str | None = Field(default=None, max_length=200)
+
+
+class CompleteIn(BaseModel):
+    parts: list[PartDone] | None = None
+
+
+class ArtifactOut(Orm):
+    sha256: str
+    size: int
+    kind: str
+
+
+# ---- forests
+
+class ForestIn(BaseModel):
+    name: str = Field(min_length=2, max_length=64)
+    description: str = Field(default="", max_length=10_000)
+    files: dict[str, str] = Field(description="The seed's files: {filename: sha256 of an uploaded file}.")
+
+
+class BaselineIn(BaseModel):
+    name: str = Field(min_length=2, max_length=64)
+    description: str = Field(default="", max_length=10_000)
+    files: dict[str, str] = Field(description="The model's files: {filename: sha256 of an uploaded file}.")
+
+
+class BaselineOut(Orm):
+    name: str
+    description: str
+    files: dict[str, str]
+    created_at: datetime
+
+
+class ForestOut(Orm):
+    name: str
+    description: str
+    family: str
+    current_version: int
+    created_at: datetime
+
+
+class VersionOut(Orm):
+    number: int
+    manifest_sha256: str
+    note: str
+    created_at: datetime
+    elms: int = 0
+
+
+class PublishIn(BaseModel):
+    add: list[DbId] | None = Field(default=None, description="Approved contributions to merge (default: all approved).")
+    remove: list[DbId] = Field(default_factory=list, description="Contributions to forget.")
+    note: str = Field(default="", max_length=10_000)
+
+
+class RemoveIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=10_000)
+
+
+class JobOut(Orm):
+    id: int
+    kind: str
+    key: str
+    status: str
+    result: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class DownloadOut(BaseModel):
+    manifest: dict[str, Any]
+    files: dict[str, str] = Field(description="path inside the forest directory -> download URL")
+
+
+class AverageIn(BaseModel):
+    method: Literal["posterior", "argmax", "uniform"] = "posterior"
+    domain: str | None = Field(default=None, max_length=64)
+
+
+class AverageOut(Orm):
+    id: int
+    method: str
+    target: str
+    status: str
+    weights: dict[str, float] | None
+    files: dict[str, str] | None
+    error: str | None
+    urls: dict[str, str] = {}
+    job_id: int | None = None
+
+
+class BoardDomain(BaseModel):
+    name: str
+    role: str
+
+
+class BoardRow(BaseModel):
+    subject: str = Field(description="An ELM's name, ensemble, ensemble/topK, average/METHOD, or another model")
+    kind: str
+    method: str
+    mean_train: float | None
+    mean_eval: float | None
+    mean: float | None = Field(description="mean over the domains shown (all, train or eval)")
+    ppl: dict[str, float] = Field(description="perplexity by domain")
+
+
+class LeaderboardOut(BaseModel):
+    forest: str
+    version: int
+    domains: list[BoardDomain]
+    rows: list[BoardRow]
+    total: int
+    page: int
+    per_page: int
+
+
+# ---- branch inits and contributions
+
+class BranchIn(BaseModel):
+    forest: str = Field(min_length=1, max_length=64)
+    domain: str = Field(min_length=1, max_length=64)
+    method: Literal["posterior", "argmax", "uniform", "seed"] = "posterior"
+    sample_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    posterior: dict[str, float] | None = Field(default=None, description="Weights computed privately, by ELM name.")
+
+
+class BranchOut(Orm):
+    id: int
+    forest: str
+    version: int
+    domain: str
+    method: str
+    status: str
+    posterior: dict[str, float] | None
+    parents: list[dict[str, Any]] | None
+    files: dict[str, str] | None
+    error: str | None
+    urls: dict[str, str] = {}
+    job_id: int | None = None
+
+
+class ContributionIn(BaseModel):
+    forest: str = Field(min_length=1, max_length=64)
+    branch_init_id: DbId
+    forest_version: DbId | None = Field(default=None, description="The version the init came from (checked).")
+    name: str | None = Field(default=None, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of model.safetensors")
+    size: int = Field(gt=0, le=2**62)
+    config: dict[str, Any]
+    tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventOut(Orm):
+    from_state: str | None
+    to_state: str
+    actor: str | None
+    reason: str
+    at: datetime
+    details: dict[str, Any] | None = None
+
+
+class ContributionOut(Orm):
+    id: int
+    name: str
+    owner: str
+    forest: str
+    domain: str
+    branch_init_id: DbId
+    state: str
+    weights_sha256: str
+    weights_size: int
+    training: dict[str, Any]
+    validation: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    history: list[EventOut] = []
+
+
+class ContributionCreated(BaseModel):
+    contribution: ContributionOut
+    upload: UploadOut
+
+
+class DecisionIn(BaseModel):
+    reason: str = Field(default="", max_length=10_000)
+
+
+# ---- federated rounds
+
+class RoundIn(BaseModel):
+    forest: str = Field(min_length=1, max_length=64)
+    note: str = Field(default="", max_length=10_000)
+    steps: int = Field(default=500, ge=1, le=10_000_000, description="Training updates per node.")
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    block_size: int = Field(default=256, ge=8, le=131_072)
+    lr: float = Field(default=5e-4, gt=0, le=1)
+    warmup: float = Field(default=0.08, ge=0, le=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    min_nodes: int = Field(default=1, ge=1, le=100_000, description="Start once this many nodes are connected...")
+    node_wait_s: float = Field(default=60, ge=0, le=86_400, description="...or after this long with at least one.")
+    query_timeout_s: float = Field(default=120, gt=0, le=86_400)
+    branch_timeout_s: float = Field(default=1800, gt=0, le=7 * 86_400)
+    init_timeout_s: float = Field(default=1800, gt=0, le=7 * 86_400)
+    train_timeout_s: float = Field(default=6 * 3600, gt=0, le=30 * 86_400,
+                                   description="The round's time-out for training and uploading.")
+    max_attempts: int = Field(default=3, ge=1, le=100, description="Rounds in a row a domain may fail before it is "
+                              "no longer asked.")
+
+
+class RoundNodeOut(BaseModel):
+    node_id: str
+    domain: str | None
+    owner: str | None
+    status: str = Field(description="queried, skipped, branching, training, submitted, failed or timed_out")
+    reason: str
+    attempt: int
+    documents: int | None
+    data_bytes: int | None
+    branch_init_id: int | None
+    contribution_id: int | None
+    contribution_state: str | None
+    contribution_name: str | None
+    late: bool = Field(description="The ELM arrived after the node's time-out.")
+    metrics: dict[str, Any] | None
+    updated_at: datetime
+
+
+class RoundOut(BaseModel):
+    id: int
+    forest: str
+    version: int | None
+    status: str = Field(description="pending, running, succeeded, partial, failed, empty or cancelled")
+    config: dict[str, Any]
+    note: str
+    flower_run_id: str | None
+    error: str | None
+    created_by: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    counts: dict[str, int]
+    nodes: list[RoundNodeOut]
