@@ -52,9 +52,11 @@ def stack(tmp_path_factory, pg_database, moto):
     c = Coordinator(tmp_path_factory.mktemp("stack"), env, worker=False)
     c.worker = c.spawn(["worker", "--loglevel", "WARNING"])
     port = free_port()
+    bin_dir = Path(sys.executable).parent  # the SuperLink starts `flower-superexec` from PATH
     c.superlink = subprocess.Popen(
-        [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+        [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
          "--database", str(c.data_dir / "superlink.db")],
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         stdout=c.log, stderr=subprocess.STDOUT, start_new_session=True)
     c.procs.append(c.superlink)
     c.fleet_port = port
