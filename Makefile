@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test lint bench-quick
+.PHONY: install demo test lint bench-deps
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -24,3 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# what the benchmarks compare against: Hugging Face Trainer (accelerate) and mergekit
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
