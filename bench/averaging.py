@@ -2,7 +2,8 @@
 
 Makes n GPT-2-small-sized ELMs locally (124M parameters, fp32, distinct weights), then runs
 each method in a fresh process on the same inputs and reports wall time and peak RSS as
-the OS reports it (ru_maxrss: mapped input pages count). Goals: peak RSS <= 1.5x one ELM
+the OS reports it (the process's VmHWM: mapped input pages count; not ru_maxrss, which on
+Linux carries over the parent's peak through fork and exec). Goals: peak RSS <= 1.5x one ELM
 at any n, time <= 0.25x mergekit's. The last line is JSON.
 
     python bench/averaging.py                  # n = 8 and 32 (about 16 GB of disk)
@@ -26,10 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     sys.path.insert(0, {root!r})
     method, out, weights, *srcs = sys.argv[1:]
     weights = [float(w) for w in weights.split(",")]
+
+    def peak_rss():  # this process's own high-water mark, in bytes
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     # libraries are imported before the clock starts: the work is what is timed
     if method == "btm":
         from btm.average import average_models
@@ -51,7 +57,7 @@ CHILD = textwrap.dedent(
     elif method == "in_memory":
         save_state_dict(average_in_memory(srcs, weights), out)
     print(json.dumps({{"seconds": time.perf_counter() - t,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                      "peak_rss_bytes": peak_rss()}}))
     """
 )
 
