@@ -67,8 +67,13 @@ def test_killed_seed_job_resumes_and_registers_once(coordinator, tokenizer_dir, 
     p = job(coordinator, admin.token, out, tokenizer_dir, cache_dir, tmp_path)
     assert p.wait(600) == 0, (tmp_path / "job.log").read_text()[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    restart = steps.index(killed_at + 1)  # the second run started right after the checkpoint
-    assert steps[restart - 1] >= killed_at and steps[-1] == 120
+    # the second run logs its first update (killed_at + 1) first: it started right after the
+    # checkpoint, not from scratch, and went on to the end
+    restart = len(steps) - 1 - steps[::-1].index(killed_at + 1)
+    first, second = steps[:restart], steps[restart:]
+    assert first[0] == 1 and steps.count(1) == 1
+    assert all(s <= killed_at + 5 for s in first)  # it died by its next checkpoint (every 5)
+    assert second == sorted(set(second)) and second[-1] == 120
     f = admin.forest("cluster")
     assert f["current_version"] == 1
 
