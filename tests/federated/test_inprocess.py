@@ -115,7 +115,8 @@ def test_rounds_in_process(fed, monkeypatch):
         run(fed, grid, r1["id"], monkeypatch)
 
     # round 2: carol fixed her data; dave's node never answers the branch request
-    r2 = maint.post("/rounds", {**cfg, "min_nodes": 4, "branch_timeout_s": 20})
+    # (more, gentler updates: her init is already a trained average, harder to beat than the seed)
+    r2 = maint.post("/rounds", {**cfg, "min_nodes": 4, "branch_timeout_s": 20, "steps": 40, "lr": 1e-3})
     nodes2 = [node(fed, "alice"), node(fed, "bob"), node(fed, "carol"), node(fed, "dave")]
     grid = LocalGrid(client_app, nodes2, {"round-id": r2["id"]}, drop={1004: {"query.branch"}})
     r = run(fed, grid, r2["id"], monkeypatch)
@@ -133,9 +134,9 @@ def test_rounds_in_process(fed, monkeypatch):
     assert {p["name"] for p in init["parents"]} <= {"python", "kjv_bible"} and init["posterior"]
     assert set(init["posterior"]) == {"python", "kjv_bible"}
 
-    # carol's ELM goes through evaluation like any upload (a dozen tiny updates may or may not
-    # beat its init); only a live contribution makes its domain done
+    # carol's ELM goes through evaluation like any upload and beats its init
     c3 = wait_state(maint, n["postgres_docs"]["contribution_id"], {"evaluated", "rejected"}, timeout=300)
+    assert c3["state"] == "evaluated", c3["history"]
 
     # the timed-out domain is retried by the next round
     from coordinator.db import session_scope
@@ -148,8 +149,7 @@ def test_rounds_in_process(fed, monkeypatch):
         db.flush()
         hist = rounds.domain_history(db, nxt)
         assert hist["webster_dictionary"].failures == 1 and hist["webster_dictionary"].done is None
-        assert hist["postgres_docs"].failures == 0  # it submitted in round 2: no failure streak
-        assert (hist["postgres_docs"].done is not None) == (c3["state"] == "evaluated"), (hist, c3["history"])
+        assert hist["postgres_docs"].failures == 0 and hist["postgres_docs"].done  # its live ELM
         db.delete(nxt)
         # three contributions, each of its node's owner and domain, tied to its round
         got = {(c.owner.username, c.domain.name, c.round_id) for c in db.query(Contribution)}
