@@ -132,18 +132,25 @@ class Coordinator:
         return Client(self.url)
 
     def stop(self) -> None:
-        import signal
-
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(self.procs)
         self.log.close()
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float = 10) -> None:
+    """SIGTERM the process group of each process (started with start_new_session), the last
+    started first; SIGKILL the groups still alive after `grace` seconds."""
+    import signal
+
+    for p in reversed(procs):
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def wait_state(client: Client, cid: int, states: set[str], timeout: float = 180) -> dict:

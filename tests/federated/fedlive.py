@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 from helpers import CORPUS
-from live import RecordingProxy, free_port, leaks, snippets, wait_port  # noqa: F401 - used by the tests here
+from live import RecordingProxy, free_port, leaks, snippets, stop_groups, wait_port  # noqa: F401 - used by the tests here
 
 BIN = Path(sys.executable).parent
 # Flower must stay on loopback and offline: no telemetry, no update check, no installs
@@ -85,16 +84,7 @@ class Flower:
         for p in self.procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 family += psutil.Process(p.pid).children(recursive=True)
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(self.procs, grace=15)
         for c in family:  # superexec, serverapp, clientapp processes started in other sessions
             with contextlib.suppress(psutil.NoSuchProcess):
                 c.kill()
