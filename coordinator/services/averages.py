@@ -76,8 +76,7 @@ def build(db: Session, storage, settings, avg_id: int) -> dict:
                 + (f" --domain {a.target}" if a.target else ""))
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td:
         out = average_models([e.path for e in forest.elms], w, Path(td) / "avg", card, names=names)
-        files = {p.name: uploads.put_file(db, storage, p, "weights" if p.suffix == ".safetensors" else "file").sha256
-                 for p in sorted(out.iterdir()) if p.is_file()}
+        files = uploads.put_dir(db, storage, out)
     a.weights = {n: float(x) for n, x in zip(names, w, strict=True)}
     a.files = files
     a.status = BranchStatus.ready

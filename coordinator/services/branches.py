@@ -79,7 +79,7 @@ def compute(db: Session, storage, settings, init_id: int) -> dict:
     import tempfile
     from pathlib import Path
 
-    from btm.branch import BranchPlan, plan_branch, sample_blocks, write_branch_init
+    from btm.branch import plan_branch, sample_blocks, write_branch_init
     from btm.forest import Forest
     from coordinator.materialize import blob, forest_dir
 
@@ -99,15 +99,10 @@ def compute(db: Session, storage, settings, init_id: int) -> dict:
                            b.method)
     else:
         plan = plan_branch(forest, None, b.method if names else "seed")
-    if not isinstance(plan, BranchPlan):  # pragma: no cover - plan_branch always returns one
-        raise TypeError(plan)
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td:
         origin = {"forest": v.forest.name, "version": v.number, "branch_init_id": b.id}
         out = write_branch_init(forest, plan, Path(td) / "init", b.domain.name, name=f"init-{b.id}", origin=origin)
-        files = {}
-        for p in sorted(out.iterdir()):
-            if p.is_file():
-                files[p.name] = uploads.put_file(db, storage, p, "weights" if p.suffix == ".safetensors" else "file").sha256
+        files = uploads.put_dir(db, storage, out)
     by_name = {e["name"]: e for e in v.manifest["elms"]}
     b.parents = [
         {"name": n, "weight": float(w), "contribution_id": by_name.get(n, {}).get("contribution_id")}

@@ -160,6 +160,12 @@ def put_file(db: Session, storage: Storage, path, kind: str) -> Artifact:
     return art
 
 
+def put_dir(db: Session, storage: Storage, directory) -> dict[str, str]:
+    """Every file of a model directory as an artifact: {file name: sha256}."""
+    return {p.name: put_file(db, storage, p, "weights" if p.suffix == ".safetensors" else "file").sha256
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
 def require_artifact(db: Session, sha256: str, what: str) -> Artifact:
     a = db.get(Artifact, sha256)
     if a is None:
