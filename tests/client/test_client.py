@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import CORPUS, ROOT
 from live import (
     Coordinator,
@@ -154,3 +155,31 @@ def test_a_full_disk_while_saving_an_elm_says_so(tmp_path, tok, cache_dir, seed_
               out, Card(name="x"))
     assert e.value.__cause__ is None and errno.ENOSPC
     assert (out / "checkpoint" / "state.json").exists()  # the finished state is safe: a rerun just saves
+
+
+def test_running_out_of_gpu_memory_says_what_to_lower(tmp_path, tok, cache_dir, seed_dir):
+    """No GPU here: the model's forward raises the error CUDA raises (torch.cuda.OutOfMemoryError)
+    on the third update; the loop turns it into an instruction and a resumable checkpoint stays."""
+    from helpers import streams, tiny_train_config
+
+    from btm.data import BlockSampler
+    from btm.errors import BTMError
+    from btm.family import Card, load_model
+    from btm.train import train
+
+    model = load_model(seed_dir)
+    forward, calls = model.forward, []
+
+    def forward_until_oom(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*a, **kw)
+
+    model.forward = forward_until_oom
+    out = tmp_path / "elm"
+    with pytest.raises(BTMError, match=r"ran out of memory with 8 sequences of 64 tokens.*lower --micro-batch-size"):
+        train(model, tok, BlockSampler(streams(tok, cache_dir, ["python"]), 64), tiny_train_config(5, checkpoint_every=2),
+              out, Card(name="x"))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # resumes from here
+    assert not (out / "model.safetensors").exists()  # no half-trained ELM
