@@ -318,10 +318,7 @@ def review_decline(cid: int, reason: Annotated[str, typer.Option(help="Why (reco
 def review_publish(forest: str, note: str = "", url: Url = None):
     """Merge every approved contribution into a new version of FOREST."""
     c = client(url)
-    job = c.post(f"/forests/{forest}/publish", {"note": note})
-    job = c.wait(lambda: c.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
-    if job["status"] == "failed":
-        raise ClientError(f"publishing failed: {job['error']}")
+    job = c.finish(c.post(f"/forests/{forest}/publish", {"note": note}), "publishing")
     console.print(f"{forest} v{job['result']['version']} published")
 
 
@@ -329,10 +326,7 @@ def review_publish(forest: str, note: str = "", url: Url = None):
 def review_remove(cid: int, reason: Annotated[str, typer.Option(help="Why (recorded in the version).")], url: Url = None):
     """Forget a merged ELM: a new version without it."""
     c = client(url)
-    job = c.post(f"/contributions/{cid}/remove", {"reason": reason})
-    job = c.wait(lambda: c.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
-    if job["status"] == "failed":
-        raise ClientError(f"removal failed: {job['error']}")
+    job = c.finish(c.post(f"/contributions/{cid}/remove", {"reason": reason}), "removal")
     console.print(f"removed; forest is now v{job['result']['version']}")
 
 

@@ -176,10 +176,8 @@ class Demo:
             maint.post(f"/contributions/{c['id']}/approve", {"reason": "beats its branch init; welcome"})
         if not pending:
             return
-        job = maint.post(f"/forests/{FOREST}/publish", {"note": "demo round: " + ", ".join(c["name"] for c in pending)})
-        job = maint.wait(lambda: maint.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
-        if job["status"] != "succeeded":
-            raise ClientError(f"publishing failed: {job['error']}")
+        job = maint.finish(maint.post(f"/forests/{FOREST}/publish",
+                                      {"note": "demo round: " + ", ".join(c["name"] for c in pending)}), "publishing")
         self.say(f"maintainer approved {', '.join(c['name'] for c in pending)}; published {FOREST} v{job['result']['version']}")
 
     def run(self) -> dict:

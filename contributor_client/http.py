@@ -137,6 +137,13 @@ class Client:
     def job(self, job_id: int) -> dict:
         return self.get(f"/jobs/{job_id}")
 
+    def finish(self, job: dict, what: str) -> dict:
+        """Wait for a job the coordinator started; its result, or a ClientError naming `what` failed."""
+        job = self.wait(lambda: self.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
+        if job["status"] == "failed":
+            raise ClientError(f"{what} failed: {job['error']}")
+        return job
+
     # ------------------------------------------------------------------ uploads
 
     def upload(self, path: Path, purpose: str, sha256: str | None = None, state_file: Path | None = None,
