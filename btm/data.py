@@ -75,6 +75,41 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
         raise DataError(f"{path}: unsupported file type (use .jsonl with {{\"text\"}} or .txt)")
 
 
+def check_text_file(path: str | os.PathLike, name: str | None = None, documents: bool = True) -> int:
+    """Check that a file someone sent is UTF-8 text (and, with `documents`, JSON lines with a
+    "text" string each, or plain text): no binary, no pickle. Returns the number of documents.
+    `name` is how errors call the file."""
+    path = Path(path)
+    label = name or str(path)
+    n = 0
+    kind = None
+    try:
+        with open(path, encoding="utf-8", errors="strict", newline="") as f:
+            for lineno, line in enumerate(f, 1):
+                if "\x00" in line:
+                    raise DataError(f"{label}:{lineno}: a NUL byte; this is a binary file, not text")
+                if not documents:
+                    continue
+                if kind is None and line.strip():
+                    kind = "jsonl" if line.lstrip().startswith("{") else "text"
+                if kind == "jsonl" and line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise DataError(f"{label}:{lineno}: not valid JSON; JSON lines need one "
+                                        '{"text": ...} object per line') from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise DataError(f'{label}:{lineno}: expected a JSON object with a "text" string')
+                    n += bool(obj["text"])
+    except UnicodeDecodeError as e:
+        raise DataError(f"{label}: not UTF-8 text (byte {e.start} of a line cannot be decoded); a binary file?") from None
+    if documents and kind is None:
+        raise DataError(f"{label}: the file holds no text")
+    if documents and kind == "jsonl" and n == 0:
+        raise DataError(f'{label}: every "text" is empty')
+    return n if kind == "jsonl" else int(documents)
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str

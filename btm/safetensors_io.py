@@ -2,9 +2,13 @@
 
 The format is 8 bytes (little-endian u64 header length N), N bytes of JSON header
 ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}), then the
-tensor bytes. Reading the header by hand lets us check an untrusted file's claims (sizes,
-offsets, dtypes) before touching its data, and writing it by hand lets us stream tensors to
-disk one at a time: peak memory is one tensor, not one model.
+tensor bytes. Whether a file is well-formed is decided by the reference library
+(`safetensors.safe_open`): it refuses trailing bytes, gaps, overlaps and sizes that do not
+match, so what we accept is exactly what `transformers` will later load. Only after the
+library has accepted a file do we read its header ourselves, for the byte offsets of each
+tensor (which the library does not expose), refusing duplicate names the library would
+silently merge. Writing by hand lets us stream tensors to disk one at a time: peak memory is
+one tensor, not one model.
 
 Tensors are read with positional reads into fresh buffers rather than through mmap, so the
 pages of n input files never all become resident in this process at once.
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from btm.errors import WeightsError
 
@@ -69,77 +74,101 @@ class Header:
     data_start: int
 
 
-def read_header(path: str | os.PathLike, *, max_file_bytes: int | None = None) -> Header:
-    """Parse and check a safetensors header without reading tensor data.
-
-    Every claim is checked against the real file size before anything else is read, so a
-    file that announces huge tensors or a huge header is refused cheaply.
-    """
+def read_header(path: str | os.PathLike, *, max_file_bytes: int | None = None, name: str | None = None) -> Header:
+    """Check a safetensors file with the reference library, then return its tensors' offsets,
+    without reading tensor data. `name` is how errors call the file (default: its path)."""
     path = Path(path)
+    label = name or str(path)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise WeightsError(f"{path}: file not found") from None
+        raise WeightsError(f"{label}: file not found") from None
     if max_file_bytes is not None and size > max_file_bytes:
-        raise WeightsError(f"{path}: {size} bytes is over the limit of {max_file_bytes} bytes")
+        raise WeightsError(f"{label}: {size} bytes is over the limit of {max_file_bytes} bytes")
     if size < 8:
-        raise WeightsError(f"{path}: {size} bytes is too short to be a safetensors file")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise WeightsError(
-                f"{path}: not a safetensors file (header claims {n} bytes, file has {size}); "
-                "weights must be saved with safetensors, not pickle"
-            )
-        raw = f.read(n)
+        raise WeightsError(f"{label}: {size} bytes is too short to be a safetensors file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            library = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118 - a safe_open handle, not a dict
+            metadata = f.metadata() or {}
+    except SafetensorError as e:
+        raise WeightsError(f"{label}: {explain_refusal(path, size, str(e))}") from None
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+    try:
+        obj = json.loads(raw, object_pairs_hook=_refuse_duplicates)
+    except ValueError as e:  # the library read it, so only our stricter rule can fail here
+        raise WeightsError(f"{label}: {e}") from None
+    obj.pop("__metadata__", None)
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for tname, info in obj.items():
+        b, e = info["data_offsets"]
+        dtype = info["dtype"]
+        if dtype not in DTYPES:
+            raise WeightsError(f"{label}: tensor {tname!r} has dtype {dtype}, which elmforest does not handle")
+        tensors[tname] = TensorInfo(tname, dtype, tuple(info["shape"]), data_start + b, data_start + e)
+    if {k: (t.dtype, t.shape) for k, t in tensors.items()} != library:  # never expected: two readers disagree
+        raise WeightsError(f"{label}: the header reads differently to the safetensors library; refusing it")
+    return Header(path, tensors, metadata, data_start)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict[str, object] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"the header names tensor {k!r} twice (two readers could read it two ways)")
+        seen[k] = v
+    return seen
+
+
+def explain_refusal(path: Path, size: int, error: str) -> str:
+    """What is wrong with a file the safetensors library refused, in words a contributor can
+    act on (the library's own message names the rule, not the defect)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        (n,) = struct.unpack("<Q", head)
+        raw = fh.read(min(n, MAX_HEADER_BYTES)) if n <= size - 8 else b""
+    pickle = head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"  # only a guess once the header has failed
+    if pickle and (n > MAX_HEADER_BYTES or n > size - 8 or not raw.lstrip().startswith(b"{")):
+        return ("the file is a pickle (or a zip of pickles, as torch.save writes), not safetensors; save the "
+                "weights with safetensors (nothing was unpickled)")
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        return (f"not a safetensors file: its first 8 bytes announce a header of {n} bytes but the file has "
+                f"{size}; weights must be saved with safetensors")
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WeightsError(f"{path}: safetensors header is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: safetensors header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise WeightsError(f"{path}: safetensors __metadata__ must map strings to strings")
-    data_start = 8 + n
-    data_len = size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for name, info in obj.items():
-        if not isinstance(info, dict):
-            raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise WeightsError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise WeightsError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
-        want = math.prod(shape) * ITEMSIZE[dtype]
-        if offsets[1] - offsets[0] != want:
-            raise WeightsError(
-                f"{path}: tensor {name!r} claims {offsets[1] - offsets[0]} bytes but "
-                f"shape {shape} of {dtype} needs {want}"
-            )
-        if offsets[1] > data_len:
-            raise WeightsError(
-                f"{path}: tensor {name!r} ends at byte {offsets[1]} but the file holds only "
-                f"{data_len} bytes of data (truncated or corrupt)"
-            )
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
-        spans.append((offsets[0], offsets[1], name))
-    spans.sort()
-    for (_, e1, a), (b2, _, b) in zip(spans, spans[1:], strict=False):
-        if b2 < e1:
-            raise WeightsError(f"{path}: tensors {a!r} and {b!r} overlap")
-    return Header(path, tensors, metadata, data_start)
+        entries = sorted(
+            (tuple(v["data_offsets"]), k, v) for k, v in obj.items() if k != "__metadata__" and isinstance(v, dict)
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return f"the safetensors header is not valid ({error.split(': ', 1)[-1]})"
+    try:
+        return _explain_layout(entries, size - 8 - n) or f"not a valid safetensors file ({error.split(': ', 1)[-1]})"
+    except (ValueError, TypeError):
+        return f"the safetensors header is not valid ({error.split(': ', 1)[-1]})"
+
+
+def _explain_layout(entries: list, have: int) -> str | None:
+    """The first layout defect of a parsed header over `have` bytes of data, or None."""
+    end = 0
+    for (b, e), k, v in entries:
+        if b > end:
+            return f"a gap of {b - end} bytes before tensor {k!r} (bytes that belong to no tensor)"
+        if b < end:
+            return f"tensor {k!r} overlaps the tensor before it by {end - b} bytes"
+        if v.get("dtype") in ITEMSIZE:
+            want = math.prod(v.get("shape", [])) * ITEMSIZE[v["dtype"]]
+            if e - b != want:
+                return f"tensor {k!r} takes {e - b} bytes but its shape {v.get('shape')} of {v['dtype']} needs {want}"
+        end = e
+    if have > end:
+        return f"{have - end} bytes after the last tensor (trailing data); a safetensors file ends with its last tensor"
+    if have < end:
+        return (f"truncated: the header describes {end} bytes of tensor data but the file holds {have} "
+                "(an interrupted copy or download?)")
+    return None
 
 
 def read_tensor(path: str | os.PathLike, info: TensorInfo, fd: int | None = None) -> torch.Tensor:

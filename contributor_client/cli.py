@@ -44,6 +44,7 @@ def login(
     password: Annotated[str | None, typer.Option(help="Your password (asked if not given).")] = None,
     token: Annotated[str | None, typer.Option(help="Store this API token instead of logging in with a password.")] = None,
     register: Annotated[bool, typer.Option("--register", help="Create the account first.")] = False,
+    invite: Annotated[str | None, typer.Option(help="An invitation code, where registration is invite-only.")] = None,
 ):
     """Log in to a coordinator; the API token is stored in your config directory (mode 0600).
 
@@ -58,7 +59,7 @@ def login(
     else:
         username = username or typer.prompt("username")
         password = password or getpass.getpass("password: ")
-        r = c.register(username, password) if register else c.login(username, password)
+        r = c.register(username, password, invite) if register else c.login(username, password)
         path = config.save(url, r["token"], r["user"]["username"])
         me = r["user"]
     console.print(f"logged in to {url} as {me['username']} ({me['role']}); token saved in {path}")
@@ -187,12 +188,89 @@ def submit(
         _follow(c, c_["id"])
 
 
+def abandon(
+    cid: Annotated[int, typer.Argument(help="Your contribution's id.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in its history).")] = "",
+    url: Url = None,
+):
+    """Withdraw one of your contributions (before it is merged); its uploaded weights are deleted.
+
+    EXAMPLES
+      elmforest abandon 12 --reason "trained on the wrong split"
+    """
+    x = client(url).post(f"/contributions/{cid}/abandon", {"reason": reason})
+    console.print(f"contribution {cid} is {x['state']}")
+
+
+# ----------------------------------------------------------------------------- tokens, invitations
+
+token_app = typer.Typer(help="Your API tokens: list, create (with fewer scopes), revoke.", no_args_is_help=True)
+
+
+@token_app.command("list")
+def token_list(user: Annotated[str | None, typer.Option(help="Another user's tokens (admins).")] = None, url: Url = None):
+    """Your tokens (their secrets are never shown again)."""
+    t = Table()
+    for col in ("id", "name", "prefix", "scopes", "expires", "last used", "revoked"):
+        t.add_column(col)
+    for x in client(url).get("/tokens", username=user):
+        t.add_row(str(x["id"]), x["name"], x["prefix"], ",".join(x["scopes"]), (x["expires_at"] or "never")[:10],
+                  (x["last_used_at"] or "")[:19], (x["revoked_at"] or "")[:19])
+    out.print(t)
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="What it is for.")],
+    scope: Annotated[list[str] | None, typer.Option("--scope", help="read, contribute or maintain (repeatable; "
+                                                    "default: those of your current token).")] = None,
+    days: Annotated[int, typer.Option(help="Days until it expires.")] = 365,
+    url: Url = None,
+):
+    """A new token with at most your current token's scopes; printed once.
+
+    EXAMPLES
+      elmforest token create ci-readonly --scope read --days 30
+    """
+    r = client(url).post("/tokens", {"name": name, "scopes": scope or None, "expires_days": days})
+    console.print(f"token {r['info']['id']} ({','.join(r['info']['scopes'])}), shown once:")
+    print(r["token"])
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[int, typer.Argument(help="The token's id (`elmforest token list`).")], url: Url = None):
+    """Revoke a token (yours; admins: anyone's)."""
+    x = client(url).request("DELETE", f"/tokens/{token_id}")
+    console.print(f"token {x['id']} ({x['name']}) revoked")
+
+
+def invite(
+    note: Annotated[str, typer.Option(help="Who it is for (kept with it).")] = "",
+    days: Annotated[int, typer.Option(help="Days until it expires.")] = 7,
+    url: Url = None,
+):
+    """An invitation to register, for coordinators whose registration is invite-only (maintainers).
+
+    EXAMPLES
+      elmforest invite --note "Dana, legal texts"
+      elmforest login --url URL --register --invite CODE        (what the new contributor runs)
+    """
+    r = client(url).post("/invites", {"note": note, "days": days})
+    console.print(f"one-use invitation, valid until {r['expires_at'][:16]} (shown once):")
+    print(r["code"])
+
+
 def _follow(c: Client, cid: int) -> dict:
     def show(x):
         last = x["history"][-1] if x.get("history") else {}
         console.print(f"  {x['state']:<11} {last.get('reason', '')}")
 
     x = commands.follow(c, cid, on_change=show)
+    job = x.get("job") or {}
+    if job.get("status") == "failed" and x["state"] not in commands.SETTLED:
+        raise ClientError(f"contribution {cid} is stuck at {x['state']}: its {job['kind']} job {job['id']} failed: "
+                          f"{job['error']}. A maintainer can retry it (`elmforest review retry {job['id']}`); "
+                          f"you can abandon it (`elmforest abandon {cid}`)")
     if x["state"] == "evaluated" and x.get("evaluation"):
         e = x["evaluation"]
         console.print(f"perplexity on {e['domain']}: {e['ppl']:.2f} (its init: {e['init_ppl']:.2f}); waiting for a maintainer")
@@ -255,11 +333,9 @@ def download_forest(
 def download_elm(cid: int, out_dir: Annotated[Path, typer.Option("--out")], url: Url = None):
     """One ELM (a contribution) as a Hugging Face model directory."""
     c = client(url, need_login=False)
-    urls = c.get(f"/contributions/{cid}/download")
+    d = c.get(f"/contributions/{cid}/download")
     x = c.get(f"/contributions/{cid}")
-    files = {name: None for name in urls}
-    for name, u in urls.items():
-        c.download(u, out_dir / name, files[name])
+    commands.download_files(c, d["files"], d["urls"], out_dir, log=_log)  # each file's sha256 checked
     console.print(f"ELM {x['name']} saved to {out_dir}")
 
 
@@ -297,9 +373,39 @@ def review_list(state: str = "evaluated", url: Url = None):
         t.add_column(col)
     for x in c.get("/contributions", state=state):
         e = x.get("evaluation") or {}
-        t.add_row(str(x["id"]), x["name"], x["owner"], x["domain"], f"{e.get('ppl', 0):.2f}", f"{e.get('init_ppl', 0):.2f}",
-                  f"{e['forest_ensemble_ppl']:.2f}" if e.get("forest_ensemble_ppl") else "-")
+
+        def num(k, e=e):
+            return f"{e[k]:.2f}" if isinstance(e.get(k), (int, float)) else "not evaluated"
+
+        t.add_row(str(x["id"]), x["name"], x["owner"], x["domain"], num("ppl"), num("init_ppl"),
+                  num("forest_ensemble_ppl") if e else "not evaluated")
     out.print(t)
+
+
+@review_app.command("jobs")
+def review_jobs(url: Url = None):
+    """Jobs that failed, with the reason (retry one with `elmforest review retry JOB`)."""
+    t = Table()
+    for col in ("job", "kind", "on", "why"):
+        t.add_column(col)
+    for j in client(url).get("/jobs", status="failed"):
+        t.add_row(str(j["id"]), j["kind"], j["key"], j["error"] or "")
+    out.print(t)
+
+
+@review_app.command("retry")
+def review_retry(job: Annotated[int, typer.Argument(help="A failed job's id.")], wait: bool = True, url: Url = None):
+    """Run a failed job again (maintainers).
+
+    EXAMPLES
+      elmforest review retry 17
+    """
+    c = client(url)
+    j = c.post(f"/jobs/{job}/retry")
+    console.print(f"job {j['id']} ({j['kind']}) queued again")
+    if wait:
+        j = c.finish(j, f"job {job}")
+        console.print(f"job {j['id']} {j['status']}")
 
 
 @review_app.command("approve")
@@ -407,6 +513,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(domain_app, name="domain")
     app.command("submit")(submit)
     app.command("status")(status)
+    app.command("abandon")(abandon)
+    app.add_typer(token_app, name="token")
+    app.command("invite")(invite)
     app.add_typer(download_app, name="download")
     app.add_typer(review_app, name="review")
     app.command("register-seed")(register_seed)

@@ -212,16 +212,20 @@ def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init
             return c
         up = client.get(f"/contributions/{state['contribution_id']}/upload")
         log(f"resuming the upload of contribution {state['contribution_id']} ({len(up['parts_done'])} parts already sent)")
-    if not up["exists"]:
-        client.put_parts(weights, up, progress)
+    client.put_parts(weights, up, progress)
     c = client.complete(f"/contributions/{state['contribution_id']}/complete")
     state_path.unlink(missing_ok=True)
     return c
 
 
+SETTLED = {"evaluated", "rejected", "approved", "declined", "merged", "removed", "abandoned"}
+
+
 def follow(client: Client, cid: int, until: set[str] | None = None, timeout: float = 3600,
            on_change: Callable[[dict], None] | None = None) -> dict:
-    until = until or {"evaluated", "rejected", "approved", "declined", "merged", "removed"}
+    """Poll a contribution until it reaches one of `until`, or until the job working on it
+    fails (then it waits for a maintainer's retry or its owner's decision, not for us)."""
+    until = until or SETTLED
     seen = {"state": None}
 
     def poll(x):
@@ -230,8 +234,10 @@ def follow(client: Client, cid: int, until: set[str] | None = None, timeout: flo
             if on_change:
                 on_change(x)
 
-    return client.wait(lambda: client.get(f"/contributions/{cid}"), lambda x: x["state"] in until, timeout=timeout,
-                       on_poll=poll)
+    def settled(x) -> bool:
+        return x["state"] in until or (x.get("job") or {}).get("status") == "failed"
+
+    return client.wait(lambda: client.get(f"/contributions/{cid}"), settled, timeout=timeout, on_poll=poll)
 
 
 def download_average(client: Client, forest: str, method: str, domain: str | None, dest: Path,

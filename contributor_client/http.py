@@ -6,6 +6,7 @@ was wrong and what to do; a coordinator that cannot be reached says so with its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,14 +44,29 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
+    # a busy coordinator answers 429/503 with Retry-After: wait as asked, this many times at most
+    BUSY_RETRIES = 6
+    BUSY_WAIT_CAP = 60.0
+
     def request(self, method: str, path: str, **kw) -> Any:
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.ConnectError:
-            raise ClientError(f"cannot reach the coordinator at {self.url}: is it running, and is the URL right? "
-                              "(set it with `elmforest login --url URL` or ELMFOREST_URL)") from None
-        except httpx.TimeoutException:
-            raise ClientError(f"the coordinator at {self.url} did not answer in time; try again") from None
+        for attempt in range(self.BUSY_RETRIES + 1):
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.ConnectError:
+                raise ClientError(f"cannot reach the coordinator at {self.url}: is it running, and is the URL right? "
+                                  "(set it with `elmforest login --url URL` or ELMFOREST_URL)") from None
+            except httpx.TimeoutException:
+                raise ClientError(f"the coordinator at {self.url} did not answer in time; try again") from None
+            except httpx.TransportError as e:
+                raise ClientError(f"the connection to the coordinator at {self.url} broke ({type(e).__name__}); "
+                                  "run the command again (uploads resume where they stopped)") from None
+            if r.status_code not in (429, 503) or attempt == self.BUSY_RETRIES:
+                break
+            time.sleep(self._retry_after(r, attempt))
+        if r.status_code in (429, 503):
+            raise ClientError(f"the coordinator is busy or limiting requests (HTTP {r.status_code}: "
+                              f"{self._message(r)}); gave up after {self.BUSY_RETRIES} retries: try again later",
+                              r.status_code)
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -64,10 +80,34 @@ class Client:
             return None
         return r.json()
 
-    def complete(self, path: str) -> Any:
+    def _retry_after(self, r: httpx.Response, attempt: int) -> float:
+        try:
+            wait = float(r.headers.get("retry-after", ""))
+        except ValueError:
+            wait = 2.0**attempt
+        return min(max(wait, 0.5) * (1 + 0.25 * attempt), self.BUSY_WAIT_CAP)
+
+    @staticmethod
+    def _message(r: httpx.Response) -> str:
+        try:
+            return r.json().get("error", {}).get("message") or r.text[:200]
+        except ValueError:
+            return r.text[:200]
+
+    def complete(self, path: str, attempts: int = 4) -> Any:
         """Finish an upload: the server assembles the parts and hashes the whole file, which
-        takes a while for large files, so this call waits longer than others."""
-        return self.request("POST", path, json={}, timeout=httpx.Timeout(60.0, read=3600.0))
+        takes a while for large files, so this call waits longer than others. Completing is
+        idempotent on the server, so a broken connection is retried before giving up."""
+        for attempt in range(attempts):
+            try:
+                return self.request("POST", path, json={}, timeout=httpx.Timeout(60.0, read=3600.0))
+            except ClientError as e:
+                if e.status is not None or attempt == attempts - 1:
+                    if e.status is None:
+                        raise ClientError("the coordinator stopped while finishing the upload; run the same command "
+                                          "again: it picks up where it stopped") from None
+                    raise
+                time.sleep(2.0 * (attempt + 1))
 
     def get(self, path: str, **params) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
@@ -77,8 +117,8 @@ class Client:
 
     # ------------------------------------------------------------------ accounts, domains, forests
 
-    def register(self, username: str, password: str) -> dict:
-        return self.post("/auth/register", {"username": username, "password": password})
+    def register(self, username: str, password: str, invite: str | None = None) -> dict:
+        return self.post("/auth/register", {"username": username, "password": password, "invite": invite})
 
     def login(self, username: str, password: str) -> dict:
         return self.post("/auth/login", {"username": username, "password": password, "token_name": "cli"})
@@ -148,8 +188,8 @@ class Client:
 
     def upload(self, path: Path, purpose: str, sha256: str | None = None, state_file: Path | None = None,
                progress: Callable[[int, int], None] | None = None) -> dict:
-        """Upload a file in parts; returns the artifact {sha256, size}. With a state file, an
-        interrupted upload resumes from the parts that already arrived."""
+        """Upload a file in parts; returns the finished upload {upload_id, sha256, size, ...}.
+        With a state file, an interrupted upload resumes from the parts that already arrived."""
         path = Path(path)
         size = path.stat().st_size
         sha256 = sha256 or sha256_file(path)
@@ -159,12 +199,16 @@ class Client:
             if saved.get("sha256") == sha256 and saved.get("upload_id"):
                 try:
                     info = self.get(f"/uploads/{saved['upload_id']}")
-                except ClientError:
+                except ClientError as e:
                     info = None
+                    if e.status == 409:  # finished already (the answer was lost)? then done
+                        with contextlib.suppress(ClientError):
+                            done = self.complete(f"/uploads/{saved['upload_id']}/complete")
+                            if done.get("status") == "complete":
+                                state_file.unlink(missing_ok=True)
+                                return done
         if info is None:
             info = self.post("/uploads", {"purpose": purpose, "filename": path.name, "sha256": sha256, "size": size})
-            if info["exists"]:
-                return {"sha256": sha256, "size": size}
             if state_file:
                 state_file.write_text(json.dumps({"sha256": sha256, "upload_id": info["upload_id"]}))
         self.put_parts(path, info, progress)
@@ -178,14 +222,16 @@ class Client:
         part_size = info["part_size"]
         done = set(info.get("parts_done", []))
         total = info["size"]
-        sent = sum(min(part_size, total - (n - 1) * part_size) for n in done)
+        if Path(path).stat().st_size != total:
+            raise ClientError(f"{path} has changed since the upload began ({Path(path).stat().st_size} bytes, not "
+                              f"{total}); start it again")
+        sent = sum(p["length"] for p in info["parts"] if p["part_number"] in done)
         if progress:
             progress(sent, total)
         out = []
         with open(path, "rb") as f:
             for p in info["parts"]:
-                n = p["part_number"]
-                length = min(part_size, total - (n - 1) * part_size)
+                n, length = p["part_number"], p["length"]
                 if n in done:
                     continue
 

@@ -2,41 +2,56 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from btm.errors import BTMError
-from coordinator.errors import ServiceError
+from coordinator.errors import ServiceError, public
+from coordinator.middleware import BodyLimit, Overload
 from coordinator.settings import Settings, get_settings
 from coordinator.storage import make_storage
 
 log = logging.getLogger("elmforest")
 
 
+def secure_data_dir(settings: Settings) -> None:
+    """The embedded default keeps everything under data_dir: only its owner may read it."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(settings.data_dir, 0o700)
+
+
 def create_app(settings: Settings | None = None, worker: bool | None = None) -> FastAPI:
     settings = settings or get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(settings)
     run_worker = settings.embedded_broker and settings.embedded_worker if worker is None else worker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from coordinator.jobs import celery_app
         from coordinator.migrate import check_at_head
+        from coordinator.services import jobs
 
         check_at_head(settings.db_url)
         if hasattr(app.state.storage, "ensure_bucket"):
             app.state.storage.ensure_bucket()
         if run_worker:
-            from coordinator.jobs.celery_app import start_embedded_worker
-
-            start_embedded_worker()
+            celery_app.start_embedded_worker()
+        celery_app.start_sweeper()  # dead jobs run again, expired uploads go: on every backend
         yield
+        ids = jobs.release_running(settings)  # a stop hands back the job in flight
+        if ids:
+            log.warning("stopping: handed back jobs %s", ids)
 
     app = FastAPI(
         title="elmforest coordinator",
@@ -48,46 +63,31 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
     )
     app.state.settings = settings
     app.state.storage = make_storage(settings)
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
-        body = {"error": {"code": exc.code, "message": exc.message, **exc.details}}
-        return JSONResponse(body, status_code=exc.status)
-
-    @app.exception_handler(BTMError)
-    async def btm_error(request: Request, exc: BTMError):
-        return JSONResponse({"error": {"code": "unprocessable", "message": str(exc)}}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        # e.g. a body that is not JSON at all: the same error shape as everything else
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(IntegrityError)
-    async def integrity_error(request: Request, exc: IntegrityError):
-        # two requests raced to create the same thing; the loser gets what a check would have said
-        return JSONResponse({"error": {"code": "conflict", "message": "that already exists (a concurrent request "
-                                       "created it); fetch it or choose another name"}}, status_code=409)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"error": {"code": "validation_error", "message": "; ".join(problems)[:2000]}},
-                            status_code=422)
+    add_error_handlers(app)
 
     from coordinator.api import accounts, contributions, domains, forests, rounds, storage, uploads
 
     for r in (accounts, domains, uploads, storage, forests, contributions, rounds):
         app.include_router(r.router, prefix="/api/v1")
 
-    @app.get("/healthz", tags=["health"])
-    def healthz():
-        from coordinator.db import get_engine
+    health_lock = threading.Lock()
 
-        with get_engine(settings.db_url).connect() as c:
-            c.execute(text("select 1"))
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        """Liveness and the database: answered outside the request thread pool, so it stays
+        responsive while the pool is busy."""
+
+        def check():
+            from coordinator.db import get_engine
+
+            with health_lock, get_engine(settings.db_url).connect() as c:
+                c.execute(text("select 1"))
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(check), 5)
+        except Exception as e:  # noqa: BLE001 - any failure is "not healthy"
+            return JSONResponse({"status": "unhealthy", "database": type(e).__name__}, status_code=503,
+                                headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     try:
@@ -97,4 +97,76 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
             raise
     else:
         mount(app)
+    # outermost last: the overload gate sees every request first, then the body limit
+    app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes, exempt=("/api/v1/storage/parts/",))
+    app.add_middleware(Overload, limit=settings.max_concurrent_requests, wait=settings.overload_wait_seconds,
+                       exempt=("/healthz",))
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON {"error": {"code", "message"}} with a message that says what to do
+    and never a server path."""
+
+    def err(status: int, code: str, message: str, headers: dict | None = None, **details) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": public(message), **details}}, status_code=status,
+                            headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return err(exc.status, exc.code, exc.message, getattr(exc, "headers", None), **exc.details)
+
+    @app.exception_handler(BTMError)
+    async def btm_error(request: Request, exc: BTMError):
+        return err(422, "unprocessable", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # e.g. a body that is not JSON at all: the same error shape as everything else
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "error")
+        return err(exc.status_code, code, str(exc.detail), headers or None)
+
+    @app.exception_handler(IntegrityError)
+    async def integrity_error(request: Request, exc: IntegrityError):
+        # two requests raced to create the same thing; the loser gets what a check would have said
+        return err(409, "conflict", "that already exists (a concurrent request created it); fetch it or choose "
+                   "another name")
+
+    @app.exception_handler(PoolTimeout)
+    async def pool_timeout(request: Request, exc: PoolTimeout):
+        return err(503, "unavailable", "the coordinator is busy; try again shortly", {"Retry-After": "2"})
+
+    @app.exception_handler(OperationalError)
+    async def operational_error(request: Request, exc: OperationalError):
+        if "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower():
+            return err(503, "unavailable", "the database is busy; try again shortly", {"Retry-After": "1"})
+        log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+        return err(503, "unavailable", "the database cannot be reached; try again shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return err(422, "validation_error", "; ".join(problems)[:2000])
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts at this path (Starlette's own 405 names only the first
+    matching route's)."""
+    path = request.url.path
+    methods: set[str] = set()
+    for route in api_routes(request.app):
+        regex = getattr(route, "path_regex", None)
+        if route.methods and regex is not None and regex.match(path):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
+def api_routes(app: FastAPI) -> list:
+    """Every route of the app, included routers flattened (their paths with prefixes)."""
+    from fastapi.routing import iter_route_contexts
+
+    return [r for r in iter_route_contexts(app.routes) if getattr(r, "methods", None)]

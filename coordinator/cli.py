@@ -32,27 +32,32 @@ def serve(
       ELMFOREST_DATABASE_URL=postgresql+psycopg://u@db/elmforest ELMFOREST_BROKER_URL=redis://redis:6379/0 \\
         ELMFOREST_STORAGE_URL=s3://elmforest elmforest serve --host 0.0.0.0 --no-worker
     """
+    import os
+
     import uvicorn
 
     from coordinator import migrate as mig
     from coordinator.settings import get_settings
 
+    os.umask(0o077)  # everything this process writes (database, artifacts) is its owner's only
     s = get_settings()
     if migrate:
         mig.upgrade(s.db_url)
     if s.public_url == "http://127.0.0.1:8000" and (host, port) != ("127.0.0.1", 8000):
-        import os
-
         os.environ["ELMFOREST_PUBLIC_URL"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         get_settings.cache_clear()
     if no_worker:
-        import os
-
         os.environ["ELMFOREST_EMBEDDED_WORKER"] = "false"
         get_settings.cache_clear()
     console.print(f"coordinator on http://{host}:{port}  (data: {s.data_dir}, database: {s.db_url.split('@')[-1]})")
     uvicorn.run("coordinator.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+                log_level="warning", timeout_graceful_shutdown=5)
+    # SIGTERM/Ctrl-C: uvicorn has stopped and the app has handed back its job in flight; end the
+    # process now rather than wait on a job worker thread still busy with it
+    import logging
+
+    logging.shutdown()
+    os._exit(0)
 
 
 def worker(
@@ -64,10 +69,14 @@ def worker(
     EXAMPLES
       ELMFOREST_BROKER_URL=redis://127.0.0.1:6379/0 elmforest worker --concurrency 2
     """
+    import os
+
     from coordinator.jobs.celery_app import app
 
-    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--pool=prefork"
-                     if concurrency > 1 else "--pool=solo", "--without-gossip", "--without-mingle"])
+    os.umask(0o077)
+    # threads, not prefork: the jobs in flight live in this process, so a stop can hand them back
+    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
+                     "--pool=threads" if concurrency > 1 else "--pool=solo", "--without-gossip", "--without-mingle"])
 
 
 @db_app.command("upgrade")

@@ -28,9 +28,19 @@ def get_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            _private(path)
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _private(path: str) -> None:
+    """The database file and its journal: readable by their owner only."""
+    import os
+
+    for suffix in ("", "-wal", "-shm"):
+        if path and path != ":memory:" and os.path.exists(path + suffix):
+            os.chmod(path + suffix, 0o600)
 
 
 @lru_cache

@@ -68,3 +68,16 @@ def forest_dir(storage: Storage, cache: Path, manifest: dict) -> Path:
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def forget(cache: Path, sha256: str) -> None:
+    """Drop a blob from this machine's cache, and every model directory that links it (its
+    bytes were rejected: nothing may read them again)."""
+    p = cache / "blobs" / sha256[:2] / sha256
+    if not p.exists():
+        return
+    ino = p.stat().st_ino
+    for d in (cache / "models").glob("*") if (cache / "models").is_dir() else []:
+        if any(f.is_file() and f.stat().st_ino == ino for f in d.iterdir()):
+            shutil.rmtree(d, ignore_errors=True)
+    p.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -27,8 +28,30 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator):
+    """A timestamp that always comes back with its offset: SQLite keeps no time zone, so
+    values read from it are naive; they were written in UTC, and say so again here."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+# Python None is stored as SQL NULL (not JSON null), so "IS NULL" finds what the code set to None
+JSON_ = JSON(none_as_null=True)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON_, list[Any]: JSON_}
 
 
 def _enum(e: type[enum.Enum], name: str) -> Enum:
@@ -71,6 +94,7 @@ class State(enum.StrEnum):
     declined = "declined"  # by a maintainer; final
     merged = "merged"  # in a published forest version
     removed = "removed"  # forgotten by a later version
+    abandoned = "abandoned"  # withdrawn by its owner, or its upload was never finished; final
 
 
 class JobStatus(enum.StrEnum):
@@ -88,7 +112,7 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     role: Mapped[Role] = mapped_column(_enum(Role, "role"), default=Role.contributor)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class ApiToken(Base):
@@ -98,12 +122,16 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(100))
     prefix: Mapped[str] = mapped_column(String(16))  # shown to the user to tell tokens apart
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the secret
-    scopes: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    scopes: Mapped[list[Any]] = mapped_column(JSON_, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     user: Mapped[User] = relationship()
+
+    @property
+    def owner(self) -> str:
+        return self.user.username
 
 
 class Artifact(Base):
@@ -113,11 +141,14 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(32))  # weights, config, tokenizer, sample, eval-data, manifest, ...
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    origin: Mapped[str | None] = mapped_column(String(200))  # what it is, e.g. "branch init 4 of demo v2"
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Upload(Base):
-    """A (multipart) upload in progress; completed uploads become Artifacts."""
+    """One user's (multipart) upload. Open while its parts arrive; once complete, its bytes are
+    what that user (and nobody else) may refer to by sha256. Contribution weights stay under the
+    upload's own key until validation accepts them; other files become content-addressed blobs."""
 
     __tablename__ = "uploads"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -129,8 +160,12 @@ class Upload(Base):
     part_size: Mapped[int] = mapped_column(BigInteger)
     backend_upload_id: Mapped[str] = mapped_column(String(1024))
     key: Mapped[str] = mapped_column(String(512))
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open, complete, aborted
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # open (parts arriving) -> stored (contribution weights awaiting validation) -> complete (kept);
+    # an upload refused, expired or aborted is deleted, row and bytes
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Domain(Base):
@@ -144,7 +179,7 @@ class Domain(Base):
     role: Mapped[DomainRole] = mapped_column(_enum(DomainRole, "domain_role"), default=DomainRole.train)
     status: Mapped[DomainStatus] = mapped_column(_enum(DomainStatus, "domain_status"), default=DomainStatus.active)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     eval_data_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
     eval_data_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_by: Mapped[User | None] = relationship()
@@ -156,11 +191,11 @@ class Forest(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     family: Mapped[str] = mapped_column(String(32))  # btm family id of the seed
-    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # the seed's config.json
+    config: Mapped[dict[str, Any]] = mapped_column(JSON_)  # the seed's config.json
     tokenizer_sha256: Mapped[str] = mapped_column(String(64))
-    seed_files: Mapped[dict[str, Any]] = mapped_column(JSON)  # {filename: sha256}
+    seed_files: Mapped[dict[str, Any]] = mapped_column(JSON_)  # {filename: sha256}
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     current_version: Mapped[int] = mapped_column(Integer, default=1)
 
 
@@ -173,8 +208,8 @@ class Baseline(Base):
     forest_id: Mapped[int] = mapped_column(ForeignKey("forests.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
     description: Mapped[str] = mapped_column(Text, default="")
-    files: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    files: Mapped[dict[str, Any]] = mapped_column(JSON_)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class ForestVersion(Base):
@@ -186,12 +221,12 @@ class ForestVersion(Base):
     forest_id: Mapped[int] = mapped_column(ForeignKey("forests.id", ondelete="CASCADE"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     # loaded when used: a manifest of a thousand ELMs is large and most queries only need the number
-    manifest: Mapped[dict[str, Any]] = mapped_column(JSON, deferred=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON_, deferred=True)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     note: Mapped[str] = mapped_column(Text, default="")
     publish_key: Mapped[str | None] = mapped_column(String(128), unique=True)  # makes a retried publish a no-op
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     forest: Mapped[Forest] = relationship()
 
 
@@ -214,12 +249,12 @@ class BranchInit(Base):
     method: Mapped[str] = mapped_column(String(16))  # posterior, argmax, uniform, seed
     sample_sha256: Mapped[str | None] = mapped_column(String(64))
     weights_key: Mapped[str | None] = mapped_column(String(64))  # hash of a privately computed posterior
-    posterior: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {elm name: weight}
-    parents: Mapped[list[Any] | None] = mapped_column(JSON)  # [{"name", "contribution_id", "weight"}]
-    files: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {filename: sha256}
+    posterior: Mapped[dict[str, Any] | None] = mapped_column(JSON_)  # {elm name: weight}
+    parents: Mapped[list[Any] | None] = mapped_column(JSON_)  # [{"name", "contribution_id", "weight"}]
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSON_)  # {filename: sha256}
     status: Mapped[BranchStatus] = mapped_column(_enum(BranchStatus, "branch_status"), default=BranchStatus.requested)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     forest: Mapped[Forest] = relationship()
     version: Mapped[ForestVersion] = relationship()
     domain: Mapped[Domain] = relationship()
@@ -237,15 +272,15 @@ class Contribution(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     weights_size: Mapped[int] = mapped_column(BigInteger)
     upload_id: Mapped[str | None] = mapped_column(ForeignKey("uploads.id", ondelete="SET NULL"))
-    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON_)
     tokenizer_sha256: Mapped[str] = mapped_column(String(64))
-    training: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    files: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the assembled ELM directory {filename: sha256}
-    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    training: Mapped[dict[str, Any]] = mapped_column(JSON_, default=dict)
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSON_)  # the assembled ELM directory {filename: sha256}
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
     round_id: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     owner: Mapped[User] = relationship()
     forest: Mapped[Forest] = relationship()
     domain: Mapped[Domain] = relationship()
@@ -263,8 +298,8 @@ class ContributionEvent(Base):
     to_state: Mapped[str] = mapped_column(String(32))
     actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     reason: Mapped[str] = mapped_column(Text, default="")
-    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     contribution: Mapped[Contribution] = relationship(back_populates="events")
     actor: Mapped[User | None] = relationship()
 
@@ -287,7 +322,7 @@ class Evaluation(Base):
     method: Mapped[str] = mapped_column(String(32))
     perplexity: Mapped[float] = mapped_column(Float)
     tokens: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     domain: Mapped[Domain] = relationship()
 
 
@@ -319,7 +354,7 @@ class Posterior(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("forest_versions.id", ondelete="CASCADE"))
     domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
-    weights: Mapped[dict[str, Any]] = mapped_column(JSON)  # {elm name: weight}
+    weights: Mapped[dict[str, Any]] = mapped_column(JSON_)  # {elm name: weight}
     domain: Mapped[Domain] = relationship()
 
 
@@ -330,11 +365,11 @@ class AveragedModel(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("forest_versions.id", ondelete="CASCADE"))
     method: Mapped[str] = mapped_column(String(16))
     target: Mapped[str] = mapped_column(String(64), default="")  # domain name ("" for uniform)
-    weights: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    files: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    weights: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
     status: Mapped[BranchStatus] = mapped_column(_enum(BranchStatus, "average_status"), default=BranchStatus.requested)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     version: Mapped[ForestVersion] = relationship()
 
 
@@ -347,14 +382,44 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(32))
     key: Mapped[str] = mapped_column(String(128))  # what it works on, e.g. "contribution:12"
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), default=JobStatus.queued)
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON_, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # who asked for it (its owner may read it; maintainers read every job)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # the process running it (host:boot:pid:start), so a dead runner is recognised at once on its host
+    runner: Mapped[str | None] = mapped_column(String(128))
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # last handed to the broker
+
+
+class RateEvent(Base):
+    """One counted action (a registration, a failed login) for per-address limits that hold
+    across API processes."""
+
+    __tablename__ = "rate_events"
+    __table_args__ = (Index("ix_rate_bucket_at", "bucket", "at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bucket: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Invite(Base):
+    """A one-use invitation to register, for coordinators whose registration is invite-only."""
+
+    __tablename__ = "invites"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the code
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class RoundStatus(enum.StrEnum):
@@ -379,14 +444,14 @@ class Round(Base):
     forest_id: Mapped[int] = mapped_column(ForeignKey("forests.id", ondelete="CASCADE"), index=True)
     version: Mapped[int | None] = mapped_column(Integer)  # the forest version the inits branch from
     status: Mapped[RoundStatus] = mapped_column(_enum(RoundStatus, "round_status"), default=RoundStatus.pending, index=True)
-    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # timeouts, training settings
+    config: Mapped[dict[str, Any]] = mapped_column(JSON_, default=dict)  # timeouts, training settings
     note: Mapped[str] = mapped_column(Text, default="")
     flower_run_id: Mapped[str | None] = mapped_column(String(32))  # Flower run ids are uint64
     error: Mapped[str | None] = mapped_column(Text)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     forest: Mapped[Forest] = relationship()
     created_by: Mapped[User | None] = relationship()
     nodes: Mapped[list[RoundNode]] = relationship(order_by="RoundNode.id", back_populates="round",
@@ -411,8 +476,8 @@ class RoundNode(Base):
     data_bytes: Mapped[int | None] = mapped_column(BigInteger)
     branch_init_id: Mapped[int | None] = mapped_column(ForeignKey("branch_inits.id", ondelete="SET NULL"))
     contribution_id: Mapped[int | None] = mapped_column(ForeignKey("contributions.id", ondelete="SET NULL"))
-    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     round: Mapped[Round] = relationship(back_populates="nodes")
     owner: Mapped[User | None] = relationship()
     contribution: Mapped[Contribution | None] = relationship()

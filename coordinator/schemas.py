@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
@@ -26,9 +26,20 @@ class Error(BaseModel):
 # ---- accounts
 
 class RegisterIn(BaseModel):
-    username: str = Field(min_length=2, max_length=64)
+    username: str = Field(min_length=2, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,63}$")
     password: str = Field(min_length=8, max_length=256)
-    email: str | None = Field(default=None, max_length=254)
+    email: str | None = Field(default=None, max_length=254, pattern=r"^[^@\s]{1,64}@[^@\s]{1,189}$")
+    invite: str | None = Field(default=None, max_length=100, description="An invitation code (invite-only registration).")
+
+
+class InviteIn(BaseModel):
+    note: str = Field(default="", max_length=200, description="Who it is for (kept with it).")
+    days: int = Field(default=7, ge=1, le=90, description="Days until it expires.")
+
+
+class InviteOut(BaseModel):
+    code: str = Field(description="The code; shown once. The new user passes it to `elmforest login --register`.")
+    expires_at: datetime
 
 
 class LoginIn(BaseModel):
@@ -52,6 +63,7 @@ class TokenIn(BaseModel):
 
 class TokenOut(Orm):
     id: int
+    owner: str
     name: str
     prefix: str
     scopes: list[str]
@@ -112,18 +124,19 @@ class UploadIn(BaseModel):
 
 class PartOut(BaseModel):
     part_number: int
+    length: int
     url: str
     done: bool = False
 
 
 class UploadOut(BaseModel):
-    exists: bool
-    upload_id: str | None
+    upload_id: str
     sha256: str
     size: int
-    part_size: int | None = None
-    status: str | None = None
-    parts: list[PartOut] = []
+    part_size: int
+    status: str = Field(description="open, stored (weights awaiting validation), complete, rejected, expired or aborted")
+    expires_at: datetime | None = None
+    parts: list[PartOut] = Field(default=[], description="Each part's URL takes exactly `length` bytes.")
     parts_done: list[int] = []
 
 
@@ -133,13 +146,24 @@ class PartDone(BaseModel):
 
 
 class CompleteIn(BaseModel):
-    parts: list[PartDone] | None = None
+    parts: list[PartDone] | None = Field(default=None, max_length=10_000, description="Optional: the server assembles "
+                                         "parts 1..n itself and checks each one's length.")
+
+    @field_validator("parts")
+    @classmethod
+    def _each_once(cls, v):
+        if v is not None and len({p.part_number for p in v}) != len(v):
+            raise ValueError("each part may be named once")
+        return v
 
 
-class ArtifactOut(Orm):
+class UploadDone(Orm):
+    upload_id: str = Field(validation_alias="id")
+    purpose: str
+    filename: str
     sha256: str
     size: int
-    kind: str
+    status: str
 
 
 # ---- forests
@@ -294,13 +318,20 @@ class EventOut(Orm):
     details: dict[str, Any] | None = None
 
 
+class JobBrief(BaseModel):
+    id: int
+    kind: str
+    status: str
+    error: str | None
+
+
 class ContributionOut(Orm):
     id: int
     name: str
     owner: str
     forest: str
     domain: str
-    branch_init_id: DbId
+    branch_init_id: DbId | None
     state: str
     weights_sha256: str
     weights_size: int
@@ -309,7 +340,15 @@ class ContributionOut(Orm):
     evaluation: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
+    files: dict[str, str] | None = Field(default=None, description="The ELM's files (name -> sha256), once "
+                                         "validated and while kept.")
+    job: JobBrief | None = Field(default=None, description="The latest job working on it (validation, evaluation).")
     history: list[EventOut] = []
+
+
+class FilesOut(BaseModel):
+    files: dict[str, str] = Field(description="file name -> sha256 (check what you download)")
+    urls: dict[str, str] = Field(description="file name -> download URL")
 
 
 class ContributionCreated(BaseModel):
@@ -318,6 +357,10 @@ class ContributionCreated(BaseModel):
 
 
 class DecisionIn(BaseModel):
+    reason: str = Field(default="", max_length=10_000)
+
+
+class AbandonIn(BaseModel):
     reason: str = Field(default="", max_length=10_000)
 
 

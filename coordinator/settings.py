@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,13 +28,28 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker (redis://...); default: a broker-less local queue.")
     public_url: str = Field(default="http://127.0.0.1:8000", description="Where clients reach this API (for signed local URLs).")
     secret_key: str | None = Field(default=None, description="Signs session cookies and local URLs; default: generated into data_dir.")
-    registration_open: bool = True
 
-    # limits
-    max_upload_bytes: int = 50 * 1024**3
+    # who may create an account: anyone, holders of an invitation (`elmforest user invite`), nobody
+    registration: Literal["open", "invite", "closed"] = "open"
+    registrations_per_hour: int = Field(default=10, description="Accounts one address may create per hour.")
+    failed_logins_per_hour: int = Field(default=30, description="Wrong passwords one address may send per hour.")
+
+    # limits: every byte a user can make the coordinator store is bounded
+    max_upload_bytes: int = Field(default=4 * 1024**3, description="Largest weights file (contributions, seeds).")
     max_sample_bytes: int = 16 * 1024**2
     max_eval_data_bytes: int = 256 * 1024**2
+    max_model_file_bytes: int = Field(default=64 * 1024**2, description="Largest config, tokenizer or README file.")
+    upload_quota_bytes: int = Field(default=4 * 1024**3, description="Bytes one user may have in flight: unfinished "
+                                    "uploads plus weights awaiting validation (maintainers are exempt).")
+    uploads_per_hour: int = Field(default=200, description="Uploads one user may start per hour.")
+    upload_ttl_hours: float = Field(default=24, description="An upload not completed in this time expires; a sweeper "
+                                    "deletes its parts.")
+    max_json_bytes: int = Field(default=1024**2, description="Largest request body of an API call (files go through "
+                                "uploads, not JSON).")
     part_size: int = 64 * 1024**2
+    max_concurrent_requests: int = Field(default=64, description="Requests one API process works on at once; more "
+                                         "wait up to overload_wait_seconds, then get 503 with Retry-After.")
+    overload_wait_seconds: float = 5.0
     url_ttl_seconds: int = 3600
     token_ttl_days: int = 365
 
@@ -49,6 +65,7 @@ class Settings(BaseSettings):
     queue: str = Field(default="elmforest", description="The Celery queue name (one per deployment on a shared broker).")
     visibility_timeout: int = 3600
     embedded_worker: bool = Field(default=True, description="Run a job worker inside `elmforest serve` when no broker is set.")
+    sweep_seconds: float = Field(default=15, description="How often dead jobs are run again and expired uploads deleted.")
 
     @property
     def db_url(self) -> str:

@@ -16,6 +16,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlencode, urlparse
 
@@ -28,6 +29,12 @@ def blob_key(sha256: str) -> str:
 
 class StorageError(Exception):
     pass
+
+
+class PartsMissing(StorageError):
+    def __init__(self, numbers: list[int]):
+        super().__init__(f"parts {numbers[:10]} have not arrived")
+        self.numbers = numbers
 
 
 class Storage(ABC):
@@ -64,6 +71,16 @@ class Storage(ABC):
         finally:
             tmp.unlink(missing_ok=True)
 
+    @contextmanager
+    def local_copy(self, key: str, scratch: Path) -> Iterator[Path]:
+        """The object as a local file for as long as the block runs (a download, removed after)."""
+        tmp = Path(scratch) / f"copy-{uuid.uuid4().hex}"
+        self.get_file(key, tmp)
+        try:
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.iter_chunks(key))
 
@@ -90,19 +107,44 @@ class Storage(ABC):
     def create_multipart(self, key: str) -> str: ...
 
     @abstractmethod
-    def part_url(self, key: str, upload_id: str, part_number: int) -> str: ...
+    def part_url(self, key: str, upload_id: str, part_number: int, length: int) -> str:
+        """A URL that accepts exactly `length` bytes as part `part_number`."""
 
     @abstractmethod
     def list_parts(self, key: str, upload_id: str) -> list[dict]: ...
 
     @abstractmethod
-    def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None: ...
+    def complete_multipart(self, key: str, upload_id: str, lengths: list[int]) -> None:
+        """Assemble parts 1..n (part i of lengths[i-1] bytes) into `key`. Idempotent: once the
+        object is assembled, calling it again checks the object and returns."""
+
+    def check_parts(self, key: str, upload_id: str, lengths: list[int]) -> dict[int, dict]:
+        """The uploaded parts, once each has arrived with exactly its length."""
+        have = {p["part_number"]: p for p in self.list_parts(key, upload_id)}
+        missing = [i for i in range(1, len(lengths) + 1) if i not in have]
+        if missing:
+            raise PartsMissing(missing)
+        for i, n in enumerate(lengths, 1):
+            if have[i]["size"] != n:
+                raise StorageError(f"part {i} has {have[i]['size']} bytes; it must have exactly {n}")
+        extra = sorted(set(have) - set(range(1, len(lengths) + 1)))
+        if extra:
+            raise StorageError(f"parts {extra[:5]} are not parts of this upload")
+        return have
 
     @abstractmethod
     def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
     @abstractmethod
     def list_keys(self, prefix: str = "") -> Iterator[str]: ...
+
+    @abstractmethod
+    def multipart_ids(self) -> list[tuple[str, str, float]]:
+        """(key, upload id, started at as a Unix time) of every unfinished multipart upload."""
+
+    @abstractmethod
+    def stale_temporaries(self, older_than: float) -> list[Path]:
+        """Temporary files a crash left behind, older than `older_than` seconds."""
 
 
 # ----------------------------------------------------------------------------- local
@@ -126,6 +168,10 @@ class LocalStorage(Storage):
 
     def exists(self, key):
         return self.path(key).is_file()
+
+    @contextmanager
+    def local_copy(self, key, scratch):
+        yield self.path(key)
 
     def size(self, key):
         p = self.path(key)
@@ -188,14 +234,16 @@ class LocalStorage(Storage):
         (d / "key").write_text(key)
         return uid
 
-    def part_url(self, key, upload_id, part_number):
-        return self._signed(f"parts/{upload_id}/{part_number}", f"put:{upload_id}:{part_number}")
+    def part_url(self, key, upload_id, part_number, length):
+        return self._signed(f"parts/{upload_id}/{part_number}", f"put:{upload_id}:{part_number}:{length}",
+                            {"length": length})
 
-    async def write_part(self, upload_id: str, part_number: int, body: AsyncIterator[bytes], max_bytes: int) -> dict:
-        """Stream a PUT body to the part file; returns its ETag (md5, as S3 does)."""
+    async def write_part(self, upload_id: str, part_number: int, body: AsyncIterator[bytes], length: int) -> dict:
+        """Stream a PUT body to the part file, refusing a byte more or less than `length` (what
+        the signed URL allows); returns its ETag (md5, as S3 does)."""
         d = self._mp_dir(upload_id)
         if not d.is_dir():
-            raise StorageError("no such upload (completed or aborted)")
+            raise StorageError("no such upload (completed, expired or aborted); ask the coordinator for a new one")
         tmp = d / f"part-{part_number:05d}.{uuid.uuid4().hex[:8]}.tmp"
         md5 = hashlib.md5()
         n = 0
@@ -203,10 +251,12 @@ class LocalStorage(Storage):
             with open(tmp, "wb") as f:
                 async for chunk in body:
                     n += len(chunk)
-                    if n > max_bytes:
-                        raise StorageError(f"part is larger than the {max_bytes} bytes allowed")
+                    if n > length:
+                        raise StorageError(f"part {part_number} is larger than its {length} bytes")
                     md5.update(chunk)
                     f.write(chunk)
+            if n != length:
+                raise StorageError(f"part {part_number} has {n} bytes; it must have exactly {length}")
             os.replace(tmp, d / f"part-{part_number:05d}")
         finally:
             tmp.unlink(missing_ok=True)
@@ -219,24 +269,37 @@ class LocalStorage(Storage):
             out.append({"part_number": int(p.name[5:]), "size": p.stat().st_size, "etag": None})
         return out
 
-    def complete_multipart(self, key, upload_id, parts):
+    def complete_multipart(self, key, upload_id, lengths):
         d = self._mp_dir(upload_id)
         dst = self.path(key)
+        if not d.is_dir():  # assembled before (a retried complete): the parts are gone, the object is there
+            if self.size(key) == sum(lengths):
+                return
+            raise StorageError("the upload's parts are gone and nothing was assembled; start the upload again")
+        self.check_parts(key, upload_id, lengths)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        numbers = sorted(p["part_number"] for p in parts) if parts else [x["part_number"] for x in self.list_parts(key, upload_id)]
-        try:
-            with open(tmp, "wb") as out:
-                for n in numbers:
-                    pf = d / f"part-{n:05d}"
-                    if not pf.exists():
-                        raise StorageError(f"part {n} was never uploaded")
-                    with open(pf, "rb") as f:
-                        shutil.copyfileobj(f, out, CHUNK)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+        tmp = dst.with_name(dst.name + ".assembling")  # one name: a retry after a crash overwrites it
+        with open(tmp, "wb") as out:
+            for n in range(1, len(lengths) + 1):
+                with open(d / f"part-{n:05d}", "rb") as f:
+                    shutil.copyfileobj(f, out, CHUNK)
+        os.replace(tmp, dst)
         shutil.rmtree(d, ignore_errors=True)
+
+    def multipart_ids(self) -> list[tuple[str, str, float]]:
+        root = self.root / ".multipart"
+        out = []
+        for d in root.iterdir() if root.is_dir() else []:
+            if d.is_dir():
+                key = d / "key"
+                out.append((key.read_text() if key.exists() else "", d.name, d.stat().st_mtime))
+        return out
+
+    def stale_temporaries(self, older_than: float) -> list[Path]:
+        """Temporary files a crash left behind (assembling, copying), older than `older_than` s."""
+        cutoff = time.time() - older_than
+        return [p for p in self.root.rglob("*") if p.is_file() and p.name.endswith((".tmp", ".assembling"))
+                and p.stat().st_mtime < cutoff]
 
     def abort_multipart(self, key, upload_id):
         shutil.rmtree(self._mp_dir(upload_id), ignore_errors=True)
@@ -244,7 +307,8 @@ class LocalStorage(Storage):
     def list_keys(self, prefix=""):
         for p in sorted(self.root.rglob("*")):
             rel = p.relative_to(self.root).as_posix()
-            if p.is_file() and not rel.startswith(".multipart/") and rel.startswith(prefix) and not rel.endswith(".tmp"):
+            if (p.is_file() and not rel.startswith(".multipart/") and rel.startswith(prefix)
+                    and not rel.endswith((".tmp", ".assembling"))):
                 yield rel
 
 
@@ -322,10 +386,12 @@ class S3Storage(Storage):
     def create_multipart(self, key):
         return self.client.create_multipart_upload(Bucket=self.bucket, Key=self.k(key))["UploadId"]
 
-    def part_url(self, key, upload_id, part_number):
+    def part_url(self, key, upload_id, part_number, length):
+        # ContentLength is signed: the store refuses a body of any other size
         return self.signer.generate_presigned_url(
             "upload_part",
-            Params={"Bucket": self.bucket, "Key": self.k(key), "UploadId": upload_id, "PartNumber": part_number},
+            Params={"Bucket": self.bucket, "Key": self.k(key), "UploadId": upload_id, "PartNumber": part_number,
+                    "ContentLength": length},
             ExpiresIn=self.ttl,
         )
 
@@ -339,17 +405,43 @@ class S3Storage(Storage):
                 return out
             kw["PartNumberMarker"] = r["NextPartNumberMarker"]
 
-    def complete_multipart(self, key, upload_id, parts):
-        if not parts or any(not p.get("etag") for p in parts):
-            parts = self.list_parts(key, upload_id)
+    def complete_multipart(self, key, upload_id, lengths):
+        from botocore.exceptions import ClientError
+
+        try:
+            have = self.check_parts(key, upload_id, lengths)
+        except ClientError as e:
+            if e.response["Error"]["Code"] != "NoSuchUpload":
+                raise
+            if self.size(key) == sum(lengths):  # completed before (a retried complete)
+                return
+            raise StorageError("the upload's parts are gone and nothing was assembled; start the upload again") from None
         self.client.complete_multipart_upload(
             Bucket=self.bucket, Key=self.k(key), UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": p["part_number"], "ETag": p["etag"]}
-                                       for p in sorted(parts, key=lambda p: p["part_number"])]},
+            MultipartUpload={"Parts": [{"PartNumber": i, "ETag": have[i]["etag"]} for i in range(1, len(lengths) + 1)]},
         )
 
     def abort_multipart(self, key, upload_id):
-        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.k(key), UploadId=upload_id)
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.k(key), UploadId=upload_id)
+        except ClientError as e:
+            if e.response["Error"]["Code"] != "NoSuchUpload":
+                raise
+
+    def multipart_ids(self) -> list[tuple[str, str, float]]:
+        out, kw = [], {"Bucket": self.bucket, "Prefix": self.k("uploads/")}
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        while True:
+            r = self.client.list_multipart_uploads(**kw)
+            out += [(u["Key"][strip:], u["UploadId"], u["Initiated"].timestamp()) for u in r.get("Uploads", [])]
+            if not r.get("IsTruncated"):
+                return out
+            kw.update(KeyMarker=r["NextKeyMarker"], UploadIdMarker=r["NextUploadIdMarker"])
+
+    def stale_temporaries(self, older_than: float) -> list:
+        return []  # S3 writes are atomic: nothing half-written is left behind
 
     def list_keys(self, prefix=""):
         pag = self.client.get_paginator("list_objects_v2")

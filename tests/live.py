@@ -48,9 +48,9 @@ def redis_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database():
+    """A new, empty PostgreSQL database (its URL), dropped afterwards."""
     if not pg_available():
         pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
     from sqlalchemy import create_engine, text
@@ -59,10 +59,19 @@ def pg_database():
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 class Coordinator:
@@ -77,10 +86,23 @@ class Coordinator:
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
         self.procs: list[subprocess.Popen] = []
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(data_dir / "server.log", "ab")
-        args = ["serve", "--port", str(self.port)] + ([] if worker else ["--no-worker"])
+        self.log = open(data_dir.parent / f"{data_dir.name}-server.log", "ab")
+        self.worker = worker
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again) the server on its port, with its data and settings."""
+        args = ["serve", "--port", str(self.port)] + ([] if self.worker else ["--no-worker"])
         self.server = self.spawn(args)
         self.wait_healthy()
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (a crash, not a stop)."""
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.wait(10)
 
     def spawn(self, args: list[str]) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-m", "elmforest_cli", *args], env=self.env, stdout=self.log,
@@ -92,7 +114,7 @@ class Coordinator:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.server.poll() is not None:
-                raise RuntimeError(f"coordinator exited:\n{(self.data_dir / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"coordinator exited:\n{Path(self.log.name).read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
                     return
@@ -134,6 +156,52 @@ class Coordinator:
     def stop(self) -> None:
         stop_groups(self.procs)
         self.log.close()
+
+
+def _s3(coord):
+    import boto3
+
+    url = coord.env["ELMFOREST_STORAGE_URL"]
+    s3 = boto3.client("s3", endpoint_url=coord.env["ELMFOREST_S3_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    return s3, url[5:].split("/", 1)[0]
+
+
+def holds(coord, path: Path) -> bool:
+    """Whether a file with exactly these bytes is anywhere in the coordinator's data directory
+    or artifact store (under any name)."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    sha, n = hashlib.sha256(data).hexdigest(), len(data)
+    for f in coord.data_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size == n and hashlib.sha256(f.read_bytes()).hexdigest() == sha:
+            return True
+    if coord.env.get("ELMFOREST_STORAGE_URL", "").startswith("s3://"):
+        s3, bucket = _s3(coord)
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []):
+                if o["Size"] == n and hashlib.sha256(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                                                     ).hexdigest() == sha:
+                    return True
+    return False
+
+
+def stored_bytes(coord) -> int:
+    """Every byte the coordinator's artifact store holds, finished or not (objects, parts of
+    unfinished uploads, temporary files): what an attacker would try to grow. (Not counted: the
+    40-byte note of an open upload's object key, which the upload's own row bounds.)"""
+    url = coord.env.get("ELMFOREST_STORAGE_URL", "")
+    if url.startswith("s3://"):
+        s3, bucket = _s3(coord)
+        total = sum(o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                    for o in page.get("Contents", []))
+        for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            total += sum(p["Size"] for p in s3.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                         .get("Parts", []))
+        return total
+    root = coord.data_dir / "artifacts"
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.name != "key") if root.exists() else 0
 
 
 def stop_groups(procs: list[subprocess.Popen], grace: float = 10) -> None:

@@ -15,8 +15,8 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from starlette.middleware.sessions import SessionMiddleware
 
-from coordinator.api.deps import DB, Id, StorageDep
-from coordinator.errors import Forbidden, NotFound, ServiceError
+from coordinator.api.deps import DB, Id, SettingsDep, StorageDep
+from coordinator.errors import Forbidden, NotFound, ServiceError, public
 from coordinator.models import AveragedModel, Contribution, Evaluation, Role, State, User
 from coordinator.services import averages, contributions, domains, forests, jobs, leaderboard, users
 from web import svg
@@ -225,18 +225,19 @@ def review_page(request: Request, db: DB, user: WebUser):
     pending = contributions.list_(db, user, "evaluated")
     approved = contributions.list_(db, user, "approved")
     return render(request, "review.html", user, title="Review queue", pending=pending, approved=approved,
-                  forests=forests.list_(db))
+                  forests=forests.list_(db), failed=jobs.failed(db, 50))
 
 
 @router.post("/review/{cid}/{decision}")
-def review_decide(request: Request, cid: Id, decision: str, db: DB, user: WebUser,
-                  csrf: Annotated[str, Form()] = "", reason: Annotated[str, Form(max_length=10_000)] = ""):
+def review_decide(request: Request, cid: Id, decision: str, db: DB, user: WebUser, storage: StorageDep,
+                  settings: SettingsDep, csrf: Annotated[str, Form()] = "",
+                  reason: Annotated[str, Form(max_length=10_000)] = ""):
     require_maintainer(request, user)
     check_csrf(request, csrf)
     if decision not in ("approve", "decline"):
         raise NotFound("no such decision")
     try:
-        c = contributions.decide(db, user, cid, decision, reason)
+        c = contributions.decide(db, storage, settings, user, cid, decision, reason)
         flash(request, f"contribution {c.id} ({c.name}) {c.state.value}")
     except ServiceError as e:
         flash(request, f"not done: {e.message}")
@@ -254,8 +255,9 @@ def publish(request: Request, name: str, db: DB, user: WebUser, csrf: Annotated[
         flash(request, "nothing to publish: approve a contribution first")
         return RedirectResponse("/review", status_code=303)
     key = f"{f.name}:v{f.current_version}:approved:[]"
-    job = jobs.enqueue(db, "publish", key, {"forest": f.name, "add": None, "remove": [], "note": note or "published from the review queue",
-                                             "actor_id": user.id})
+    job = jobs.enqueue(db, "publish", key, {"forest": f.name, "add": None, "remove": [],
+                                            "note": note or "published from the review queue", "actor_id": user.id},
+                       owner=user)
     flash(request, f"publishing {len(approved)} ELM(s) into {f.name} v{f.current_version + 1} (job {job.id})")
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
@@ -276,9 +278,21 @@ def rounds_page(request: Request, name: str, db: DB, user: WebUser):
 def job_page(request: Request, job_id: Id, db: DB, user: WebUser):
     if user is None:
         raise _LoginRequired(request.url.path)
-    j = jobs.get(db, job_id)
+    j = jobs.get(db, job_id, user)
     forest = j.payload.get("forest")
     return render(request, "job.html", user, title=f"Job {j.id}", job=j, forest=forest)
+
+
+@router.post("/jobs/{job_id}/retry")
+def job_retry(request: Request, job_id: Id, db: DB, user: WebUser, csrf: Annotated[str, Form()] = ""):
+    require_maintainer(request, user)
+    check_csrf(request, csrf)
+    try:
+        jobs.retry(db, job_id, user)
+        flash(request, f"job {job_id} queued again")
+    except ServiceError as e:
+        flash(request, f"not done: {e.message}")
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
 @router.get("/forests/{name}/download", response_class=HTMLResponse)
@@ -308,7 +322,7 @@ def request_average(request: Request, name: str, db: DB, user: WebUser, csrf: An
         flash(request, f"not done: {e.message}")
         return RedirectResponse(f"/forests/{name}/download?version={v.number}", status_code=303)
     if needs_job:
-        jobs.enqueue(db, "average", f"average:{a.id}", {"average_id": a.id})
+        jobs.enqueue(db, "average", f"average:{a.id}", {"average_id": a.id}, owner=user)
     return RedirectResponse(f"/forests/{name}/averages/{a.id}", status_code=303)
 
 
@@ -330,12 +344,13 @@ def login_page(request: Request, user: WebUser, next: str = "/"):
 
 
 @router.post("/login")
-def login(request: Request, db: DB, username: Annotated[str, Form(max_length=64)] = "",
+def login(request: Request, db: DB, settings: SettingsDep, username: Annotated[str, Form(max_length=64)] = "",
           password: Annotated[str, Form(max_length=256)] = "", csrf: Annotated[str, Form()] = "",
           next: Annotated[str, Form()] = "/"):
     check_csrf(request, csrf)
     try:
-        u = users.authenticate(db, username, password)
+        u = users.authenticate(db, username, password, request.client.host if request.client else "unknown",
+                               settings.failed_logins_per_hour)
     except ServiceError as e:
         return render(request, "login.html", None, status_code=401, title="Log in", error=e.message, next=next,
                       username=username)
@@ -376,6 +391,6 @@ def mount(app: FastAPI) -> None:
             return await api_handler(request, exc)
         user = None
         return render(request, "error.html", user, status_code=exc.status, title="Something is not right",
-                      message=exc.message, status=exc.status)
+                      message=public(exc.message), status=exc.status)
 
     app.add_exception_handler(ServiceError, service_error)

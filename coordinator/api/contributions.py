@@ -15,6 +15,7 @@ from coordinator.api.deps import (
 from coordinator.errors import NotFound
 from coordinator.models import BranchInit, Contribution, Job
 from coordinator.schemas import (
+    AbandonIn,
     BranchIn,
     BranchOut,
     CompleteIn,
@@ -24,11 +25,14 @@ from coordinator.schemas import (
     DecisionIn,
     Error,
     EventOut,
+    FilesOut,
+    JobBrief,
     JobOut,
     RemoveIn,
     UploadOut,
 )
 from coordinator.services import branches, contributions, forests, jobs
+from coordinator.services.lifecycle import DISCARDED
 
 router = APIRouter(tags=["contributions"],
                    responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
@@ -42,16 +46,21 @@ def branch_out(storage, b: BranchInit, job: Job | None = None) -> BranchOut:
                      urls=forests.file_urls(storage, b.files) if b.files else {}, job_id=job.id if job else None)
 
 
-def contribution_out(c: Contribution, history: bool = True) -> ContributionOut:
+def contribution_out(c: Contribution, history: bool = True, db=None) -> ContributionOut:
     out = ContributionOut(
         id=c.id, name=c.name, owner=c.owner.username, forest=c.forest.name, domain=c.domain.name,
         branch_init_id=c.branch_init_id, state=c.state.value, weights_sha256=c.weights_sha256,
         weights_size=c.weights_size, training=c.training, validation=c.validation, evaluation=c.evaluation,
         created_at=c.created_at, updated_at=c.updated_at,
+        files=c.files if c.state not in DISCARDED else None,
     )
     if history:
         out.history = [EventOut(from_state=e.from_state, to_state=e.to_state, actor=e.actor.username if e.actor else None,
                                 reason=e.reason, at=e.at, details=e.details) for e in c.events]
+    if db is not None:
+        j = jobs.latest(db, f"contribution:{c.id}")
+        if j is not None:
+            out.job = JobBrief(id=j.id, kind=j.kind, status=j.status.value, error=j.error)
     return out
 
 
@@ -60,7 +69,7 @@ def request_branch_init(body: BranchIn, user: Contributor, db: DB, storage: Stor
     """Ask for a new ELM's initialisation: the posterior-weighted average of the current
     version, from an uploaded sample of the domain or a posterior computed privately."""
     b, needs_job = branches.request(db, user, body.forest, body.domain, body.method, body.sample_sha256, body.posterior)
-    job = jobs.enqueue(db, "branch_init", f"branch:{b.id}", {"branch_init_id": b.id}) if needs_job else None
+    job = jobs.enqueue(db, "branch_init", f"branch:{b.id}", {"branch_init_id": b.id}, owner=user) if needs_job else None
     return branch_out(storage, b, job)
 
 
@@ -87,8 +96,9 @@ def list_contributions(db: DB, user: OptionalUser, state: str | None = Query(def
 
 @router.get("/contributions/{cid}", response_model=ContributionOut)
 def get_contribution(cid: Id, db: DB, user: OptionalUser):
-    """A contribution's state and its whole history (who, when, why)."""
-    return contribution_out(contributions.get(db, user, cid))
+    """A contribution's state, its whole history (who, when, why) and the job working on it."""
+    c = contributions.get(db, user, cid)
+    return contribution_out(c, db=db if contributions.visible(c, user) else None)
 
 
 @router.get("/contributions/{cid}/upload", response_model=UploadOut)
@@ -98,22 +108,30 @@ def upload_status(cid: Id, user: Contributor, db: DB, storage: StorageDep, setti
 
 
 @router.post("/contributions/{cid}/complete", response_model=ContributionOut)
-def complete(cid: Id, body: CompleteIn, user: Contributor, db: DB, storage: StorageDep):
-    """Finish the upload: the server checks the sha256, then validation starts."""
-    parts = [p.model_dump() for p in body.parts] if body.parts else None
-    c = contributions.complete_upload(db, storage, user, cid, parts)
-    jobs.enqueue(db, "validate", f"contribution:{c.id}", {"contribution_id": c.id})
+def complete(cid: Id, body: CompleteIn, user: Contributor, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Finish the upload: the server checks the sha256, then validation starts. Safe to call
+    again (after a lost answer or a crash): it finishes what is left."""
+    c = contributions.complete_upload(db, storage, settings, user, cid)
+    if c.state.value in ("uploaded", "validating"):
+        jobs.enqueue(db, "validate", f"contribution:{c.id}", {"contribution_id": c.id}, owner=c.owner)
     return contribution_out(c)
 
 
+@router.post("/contributions/{cid}/abandon", response_model=ContributionOut)
+def abandon(cid: Id, body: AbandonIn, user: Contributor, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Withdraw your contribution (any state before merged); its uploaded weights are deleted."""
+    return contribution_out(contributions.abandon(db, storage, settings, user, cid, body.reason))
+
+
 @router.post("/contributions/{cid}/approve", response_model=ContributionOut)
-def approve(cid: Id, body: DecisionIn, user: Maintainer, db: DB):
-    return contribution_out(contributions.decide(db, user, cid, "approve", body.reason))
+def approve(cid: Id, body: DecisionIn, user: Maintainer, db: DB, storage: StorageDep, settings: SettingsDep):
+    return contribution_out(contributions.decide(db, storage, settings, user, cid, "approve", body.reason))
 
 
 @router.post("/contributions/{cid}/decline", response_model=ContributionOut)
-def decline(cid: Id, body: DecisionIn, user: Maintainer, db: DB):
-    return contribution_out(contributions.decide(db, user, cid, "decline", body.reason))
+def decline(cid: Id, body: DecisionIn, user: Maintainer, db: DB, storage: StorageDep, settings: SettingsDep):
+    """Turn an evaluated or approved contribution down; its weights are deleted."""
+    return contribution_out(contributions.decide(db, storage, settings, user, cid, "decline", body.reason))
 
 
 @router.post("/contributions/{cid}/remove", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
@@ -124,18 +142,33 @@ def remove(cid: Id, body: RemoveIn, user: Maintainer, db: DB):
         raise NotFound(f"no contribution {cid}")
     f = c.forest
     return jobs.enqueue(db, "publish", f"{f.name}:v{f.current_version}:remove:{cid}",
-                        {"forest": f.name, "add": [], "remove": [cid], "note": body.reason, "actor_id": user.id})
+                        {"forest": f.name, "add": [], "remove": [cid], "note": body.reason, "actor_id": user.id},
+                        owner=user)
 
 
-@router.get("/contributions/{cid}/download", response_model=dict[str, str])
+@router.get("/contributions/{cid}/download", response_model=FilesOut)
 def download_contribution(cid: Id, db: DB, user: OptionalUser, storage: StorageDep):
-    """Download URLs of the ELM's files (once validated)."""
+    """The ELM's files with their sha256 and download URLs (once validated, while kept)."""
     c = contributions.get(db, user, cid)
-    if not c.files:
-        raise NotFound(f"contribution {cid} has no assembled files yet (state {c.state.value})")
-    return forests.file_urls(storage, c.files)
+    if not c.files or c.state in DISCARDED:
+        raise NotFound(f"contribution {cid} has no files to download (state {c.state.value})")
+    return FilesOut(files=c.files, urls=forests.file_urls(storage, c.files))
+
+
+@router.get("/jobs", response_model=list[JobOut])
+def list_jobs(user: Reader, db: DB, status: str | None = Query(default=None, pattern="^(queued|running|succeeded|failed)$"),
+              limit: int = Query(default=100, ge=1, le=1000)):
+    """Recent jobs: yours, or everyone's for maintainers."""
+    return jobs.list_(db, user, status, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: Id, user: Reader, db: DB):
-    return jobs.get(db, job_id)
+    """A job you started (or any job, for maintainers)."""
+    return jobs.get(db, job_id, user)
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobOut)
+def retry_job(job_id: Id, user: Maintainer, db: DB):
+    """Run a failed job again (maintainers)."""
+    return jobs.retry(db, job_id, user)

@@ -66,6 +66,7 @@ def _scoped(scope: str):
         if not token:
             raise Unauthorized("log in first: send `Authorization: Bearer <token>` (`elmforest login` stores one)")
         user, t = users_svc.resolve_token(db, token)
+        request.state.scopes = set(t.scopes)
         if scope not in t.scopes:
             raise Forbidden(f"this token lacks the {scope!r} scope; create one with it (`elmforest token create`)")
         if scope == "maintain" and user.role not in (Role.maintainer, Role.admin):

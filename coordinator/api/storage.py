@@ -21,13 +21,16 @@ def _local(storage) -> LocalStorage:
 
 @router.put("/parts/{upload_id}/{part_number}")
 async def put_part(upload_id: str, part_number: int, request: Request, storage: StorageDep,
-                   expires: int = Query(...), sig: str = Query(...)):
+                   expires: int = Query(...), sig: str = Query(...), length: int = Query(..., ge=0)):
+    """A part's bytes, exactly `length` of them (the signature covers the length)."""
     s = _local(storage)
-    if not s.verify(f"put:{upload_id}:{part_number}", expires, sig):
+    if not s.verify(f"put:{upload_id}:{part_number}:{length}", expires, sig):
         raise Forbidden("this upload URL is invalid or has expired; ask the coordinator for fresh URLs")
-    settings = request.app.state.settings
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) != length:
+        raise BadRequest(f"part {part_number} must have exactly {length} bytes; the request declares {declared}")
     try:
-        part = await s.write_part(upload_id, part_number, request.stream(), max_bytes=settings.max_upload_bytes)
+        part = await s.write_part(upload_id, part_number, request.stream(), length)
     except StorageError as e:
         raise BadRequest(str(e)) from None
     return {"part_number": part["part_number"], "etag": part["etag"], "size": part["size"]}

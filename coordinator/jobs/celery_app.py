@@ -8,6 +8,8 @@ Results live in the jobs table, not in a Celery result backend.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 
 from celery import Celery
@@ -59,20 +61,34 @@ def run_job(self, job_id: int) -> str:
         raise self.retry(exc=e, countdown=min(300, 2 ** (self.request.retries + 1))) from e
 
 
-def _sweep(stop: threading.Event, every: float) -> None:
-    while not stop.wait(every):
-        try:
-            jobs.recover(get_settings())
-        except Exception:
-            log.exception("recovery sweep failed")
+_sweeping = threading.Event()  # set once this process runs a sweeper
+
+
+def start_sweeper() -> None:
+    """Recover unfinished jobs and expire uploads now and every sweep_seconds (once per process)."""
+    if not _sweeping.is_set():
+        _sweeping.set()
+        jobs.sweeper(get_settings(), threading.Event())
 
 
 @worker_ready.connect
 def _on_ready(sender=None, **kw):
-    n = jobs.recover(get_settings())
-    if n:
-        log.info("re-dispatched %d unfinished jobs", n)
-    threading.Thread(target=_sweep, args=(threading.Event(), get_settings().job_lease_seconds), daemon=True).start()
+    start_sweeper()
+    if threading.current_thread() is threading.main_thread():  # `elmforest worker`, not the embedded one
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _hand_back_and_exit)
+
+
+def _hand_back_and_exit(signum, frame) -> None:
+    """Stop now: the jobs in flight go back to the queue (another worker, or this one
+    restarted, runs them again), then the process exits without waiting for them."""
+    try:
+        ids = jobs.release_running(get_settings())
+        if ids:
+            log.warning("stopping: handed back jobs %s", ids)
+    finally:
+        logging.shutdown()
+        os._exit(0)
 
 
 def start_embedded_worker() -> threading.Thread:

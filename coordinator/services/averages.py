@@ -76,7 +76,7 @@ def build(db: Session, storage, settings, avg_id: int) -> dict:
                 + (f" --domain {a.target}" if a.target else ""))
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td:
         out = average_models([e.path for e in forest.elms], w, Path(td) / "avg", card, names=names)
-        files = uploads.put_dir(db, storage, out)
+        files = uploads.put_dir(db, storage, out, f"averaged model {a.id} of {v.forest.name} v{v.number}")
     a.weights = {n: float(x) for n, x in zip(names, w, strict=True)}
     a.files = files
     a.status = BranchStatus.ready

@@ -57,7 +57,7 @@ def request(db: Session, user: User, forest_name: str, domain_name: str, method:
         posterior = {n: x / s for n, x in zip(elm_names, vals, strict=True)}
         weights_key = hashlib.sha256(json.dumps(posterior, sort_keys=True).encode()).hexdigest()
     elif sample_sha256:
-        uploads.require_artifact(db, sample_sha256, "sample")
+        uploads.require_own(db, user, sample_sha256, ("sample",), "sample")
     elif method in ("posterior", "argmax") and elm_names:
         raise BadRequest(f"method {method!r} needs a sample of the domain's text or a privately computed posterior")
     b = BranchInit(forest_id=f.id, version_id=v.id, domain_id=d.id, requested_by_id=user.id, method=method,
@@ -102,7 +102,7 @@ def compute(db: Session, storage, settings, init_id: int) -> dict:
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td:
         origin = {"forest": v.forest.name, "version": v.number, "branch_init_id": b.id}
         out = write_branch_init(forest, plan, Path(td) / "init", b.domain.name, name=f"init-{b.id}", origin=origin)
-        files = uploads.put_dir(db, storage, out)
+        files = uploads.put_dir(db, storage, out, f"branch init {b.id} of {v.forest.name} v{v.number}")
     by_name = {e["name"]: e for e in v.manifest["elms"]}
     b.parents = [
         {"name": n, "weight": float(w), "contribution_id": by_name.get(n, {}).get("contribution_id")}

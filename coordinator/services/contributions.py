@@ -1,20 +1,27 @@
 """Contributions: an uploaded ELM's way from upload through validation and evaluation to a
-maintainer's decision. Validation treats the upload as hostile; evaluation requires it to
-beat its branch init on the domain's held-out data."""
+maintainer's decision (the states and moves are in lifecycle.py). Validation treats the upload
+as hostile and is an ordered list of named checks; evaluation requires the ELM to beat its
+branch init on the domain's held-out data. Weights that are not accepted are deleted."""
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from coordinator.models import (
+    Artifact,
     BranchInit,
     BranchStatus,
     Contribution,
+    ContributionEvent,
     Evaluation,
     State,
     Upload,
@@ -23,11 +30,10 @@ from coordinator.models import (
 from coordinator.services import domains as domains_svc
 from coordinator.services import forests as forests_svc
 from coordinator.services import uploads
-from coordinator.services.forests import transition
-from coordinator.storage import Storage
+from coordinator.services.lifecycle import DISCARDED, FINAL, PUBLIC, transition
+from coordinator.storage import Storage, blob_key
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-FINAL = {State.rejected, State.declined, State.removed}
 
 
 def visible(c: Contribution, user: User | None) -> bool:
@@ -36,7 +42,7 @@ def visible(c: Contribution, user: User | None) -> bool:
 
 def get(db: Session, user: User | None, cid: int) -> Contribution:
     c = db.get(Contribution, cid)
-    if c is None or not (visible(c, user) or c.state in (State.merged, State.removed)):
+    if c is None or not (visible(c, user) or c.state in PUBLIC):
         raise NotFound(f"no contribution {cid} visible to you")
     return c
 
@@ -52,7 +58,7 @@ def list_(db: Session, user: User | None, state: str | None = None, mine: bool =
         q = q.where(Contribution.owner_id == user.id)
     elif not domains_svc.is_maintainer(user):
         # others' contributions are public once merged; your own are always visible
-        cond = Contribution.state.in_([State.merged, State.removed])
+        cond = Contribution.state.in_(PUBLIC)
         if user is not None:
             cond = cond | (Contribution.owner_id == user.id)
         q = q.where(cond)
@@ -104,28 +110,30 @@ def create(db: Session, storage: Storage, settings, user: User, forest: str, bra
     c = Contribution(name=name, owner_id=user.id, forest_id=f.id, domain_id=b.domain_id, branch_init_id=b.id,
                      weights_sha256=sha256, weights_size=size, config=config, tokenizer_sha256=tokenizer_sha256,
                      training=training or {})
+    up = uploads.start(db, storage, settings, user, "weights", "model.safetensors", sha256, size)
+    c.upload_id = up.id
     db.add(c)
     db.flush()
-    from coordinator.models import ContributionEvent
-
     db.add(ContributionEvent(contribution_id=c.id, from_state=None, to_state=State.uploading.value, actor_id=user.id,
                              reason=f"trained from branch init {b.id} ({f.name} v{b.version.number})"))
-    up = uploads.start(db, storage, settings, user, "weights", "model.safetensors", sha256, size)
-    c.upload_id = up["upload_id"]
-    return c, up
+    return c, uploads.describe(storage, up)
 
 
 def upload_info(db: Session, storage: Storage, settings, user: User, cid: int) -> dict:
-    """Where the upload stands (for resuming), or a fresh upload if the last one failed."""
+    """Where the upload stands (for resuming), or a fresh upload if the last one failed or
+    expired (its parts are gone; the file goes up again)."""
     c = own(db, user, cid)
     if c.state != State.uploading:
         raise Conflict(f"contribution {cid} is {c.state.value}; its upload is finished")
     up = db.get(Upload, c.upload_id) if c.upload_id else None
-    if up is None or up.status != "open":
-        info = uploads.start(db, storage, settings, user, "weights", "model.safetensors", c.weights_sha256, c.weights_size)
-        c.upload_id = info["upload_id"]
-        return info
-    return uploads.resume(db, storage, user, up.id)
+    if up is not None and up.status == uploads.OPEN:
+        try:
+            return uploads.resume(db, storage, user, up.id)
+        except Conflict:  # it expired just now
+            pass
+    up = uploads.start(db, storage, settings, user, "weights", "model.safetensors", c.weights_sha256, c.weights_size)
+    c.upload_id = up.id
+    return uploads.describe(storage, up)
 
 
 def own(db: Session, user: User, cid: int) -> Contribution:
@@ -137,19 +145,73 @@ def own(db: Session, user: User, cid: int) -> Contribution:
     return c
 
 
-def complete_upload(db: Session, storage: Storage, user: User, cid: int, parts: list[dict] | None = None) -> Contribution:
+def complete_upload(db: Session, storage: Storage, settings, user: User, cid: int) -> Contribution:
+    """Finish the weights' upload. Idempotent: called again (a retry after a crash or a lost
+    answer) it finishes what is left, or returns the contribution as it now is."""
     c = own(db, user, cid)
     if c.state != State.uploading:
-        raise Conflict(f"contribution {cid} is {c.state.value}, not uploading")
-    if not uploads.artifact_exists(db, storage, c.weights_sha256):
-        if not c.upload_id:
-            raise BadRequest("no upload in progress; ask for the upload URLs again")
-        uploads.complete(db, storage, user, c.upload_id, parts)
+        return c
+    if not c.upload_id:
+        raise BadRequest("no upload in progress; ask for the upload URLs again (GET .../upload)")
+    uploads.complete(db, storage, settings, user, c.upload_id, hold=True)
     transition(db, c, State.uploaded, user, "upload complete; sha256 verified by the server")
     return c
 
 
-def decide(db: Session, user: User, cid: int, decision: str, reason: str) -> Contribution:
+def abandon(db: Session, storage: Storage, settings, user: User, cid: int, reason: str = "") -> Contribution:
+    """The owner withdraws a contribution that is not (yet) in the forest; its bytes go."""
+    c = own(db, user, cid)
+    if c.state in FINAL or c.state == State.merged:
+        raise Conflict(f"contribution {cid} is {c.state.value}; only a contribution not yet merged can be abandoned"
+                       + (" (a maintainer can remove a merged ELM from the forest)" if c.state == State.merged else ""))
+    transition(db, c, State.abandoned, user, reason or "abandoned by its owner")
+    discard_weights(db, storage, settings, c)
+    return c
+
+
+def weights_origin(c: Contribution) -> str:
+    return f"ELM {c.name} (contribution {c.id})"
+
+
+def discard_weights(db: Session, storage: Storage, settings, c: Contribution) -> None:
+    """Delete the weights of a contribution that was not accepted: the upload's bytes, or the
+    blob validation made of them. Idempotent (the sweeper retries it)."""
+    from coordinator.materialize import forget
+
+    up = db.get(Upload, c.upload_id) if c.upload_id else None
+    if up is not None and up.status in (uploads.OPEN, uploads.STORED):
+        c.upload_id = None
+        uploads.delete(db, storage, up)
+    sha = (c.files or {}).get("model.safetensors")
+    art = db.get(Artifact, sha) if sha else None
+    if art is not None and art.origin == weights_origin(c):  # its own blob, which nothing else refers to
+        storage.delete(blob_key(sha))
+        db.delete(art)
+    if sha:
+        forget(settings.work_dir, sha)
+    c.files = None
+
+
+def sweep(db: Session, storage: Storage, settings, limit: int = 200) -> dict[str, int]:
+    """Contributions whose upload expired are abandoned; whatever is still stored of
+    contributions that were rejected, declined or abandoned is deleted (a crash between the
+    decision and the deletion leaves it; this finishes the job)."""
+    from coordinator.models import utcnow
+
+    expired = list(db.scalars(select(Contribution).join(Upload, Upload.id == Contribution.upload_id).where(
+        Contribution.state == State.uploading, Upload.status == uploads.OPEN, Upload.expires_at < utcnow()).limit(limit)))
+    for c in expired:
+        transition(db, c, State.abandoned, None,
+                   f"its upload was not finished within {settings.upload_ttl_hours:g} hours")
+    stale = list(db.scalars(select(Contribution).join(Upload, Upload.id == Contribution.upload_id, isouter=True).where(
+        Contribution.state.in_(DISCARDED),
+        (Contribution.files.is_not(None)) | Upload.status.in_(uploads.IN_FLIGHT)).limit(limit)))
+    for c in stale:
+        discard_weights(db, storage, settings, c)
+    return {"abandoned": len(expired), "purged": len(stale)}
+
+
+def decide(db: Session, storage: Storage, settings, user: User, cid: int, decision: str, reason: str) -> Contribution:
     forests_svc.require_maintainer(user)
     c = db.get(Contribution, cid)
     if c is None:
@@ -165,24 +227,140 @@ def decide(db: Session, user: User, cid: int, decision: str, reason: str) -> Con
         if c.state not in (State.evaluated, State.approved):
             raise Conflict(f"contribution {cid} is {c.state.value}; only evaluated or approved ones can be declined")
         transition(db, c, State.declined, user, reason)
+        discard_weights(db, storage, settings, c)
     else:
         raise BadRequest(f"unknown decision {decision!r}")
     return c
 
 
-# ----------------------------------------------------------------------------- jobs
+# ----------------------------------------------------------------------------- validation
+
+
+class Refused(Exception):
+    """A check's verdict: the upload is not acceptable, and why (in the contributor's terms)."""
+
+
+@dataclass
+class Candidate:
+    """An uploaded ELM under validation and what its checks compare it with."""
+
+    c: Contribution
+    path: Path  # a local copy of the uploaded weights
+    label: str  # how messages name the file
+    seed_signature: dict
+    init_weights: Path
+    holder: Callable[[str], str | None]  # sha256 -> what already holds those bytes, if anything
+    header: object = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _declared(x: Candidate) -> None:
+    from btm.hashing import sha256_file
+
+    size = x.path.stat().st_size
+    if size != x.c.weights_size:
+        raise Refused(f"{x.label} has {size} bytes; {x.c.weights_size} were declared")
+    if sha256_file(x.path) != x.c.weights_sha256:
+        raise Refused(f"{x.label}: its sha256 differs from the declared one")
+
+
+def _not_a_copy(x: Candidate) -> None:
+    what = x.holder(x.c.weights_sha256)
+    if what:
+        raise Refused(f"{x.label} is byte for byte the same file as {what}: submit weights you trained yourself")
+
+
+def _safetensors(x: Candidate) -> None:
+    from btm.errors import WeightsError
+    from btm.safetensors_io import read_header
+
+    try:
+        x.header = read_header(x.path, name=x.label)
+    except WeightsError as e:
+        raise Refused(str(e)) from None
+
+
+def _layout(x: Candidate) -> None:
+    got = {n: (t.dtype, t.shape) for n, t in x.header.tensors.items()}
+    want = x.seed_signature
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise Refused(f"{x.label}: tensor names differ from the forest's: missing {missing[:5]}, extra {extra[:5]}")
+    for n, (dt, shape) in want.items():
+        if got[n][1] != shape:
+            raise Refused(f"{x.label}: tensor {n!r} has shape {list(got[n][1])}, the forest's family has {list(shape)}")
+        if got[n][0] != dt:
+            raise Refused(f"{x.label}: tensor {n!r} is {got[n][0]}, the forest's family uses {dt}")
+
+
+def _config(x: Candidate) -> None:
+    from transformers import AutoConfig
+
+    from btm.family import architecture
+
+    if architecture(AutoConfig.for_model(**x.c.config)) != architecture(AutoConfig.for_model(**x.c.forest.config)):
+        raise Refused("the config is not of the forest's family")
+
+
+def _finite(x: Candidate) -> None:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(x.path, framework="pt") as f:  # the reference library reads every tensor
+        for n in f.keys():  # noqa: SIM118 - a safe_open handle
+            t = f.get_tensor(n)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise Refused(f"{x.label}: tensor {n!r} contains NaN or Inf values")
+
+
+def _not_the_init(x: Candidate) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from btm.safetensors_io import open_weights, read_tensor
+
+    init = open_weights(x.init_weights)
+    with safe_open(x.path, framework="pt") as f:
+        for n in f.keys():  # noqa: SIM118 - a safe_open handle
+            if not torch.equal(f.get_tensor(n), read_tensor(init.path(n), init.info(n))):
+                return
+    raise Refused("the weights are identical to the branch init: train the ELM on its domain before submitting")
+
+
+# the order matters: cheap and decisive first, then whatever needs the earlier ones
+CHECKS: list[tuple[str, Callable[[Candidate], None]]] = [
+    ("size and sha256 as declared", _declared),
+    ("not a copy of a file the coordinator holds", _not_a_copy),
+    ("a safetensors file the reference library reads one way", _safetensors),
+    ("tensor names, shapes and dtypes of the forest's family", _layout),
+    ("config of the forest's family", _config),
+    ("no NaN or Inf", _finite),
+    ("differs from its branch init", _not_the_init),
+]
+
+
+def holder_of(db: Session, c: Contribution) -> Callable[[str], str | None]:
+    """sha256 -> a description of what already holds a file with that hash (another
+    contribution, an ELM, an init, a seed...), or None."""
+
+    def find(sha: str) -> str | None:
+        other = db.scalar(select(Contribution).where(Contribution.weights_sha256 == sha, Contribution.id != c.id,
+                                                     Contribution.state.not_in(DISCARDED)).limit(1))
+        if other is not None:
+            return f"ELM {other.name} (contribution {other.id}, {other.state.value})"
+        art = db.get(Artifact, sha)
+        if art is not None:
+            return art.origin or "a file this coordinator already holds"
+        return None
+
+    return find
 
 
 def validate(db: Session, storage: Storage, settings, cid: int) -> dict:
-    """Check an uploaded ELM as untrusted input; never unpickles anything.
-
-    Header and sizes before data; names, shapes and dtypes against the seed; every tensor
-    finite; sha256 and size as declared; the config of the forest's family; not the init."""
-    import torch
-
-    from btm.errors import WeightsError
-    from btm.safetensors_io import open_weights, read_header, read_tensor
-    from coordinator.materialize import blob, model_dir
+    """Run CHECKS on an uploaded ELM, treated as hostile (nothing is ever unpickled). Passed,
+    its weights become a content-addressed blob; refused, they are deleted."""
+    from btm.safetensors_io import open_weights
+    from coordinator.materialize import model_dir
 
     c = db.get(Contribution, cid)
     if c is None:
@@ -192,85 +370,45 @@ def validate(db: Session, storage: Storage, settings, cid: int) -> dict:
     if c.state == State.uploaded:
         transition(db, c, State.validating, None, "validation started")
         db.commit()
+    up = db.get(Upload, c.upload_id)
     report: dict = {"checks": []}
-
-    def fail(msg: str) -> dict:
-        report["ok"] = False
-        report["error"] = msg
-        c.validation = report
-        transition(db, c, State.rejected, None, msg, {"stage": "validation"})
-        return report
-
-    def ok(name: str) -> None:
-        report["checks"].append(name)
-
-    sha, size = c.weights_sha256, c.weights_size
-    path = blob(storage, settings.work_dir, sha)
-    if path.stat().st_size != size:
-        return fail(f"the stored file has {path.stat().st_size} bytes, {size} were declared")
-    from btm.hashing import sha256_file
-
-    if sha256_file(path) != sha:
-        return fail("the stored file's sha256 differs from the declared one")
-    ok("sha256 and size as declared")
-    try:
-        hdr = read_header(path, max_file_bytes=settings.max_upload_bytes)
-    except WeightsError as e:
-        # only once the header has failed do we look at what the file is instead (a valid
-        # header can start with any byte: its first byte is the low byte of its length)
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-        if head[:1] == b"\x80" or head == b"PK\x03\x04":
-            return fail("the file is a pickle (or a zip of pickles, as torch.save writes), not safetensors; "
-                        "save the weights with safetensors (nothing was unpickled)")
-        return fail(f"not a valid safetensors file: {e}")
-    ok("safetensors header well-formed; every tensor lies inside the file")
-    seed_sig = open_weights(model_dir(storage, settings.work_dir, c.forest.seed_files)).signature()
-    got = {n: (t.dtype, t.shape) for n, t in hdr.tensors.items()}
-    missing = sorted(set(seed_sig) - set(got))
-    extra = sorted(set(got) - set(seed_sig))
-    if missing or extra:
-        return fail(f"tensor names differ from the forest's: missing {missing[:5]}, extra {extra[:5]}")
-    for n, (dt, shape) in seed_sig.items():
-        if got[n][1] != shape:
-            return fail(f"tensor {n!r} has shape {list(got[n][1])}, the forest's family has {list(shape)}")
-        if got[n][0] != dt:
-            return fail(f"tensor {n!r} is {got[n][0]}, the forest's family uses {dt}")
-    ok("tensor names, shapes and dtypes equal the forest's family")
-    import os
-
-    init_idx = open_weights(model_dir(storage, settings.work_dir, c.branch_init.files))
-    same_as_init = True
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for n, info in hdr.tensors.items():
-            t = read_tensor(path, info, fd)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return fail(f"tensor {n!r} contains NaN or Inf values")
-            if same_as_init:
-                same_as_init = torch.equal(t, read_tensor(init_idx.path(n), init_idx.info(n)))
-    finally:
-        os.close(fd)
-    ok("no NaN or Inf")
-    from transformers import AutoConfig
-
-    from btm.family import architecture
-
-    if architecture(AutoConfig.for_model(**c.config)) != architecture(AutoConfig.for_model(**c.forest.config)):
-        return fail("the config is not of the forest's family")
-    ok("config of the forest's family")
-    if same_as_init:
-        return fail("the weights are identical to the branch init: train the ELM on its domain before submitting")
-    ok("differs from its branch init")
-    # assemble the ELM directory: the forest's config and tokenizer files, the uploaded weights, a card
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.work_dir) as td, storage.local_copy(up.key, Path(td)) as path:
+        x = Candidate(c, path, f"model.safetensors of contribution {c.id}",
+                      open_weights(model_dir(storage, settings.work_dir, c.forest.seed_files)).signature(),
+                      model_dir(storage, settings.work_dir, c.branch_init.files), holder_of(db, c))
+        for name, check in CHECKS:
+            try:
+                check(x)
+            except Refused as e:
+                return _refuse(db, storage, settings, c, report, name, str(e))
+            report["checks"].append(name)
+    if not uploads.promote(db, storage, up.key, c.weights_sha256, c.weights_size, "weights", weights_origin(c)):
+        # a concurrent upload of the same bytes was accepted a moment ago
+        return _refuse(db, storage, settings, c, report, CHECKS[1][0],
+                       f"{x.label} is byte for byte the same file as one accepted a moment ago")
+    up.status = uploads.COMPLETE
+    # the ELM directory: the forest's config and tokenizer files, the uploaded weights, a card
     files = {k: v for k, v in c.forest.seed_files.items() if not k.startswith("model") and k != "README.md"}
-    files["config.json"] = uploads.put_small(db, storage, json.dumps(c.config, indent=2, sort_keys=True).encode(), "file").sha256
-    files["model.safetensors"] = sha
+    files["config.json"] = uploads.put_small(db, storage, json.dumps(c.config, indent=2, sort_keys=True).encode(),
+                                             "file").sha256
+    files["model.safetensors"] = c.weights_sha256
     c.files = files
     report["ok"] = True
     c.validation = report
     transition(db, c, State.validated, None, "all checks passed", {"checks": report["checks"]})
     return report
+
+
+def _refuse(db: Session, storage: Storage, settings, c: Contribution, report: dict, check: str, msg: str) -> dict:
+    report.update(ok=False, error=msg, failed_check=check)
+    c.validation = report
+    transition(db, c, State.rejected, None, msg, {"stage": "validation", "check": check})
+    discard_weights(db, storage, settings, c)
+    return report
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
@@ -321,5 +459,6 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
         transition(db, c, State.rejected, None,
                    f"perplexity {ppl:.3f} on the held-out data of {d.name} is not better than its branch init's "
                    f"{init_ppl:.3f}: train longer or check the data", {"stage": "evaluation", **result})
+        discard_weights(db, storage, settings, c)
     return result
 

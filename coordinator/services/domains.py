@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
-from coordinator.models import Artifact, Domain, DomainRole, DomainStatus, Role, User
+from coordinator.models import Domain, DomainRole, DomainStatus, Role, User
+from coordinator.services import uploads
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
 
@@ -84,9 +85,7 @@ def set_eval_data(db: Session, user: User, name: str, sha256: str) -> Domain:
     d = get(db, name)
     if not (is_maintainer(user) or d.created_by_id == user.id):
         raise Forbidden("only the domain's creator or a maintainer sets its held-out evaluation data")
-    a = db.get(Artifact, sha256)
-    if a is None:
-        raise BadRequest(f"no uploaded file with sha256 {sha256}; upload it first (POST /api/v1/uploads)")
+    up = uploads.require_own(db, user, sha256, ("eval-data",), "evaluation data")
     d.eval_data_sha256 = sha256
-    d.eval_data_bytes = a.size
+    d.eval_data_bytes = up.size
     return d

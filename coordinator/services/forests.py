@@ -10,14 +10,12 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from btm.errors import BTMError
 from btm.forest import FORMAT
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from coordinator.materialize import model_dir
 from coordinator.models import (
     Baseline,
     Contribution,
-    ContributionEvent,
     Forest,
     ForestVersion,
     Role,
@@ -26,6 +24,7 @@ from coordinator.models import (
     VersionMember,
 )
 from coordinator.services import uploads
+from coordinator.services.lifecycle import transition
 from coordinator.storage import Storage, blob_key
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
@@ -84,8 +83,7 @@ def create(db: Session, storage: Storage, settings, user: User, name: str, files
     missing = [f for f in REQUIRED_SEED_FILES if f not in files]
     if missing or not any(f.startswith("model") and f.endswith(".safetensors") for f in files):
         raise BadRequest(f"a seed needs config.json, tokenizer.json and model.safetensors; missing {missing or ['model.safetensors']}")
-    for fname, sha in files.items():
-        uploads.require_artifact(db, sha, fname)
+    _require_model_files(db, user, files)
     from btm.family import family_id, load_config
     from btm.safetensors_io import open_weights
     from btm.tokenizer import load_tokenizer, tokenizer_sha256
@@ -94,7 +92,7 @@ def create(db: Session, storage: Storage, settings, user: User, name: str, files
     try:
         config, tok = load_config(d), load_tokenizer(d)
         open_weights(d)
-    except (BTMError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the loaders raise on files that are no model
         raise Unprocessable(f"the seed's files are not a loadable model: {e}") from None
     f = Forest(name=name, description=description, family=family_id(config, tok), config=config.to_dict(),
                tokenizer_sha256=tokenizer_sha256(tok), seed_files=files, created_by_id=user.id, current_version=1)
@@ -123,19 +121,39 @@ def add_baseline(db: Session, storage: Storage, settings, user: User, forest: st
         if old.files == files:
             return old
         raise Conflict(f"forest {forest!r} already has a different baseline named {name!r}")
-    for fname, sha in files.items():
-        uploads.require_artifact(db, sha, fname)
+    _require_model_files(db, user, files)
     d = model_dir(storage, settings.work_dir, files)
     try:
         cfg, tok = load_config(d), load_tokenizer(d)
-    except (BTMError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the loaders raise on files that are no model
         raise Unprocessable(f"the baseline's files are not a loadable model: {e}") from None
     if architecture(cfg) != architecture(AutoConfig.for_model(**f.config)) or tokenizer_sha256(tok) != f.tokenizer_sha256:
         raise Unprocessable("a baseline must be of the forest's family (same architecture and tokenizer)")
     b = Baseline(forest_id=f.id, name=name, description=description, files=files)
+    _name_artifacts(db, files, f"baseline {name} of forest {forest}")
     db.add(b)
     db.flush()
     return b
+
+
+def _name_artifacts(db: Session, files: dict[str, str], what: str) -> None:
+    from coordinator.models import Artifact
+
+    for fname, sha in files.items():
+        art = db.get(Artifact, sha)
+        if art is not None and fname.endswith(".safetensors"):
+            art.origin = what
+
+
+def _require_model_files(db: Session, user: User, files: dict[str, str]) -> None:
+    """Every file of a model the caller registers must be one the caller uploaded."""
+    if len(files) > 64:
+        raise BadRequest(f"a model directory of {len(files)} files? at most 64 (config, tokenizer, weights, card)")
+    for fname, sha in files.items():
+        if "/" in fname or fname.startswith(".") or not fname:
+            raise BadRequest(f"file name {fname!r}: plain names only, as in a model directory")
+        purposes = ("weights",) if fname.endswith(".safetensors") else ("model-file",)
+        uploads.require_own(db, user, sha, purposes, fname)
 
 
 def baselines(db: Session, f: Forest) -> list[Baseline]:
@@ -229,30 +247,6 @@ def publish(db: Session, storage: Storage, f: Forest, actor: User | None, add: l
     f.current_version = number
     db.flush()
     return v
-
-
-# contribution transitions live here so publishing needs no import cycle
-ALLOWED = {
-    State.uploading: {State.uploaded},
-    State.uploaded: {State.validating, State.rejected},
-    State.validating: {State.validated, State.rejected, State.validating},
-    State.validated: {State.evaluated, State.rejected},
-    State.evaluated: {State.approved, State.declined, State.rejected},
-    State.approved: {State.merged, State.declined},
-    State.merged: {State.removed},
-    State.rejected: set(),
-    State.declined: set(),
-    State.removed: set(),
-}
-
-
-def transition(db: Session, c: Contribution, to: State, actor: User | None, reason: str = "",
-               details: dict | None = None) -> None:
-    if to not in ALLOWED[c.state]:
-        raise Conflict(f"contribution {c.id} is {c.state.value}; it cannot become {to.value}")
-    db.add(ContributionEvent(contribution_id=c.id, from_state=c.state.value, to_state=to.value,
-                             actor_id=actor.id if actor else None, reason=reason, details=details))
-    c.state = to
 
 
 def file_urls(storage: Storage, files: dict[str, str]) -> dict[str, str]:

@@ -1,20 +1,41 @@
-"""Uploads of any size: start (get part URLs), resume (which parts arrived), complete
-(server-side sha256 check, then the blob becomes a content-addressed Artifact)."""
+"""Uploads of any size, each owned by the user who sent its bytes.
+
+start (part URLs, each signed for exactly its length) -> parts PUT to the store -> complete
+(assembled and hashed on the server; a mismatch keeps nothing). A finished upload is what its
+owner, and only its owner, may refer to by sha256: declaring a hash attaches nothing, and no
+answer says whether someone else's file exists. Every byte is bounded: per-purpose sizes, the
+bytes a user has in flight, uploads started per hour, and an expiry after which a sweeper
+deletes what arrived. Contribution weights stay under their upload's own key until validation
+accepts them (see contributions.py); other files are checked for their kind at once and
+become content-addressed blobs.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import re
+import time
 import uuid
+from datetime import timedelta
+from pathlib import Path
 
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator.errors import BadRequest, Forbidden, NotFound, TooLarge
-from coordinator.models import Artifact, Upload, User
-from coordinator.storage import Storage, blob_key
+from coordinator.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
+from coordinator.models import Artifact, Role, Upload, User, utcnow
+from coordinator.services import limits
+from coordinator.storage import PartsMissing, Storage, StorageError, blob_key
 
-SHA = re.compile(r"^[0-9a-f]{64}$")
 PURPOSES = ("weights", "sample", "eval-data", "model-file")
+MAX_PARTS = 10_000  # S3's own limit
+# an upload is open (parts arriving), stored (contribution weights awaiting validation) or
+# complete (accepted); one that is rejected, expires or is aborted is deleted, bytes and row
+OPEN, STORED, COMPLETE = "open", "stored", "complete"
+IN_FLIGHT = (OPEN, STORED)  # bytes a user holds that nobody has accepted yet
+TEXT_FILES = (".md", ".txt")  # model files besides JSON ones (model cards, merges)
 
 
 def limit_for(settings, purpose: str) -> int:
@@ -22,14 +43,14 @@ def limit_for(settings, purpose: str) -> int:
         "weights": settings.max_upload_bytes,
         "sample": settings.max_sample_bytes,
         "eval-data": settings.max_eval_data_bytes,
-        "model-file": settings.max_upload_bytes,
+        "model-file": settings.max_model_file_bytes,
     }[purpose]
 
 
 def check_declared(settings, purpose: str, sha256: str, size: int) -> None:
     if purpose not in PURPOSES:
         raise BadRequest(f"unknown upload purpose {purpose!r}; one of {', '.join(PURPOSES)}")
-    if not SHA.match(sha256 or ""):
+    if not (isinstance(sha256, str) and len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
         raise BadRequest("sha256 must be 64 lowercase hex digits (the file's SHA-256)")
     if size <= 0:
         raise BadRequest("size must be a positive number of bytes; empty files cannot be uploaded")
@@ -38,40 +59,57 @@ def check_declared(settings, purpose: str, sha256: str, size: int) -> None:
         raise TooLarge(f"a {purpose} upload may be at most {lim} bytes; this one declares {size}")
 
 
-def artifact_exists(db: Session, storage: Storage, sha256: str) -> bool:
-    return db.get(Artifact, sha256) is not None and storage.exists(blob_key(sha256))
+def in_flight(db: Session, user: User) -> int:
+    return db.scalar(select(func.coalesce(func.sum(Upload.size), 0))
+                     .where(Upload.user_id == user.id, Upload.status.in_(IN_FLIGHT))) or 0
+
+
+def _trusted(user: User) -> bool:
+    return user.role in (Role.maintainer, Role.admin)
 
 
 def start(db: Session, storage: Storage, settings, user: User, purpose: str, filename: str, sha256: str,
-          size: int) -> dict:
+          size: int) -> Upload:
+    """A new upload of `size` bytes; every call sends its own bytes (nothing is shortcut by hash)."""
     check_declared(settings, purpose, sha256, size)
-    if artifact_exists(db, storage, sha256):
-        return {"exists": True, "sha256": sha256, "size": size, "upload_id": None, "parts": []}
+    if not _trusted(user):
+        used = in_flight(db, user)
+        if used + size > settings.upload_quota_bytes:
+            raise TooLarge(
+                f"you have {used} bytes in unfinished uploads and weights awaiting validation; with these {size} "
+                f"that is over your {settings.upload_quota_bytes}-byte limit: finish or abandon what is open "
+                "(`elmforest status`), or wait for validation")
+        limits.check(db, f"upload:{user.id}", settings.uploads_per_hour, "uploads started")
+        limits.record(db, f"upload:{user.id}")
+    part_size = max(settings.part_size, math.ceil(size / MAX_PARTS))
     key = f"uploads/{uuid.uuid4().hex}"
-    # S3 allows at most 10,000 parts: grow the part size for very large files
-    part_size = max(settings.part_size, math.ceil(size / 10_000))
-    backend = storage.create_multipart(key)
-    up = Upload(id=uuid.uuid4().hex, user_id=user.id, purpose=purpose, filename=filename[:255], sha256=sha256,
-                size=size, part_size=part_size, backend_upload_id=backend, key=key)
+    up = Upload(id=uuid.uuid4().hex, user_id=user.id, purpose=purpose, filename=Path(filename).name[:255] or "file",
+                sha256=sha256, size=size, part_size=part_size, backend_upload_id=storage.create_multipart(key),
+                key=key, expires_at=utcnow() + timedelta(hours=settings.upload_ttl_hours))
     db.add(up)
     db.flush()
-    return describe(storage, up)
+    return up
 
 
-def describe(storage: Storage, up: Upload, done: list[dict] | None = None) -> dict:
+def part_lengths(up: Upload) -> list[int]:
     n = math.ceil(up.size / up.part_size)
-    have = {p["part_number"] for p in (done or [])}
+    return [min(up.part_size, up.size - i * up.part_size) for i in range(n)]
+
+
+def describe(storage: Storage, up: Upload, done: list[int] | None = None) -> dict:
+    have = set(done or [])
     return {
-        "exists": False,
         "upload_id": up.id,
         "sha256": up.sha256,
         "size": up.size,
         "part_size": up.part_size,
         "status": up.status,
+        "expires_at": up.expires_at,
         "parts": [
-            {"part_number": i, "url": storage.part_url(up.key, up.backend_upload_id, i), "done": i in have}
-            for i in range(1, n + 1)
-        ],
+            {"part_number": i, "length": n, "url": storage.part_url(up.key, up.backend_upload_id, i, n),
+             "done": i in have}
+            for i, n in enumerate(part_lengths(up), 1)
+        ] if up.status == OPEN else [],
         "parts_done": sorted(have),
     }
 
@@ -83,96 +121,183 @@ def get(db: Session, user: User, upload_id: str) -> Upload:
     return up
 
 
+def _expire_if_due(db: Session, storage: Storage, up: Upload) -> None:
+    if up.status == OPEN and up.expires_at is not None and up.expires_at < utcnow():
+        delete(db, storage, up)
+        db.commit()  # gone for good, whatever the caller does next
+        raise Conflict(f"upload {up.id} expired (not completed within its time) and was deleted; start a new one")
+
+
 def resume(db: Session, storage: Storage, user: User, upload_id: str) -> dict:
     up = get(db, user, upload_id)
-    if up.status != "open":
-        raise BadRequest(f"upload {upload_id} is {up.status}; start a new one")
-    return describe(storage, up, storage.list_parts(up.key, up.backend_upload_id))
+    _expire_if_due(db, storage, up)
+    if up.status != OPEN:
+        raise Conflict(f"upload {upload_id} is {up.status}; there is nothing left to send")
+    sizes = {p["part_number"]: p["size"] for p in storage.list_parts(up.key, up.backend_upload_id)}
+    lengths = part_lengths(up)
+    done = [i for i, n in enumerate(lengths, 1) if sizes.get(i) == n]
+    return describe(storage, up, done)
 
 
-def complete(db: Session, storage: Storage, user: User, upload_id: str, parts: list[dict] | None = None) -> Artifact:
-    """Assemble the parts, hash the result in the store, and keep it only if it is what the
-    client declared. A mismatch deletes what arrived and the upload record."""
+def complete(db: Session, storage: Storage, settings, user: User, upload_id: str, hold: bool = False) -> Upload:
+    """Assemble the parts and hash the result in the store. Idempotent: a retry after a crash
+    anywhere finishes the job or says what to do. A file that is not what was declared, or not
+    of its purpose's kind, is deleted. With `hold` (contribution weights) the bytes stay under
+    the upload's key for validation; otherwise they become a content-addressed blob."""
     up = get(db, user, upload_id)
-    if up.status != "open":
-        raise BadRequest(f"upload {upload_id} is {up.status}")
-    have = storage.list_parts(up.key, up.backend_upload_id)
-    need = math.ceil(up.size / up.part_size)
-    missing = sorted(set(range(1, need + 1)) - {p["part_number"] for p in have})
-    if missing:
-        raise BadRequest(f"parts {missing[:10]} have not arrived; PUT them and complete again",
-                         missing_parts=missing)
-    storage.complete_multipart(up.key, up.backend_upload_id, parts or have)
+    if up.status in (STORED, COMPLETE):
+        return up
+    _expire_if_due(db, storage, up)
+    try:
+        storage.complete_multipart(up.key, up.backend_upload_id, part_lengths(up))
+    except PartsMissing as e:
+        raise BadRequest(f"parts {e.numbers[:10]} have not arrived; PUT them and complete again",
+                         missing_parts=e.numbers) from None
+    except StorageError as e:  # a part of the wrong size, or parts lost: nothing of it is kept
+        delete(db, storage, up)
+        db.commit()
+        raise BadRequest(f"{e}; nothing was kept: start the upload again") from None
     sha, n = storage.sha256(up.key)
     if sha != up.sha256 or n != up.size:
-        storage.delete(up.key)
-        db.delete(up)
-        db.commit()  # the failed upload is gone for good, whatever the caller does next
-        raise BadRequest(
-            f"the uploaded file does not match what was declared (sha256 {sha[:16]}..., {n} bytes; declared "
-            f"{up.sha256[:16]}..., {up.size} bytes); nothing was kept: check the file and upload it again"
-        )
-    kind = {"weights": "weights", "sample": "sample", "eval-data": "eval-data"}.get(up.purpose, "file")
-    if storage.exists(blob_key(sha)):
-        storage.delete(up.key)
+        delete(db, storage, up)
+        db.commit()
+        raise BadRequest(f"the uploaded file does not match what was declared (sha256 {sha[:16]}..., {n} bytes; "
+                         f"declared {up.sha256[:16]}..., {up.size} bytes); nothing was kept: check the file and upload "
+                         "it again")
+    if hold:
+        up.status = STORED
     else:
-        storage.move(up.key, blob_key(sha))
-    art = db.get(Artifact, sha) or Artifact(sha256=sha, size=n, kind=kind)
-    db.add(art)
-    up.status = "complete"
+        problem = check_kind(storage, settings, up)
+        if problem:
+            delete(db, storage, up)
+            db.commit()
+            raise Unprocessable(f"{up.filename}: {problem}; nothing was kept")
+        promote(db, storage, up.key, up.sha256, up.size, up.purpose, f"{up.purpose} uploaded by {user.username}")
+        up.status = COMPLETE
+    up.completed_at = utcnow()
     db.flush()
-    return art
+    return up
+
+
+def check_kind(storage: Storage, settings, up: Upload) -> str | None:
+    """Why a finished upload is not a file of its purpose's kind, or None."""
+    from btm.data import check_text_file
+    from btm.errors import BTMError
+    from btm.safetensors_io import read_header
+
+    with storage.local_copy(up.key, settings.work_dir) as path:
+        try:
+            if up.purpose in ("sample", "eval-data"):
+                check_text_file(path, up.filename)
+            elif up.purpose == "weights":
+                read_header(path, name=up.filename)
+            elif up.filename.endswith(".json"):
+                with open(path, "rb") as f:
+                    if not isinstance(json.loads(f.read()), dict):
+                        return "a .json model file must hold a JSON object"
+            elif up.filename.endswith(TEXT_FILES):
+                check_text_file(path, up.filename, documents=False)
+            else:
+                return (f"model files are config, tokenizer (.json, .txt) and README files; {up.filename!r} is "
+                        "none of these (weights go up with purpose 'weights', as safetensors)")
+        except (BTMError, ValueError, UnicodeDecodeError) as e:
+            return str(e).removeprefix(f"{up.filename}: ")
+    return None
+
+
+def promote(db: Session, storage: Storage, key: str, sha256: str, size: int, kind: str, origin: str) -> bool:
+    """Make the object at `key` the content-addressed blob of its sha256. Returns False (and
+    deletes `key`) when the blob already existed."""
+    existed = storage.exists(blob_key(sha256))
+    if existed:
+        storage.delete(key)
+    else:
+        storage.move(key, blob_key(sha256))
+    try:
+        with db.begin_nested():
+            db.add(Artifact(sha256=sha256, size=size, kind=kind[:32], origin=origin[:200]))
+    except IntegrityError:  # recorded by a concurrent request; the blob is the same bytes
+        pass
+    return not existed
+
+
+def delete(db: Session, storage: Storage, up: Upload) -> None:
+    """An upload that is not kept (refused, expired, aborted, or its contribution discarded):
+    its bytes (assembled object and any parts) and its row go for good."""
+    if up.status == OPEN:
+        storage.abort_multipart(up.key, up.backend_upload_id)
+    if up.status != COMPLETE:  # a complete upload's bytes are a shared blob now, not under its key
+        storage.delete(up.key)
+    db.delete(up)
+    db.flush()
 
 
 def abort(db: Session, storage: Storage, user: User, upload_id: str) -> None:
     up = get(db, user, upload_id)
-    if up.status == "open":
-        storage.abort_multipart(up.key, up.backend_upload_id)
-    db.delete(up)
+    if up.status == STORED:
+        raise Conflict(f"upload {upload_id} holds a contribution's weights; abandon the contribution instead")
+    if up.status == COMPLETE:
+        raise Conflict(f"upload {upload_id} is complete; there is nothing to abort")
+    delete(db, storage, up)
 
 
-def put_small(db: Session, storage: Storage, data: bytes, kind: str) -> Artifact:
+def require_own(db: Session, user: User, sha256: str, purposes: tuple[str, ...], what: str) -> Upload:
+    """A finished upload of `user` with this sha256 and one of `purposes`: what a reference by
+    hash may name. Another user's file of the same hash is never enough."""
+    up = db.scalar(select(Upload).where(Upload.user_id == user.id, Upload.sha256 == sha256,
+                                        Upload.status == COMPLETE, Upload.purpose.in_(purposes)).limit(1))
+    if up is None:
+        raise BadRequest(f"you have no finished {what} upload with sha256 {sha256}; upload the file first "
+                         f"(POST /api/v1/uploads with purpose {purposes[0]!r}, then complete it)")
+    return up
+
+
+def put_small(db: Session, storage: Storage, data: bytes, kind: str, origin: str = "made by the coordinator") -> Artifact:
     """Store bytes the service produced itself (manifests, configs, cards) as a blob."""
-    import hashlib
-
     sha = hashlib.sha256(data).hexdigest()
     if not storage.exists(blob_key(sha)):
         storage.put_bytes(blob_key(sha), data)
-    art = db.get(Artifact, sha)
-    if art is None:
-        art = Artifact(sha256=sha, size=len(data), kind=kind)
-        db.add(art)
-        db.flush()
-    return art
+    return _artifact(db, sha, len(data), kind, origin)
 
 
-def put_file(db: Session, storage: Storage, path, kind: str) -> Artifact:
+def put_file(db: Session, storage: Storage, path: Path, kind: str, origin: str = "made by the coordinator") -> Artifact:
     from btm.hashing import sha256_file
 
     sha = sha256_file(path)
     if not storage.exists(blob_key(sha)):
         storage.put_file(blob_key(sha), path)
+    return _artifact(db, sha, path.stat().st_size, kind, origin)
+
+
+def _artifact(db: Session, sha: str, size: int, kind: str, origin: str) -> Artifact:
     art = db.get(Artifact, sha)
     if art is None:
-        art = Artifact(sha256=sha, size=path.stat().st_size, kind=kind)
+        art = Artifact(sha256=sha, size=size, kind=kind[:32], origin=origin[:200])
         db.add(art)
         db.flush()
     return art
 
 
-def put_dir(db: Session, storage: Storage, directory) -> dict[str, str]:
-    """Every file of a model directory as an artifact: {file name: sha256}."""
-    return {p.name: put_file(db, storage, p, "weights" if p.suffix == ".safetensors" else "file").sha256
+def put_dir(db: Session, storage: Storage, directory: Path, origin: str) -> dict[str, str]:
+    """Every file of a model directory the service wrote, as artifacts: {file name: sha256}."""
+    return {p.name: put_file(db, storage, p, "weights" if p.suffix == ".safetensors" else "file", origin).sha256
             for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def require_artifact(db: Session, sha256: str, what: str) -> Artifact:
-    a = db.get(Artifact, sha256)
-    if a is None:
-        raise BadRequest(f"no uploaded {what} with sha256 {sha256}; upload it first (POST /api/v1/uploads)")
-    return a
-
-
-def owner_check(up: Upload, user: User) -> None:
-    if up.user_id != user.id:
-        raise Forbidden("this upload belongs to someone else")
+def sweep(db: Session, storage: Storage, settings) -> dict[str, int]:
+    """Expire uploads past their time and delete what a crash left behind: multipart uploads
+    with no open upload, temporary files. Run periodically."""
+    n_expired = 0
+    for up in list(db.scalars(select(Upload).where(Upload.status == OPEN, Upload.expires_at < utcnow()).limit(500))):
+        delete(db, storage, up)
+        n_expired += 1
+    open_ids = set(db.scalars(select(Upload.backend_upload_id).where(Upload.status == OPEN)))
+    orphans = 0
+    for key, mp, started in storage.multipart_ids():
+        if mp not in open_ids and started < time.time() - 600:  # not one whose upload is being created now
+            storage.abort_multipart(key, mp)
+            orphans += 1
+    stale = storage.stale_temporaries(older_than=3600)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return {"expired": n_expired, "orphan_parts": orphans, "temporaries": len(stale)}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import secrets
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from coordinator.models import ApiToken, Role, User
+from coordinator.models import ApiToken, Invite, Role, User
 from coordinator.security import SCOPES, hash_password, new_token, token_hash, verify_password
 
 USERNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,63}$")
@@ -28,11 +29,56 @@ def create_user(db: Session, username: str, password: str, role: Role = Role.con
     return u
 
 
-def authenticate(db: Session, username: str, password: str) -> User:
+def authenticate(db: Session, username: str, password: str, address: str = "", per_hour: int = 0) -> User:
+    """The user, if the password is right. Wrong passwords count against the address: past
+    `per_hour` of them it is refused for a while (429), right password or not."""
+    from coordinator.services import limits
+
+    bucket = f"login:{address}"
+    if per_hour:
+        limits.check(db, bucket, per_hour, "failed logins from your address")
     u = db.scalar(select(User).where(User.username == username))
     if u is None or not u.is_active or not verify_password(password, u.password_hash):
+        if per_hour:
+            limits.record(db, bucket)
+            db.commit()  # counted even though this request fails
         raise Unauthorized("wrong username or password")
     return u
+
+
+def register(db: Session, settings, username: str, password: str, email: str | None, invite: str | None,
+             address: str) -> User:
+    """Open registration, by the settings: open (rate-limited per address), invite-only or closed."""
+    from coordinator.services import limits
+
+    if settings.registration == "closed":
+        raise Forbidden("registration is closed on this coordinator; ask a maintainer for an account")
+    inv = None
+    if settings.registration == "invite":
+        if not invite:
+            raise Forbidden("registration here is by invitation: pass the code a maintainer gave you (--invite)")
+        inv = db.scalar(select(Invite).where(Invite.code_hash == token_hash(invite)))
+        now = datetime.now(UTC)
+        if inv is None or inv.used_at is not None or inv.expires_at < now:
+            raise Forbidden("this invitation code is unknown, used or expired; ask a maintainer for a new one")
+    limits.check(db, f"register:{address}", settings.registrations_per_hour, "accounts created from your address")
+    u = create_user(db, username, password, email=email)
+    limits.record(db, f"register:{address}")
+    if inv is not None:
+        inv.used_at, inv.used_by_id = datetime.now(UTC), u.id
+    return u
+
+
+def invite(db: Session, user: User, note: str = "", days: int = 7) -> tuple[Invite, str]:
+    """A one-use invitation code (maintainers); the code is shown once and stored hashed."""
+    if user.role not in (Role.maintainer, Role.admin):
+        raise Forbidden("only maintainers invite")
+    code = "inv_" + secrets.token_urlsafe(18)
+    inv = Invite(code_hash=token_hash(code), note=note, created_by_id=user.id,
+                 expires_at=datetime.now(UTC) + timedelta(days=days))
+    db.add(inv)
+    db.flush()
+    return inv, code
 
 
 def allowed_scopes(user: User) -> list[str]:
@@ -40,12 +86,17 @@ def allowed_scopes(user: User) -> list[str]:
 
 
 def create_token(db: Session, user: User, name: str, scopes: list[str] | None = None,
-                 expires_days: int | None = 365) -> tuple[ApiToken, str]:
+                 expires_days: int | None = 365, holder: list[str] | None = None) -> tuple[ApiToken, str]:
+    """A new API token. `holder`: the scopes of the token asking for it, when a token asks
+    (a token can only mint tokens with scopes it holds itself); None for a password login."""
     allowed = allowed_scopes(user)
-    scopes = scopes or allowed
+    if holder is not None:
+        allowed = [s for s in allowed if s in holder]
+    scopes = list(dict.fromkeys(scopes or allowed))
     bad = [s for s in scopes if s not in allowed]
     if bad:
-        raise Forbidden(f"a {user.role.value} cannot hold token scopes {bad}; allowed: {allowed}")
+        why = "the token you used holds" if holder is not None else f"a {user.role.value} may hold"
+        raise Forbidden(f"cannot mint a token with scopes {bad}: {why} only {allowed}")
     secret = new_token()
     expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
     t = ApiToken(user_id=user.id, name=name[:100] or "token", prefix=secret[:12], token_hash=token_hash(secret),
@@ -73,8 +124,16 @@ def resolve_token(db: Session, secret: str) -> tuple[User, ApiToken]:
     return t.user, t
 
 
-def list_tokens(db: Session, user: User) -> list[ApiToken]:
-    return list(db.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)))
+def list_tokens(db: Session, user: User, of: str | None = None) -> list[ApiToken]:
+    """`user`'s tokens, or (admins) those of the user named `of`."""
+    owner = user
+    if of is not None and of != user.username:
+        if user.role != Role.admin:
+            raise Forbidden("only admins list other users' tokens")
+        owner = db.scalar(select(User).where(User.username == of))
+        if owner is None:
+            raise NotFound(f"no user {of!r}")
+    return list(db.scalars(select(ApiToken).where(ApiToken.user_id == owner.id).order_by(ApiToken.id)))
 
 
 def revoke_token(db: Session, user: User, token_id: int) -> ApiToken:

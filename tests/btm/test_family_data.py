@@ -134,7 +134,49 @@ def test_truncated_or_pickled_weights_are_refused_before_reading(tmp_path, tok):
     with pytest.raises(WeightsError, match="truncated"):
         read_header(f)
     torch.save({"w": torch.zeros(3)}, tmp_path / "m" / "model.safetensors")  # a pickle in disguise
-    with pytest.raises(WeightsError, match="not a safetensors file"):
+    with pytest.raises(WeightsError, match="is a pickle.*nothing was unpickled"):
         open_weights(tmp_path / "m")
     with pytest.raises(FamilyError, match="unknown preset"):
         preset_config("huge", tok)
+
+
+def _raw(header: dict, body: bytes) -> bytes:
+    import json
+    import struct
+
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + body
+
+
+A = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+LAYOUTS = {
+    # a file two readers could read two ways is refused, naming the file and the defect
+    "trailing": (_raw({"a": A}, b"\0" * 24), "8 bytes after the last tensor"),
+    "gap": (_raw({"a": A, "b": {"dtype": "F32", "shape": [2], "data_offsets": [20, 28]}}, b"\0" * 28),
+            "a gap of 4 bytes before tensor 'b'"),
+    "overlap": (_raw({"a": A, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16),
+                "tensor 'b' overlaps the tensor before it by 8 bytes"),
+    "duplicate name": (b"", "names tensor 'a' twice"),
+    "huge shape": (_raw({"a": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}},
+                        b"\0" * 64), "truncated: the header describes 4398046511104 bytes"),
+    "huge header": (b"\xff" * 8 + b"{}", "announce a header of"),
+    "not json": (b"\x08" + b"\0" * 7 + b"notjson!", "header is not valid"),
+    "size mismatch": (_raw({"a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}}, b"\0" * 16),
+                      "takes 16 bytes but its shape [5] of F32 needs 20"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_the_safetensors_library_decides_and_the_defect_is_named(tmp_path, case):
+    raw, words = LAYOUTS[case]
+    if case == "duplicate name":
+        h = b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+        h += b" " * (-len(h) % 8)
+        raw = len(h).to_bytes(8, "little") + h + b"\0" * 16
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(raw)
+    with pytest.raises(WeightsError) as e:
+        read_header(f, name="your model.safetensors")
+    assert str(e.value).startswith("your model.safetensors: ") and words in str(e.value), str(e.value)
+    assert str(tmp_path) not in str(e.value)

@@ -25,15 +25,15 @@ def test_presigned_multipart_upload_and_download(moto, tmp_path):
     s.ensure_bucket()
     data = os.urandom(5 * 1024 * 1024) + os.urandom(1000)  # two parts (S3's minimum part is 5 MiB)
     uid = s.create_multipart("uploads/x")
-    etags = []
-    for i, chunk in enumerate([data[: 5 << 20], data[5 << 20 :]], 1):
-        url = s.part_url("uploads/x", uid, i)
+    chunks = [data[: 5 << 20], data[5 << 20 :]]
+    for i, chunk in enumerate(chunks, 1):
+        url = s.part_url("uploads/x", uid, i, len(chunk))
         assert urlparse(url).port == moto.port  # straight to the store
         r = httpx.put(url, content=chunk)
         assert r.status_code == 200
-        etags.append({"part_number": i, "etag": r.headers["etag"]})
     assert [p["part_number"] for p in s.list_parts("uploads/x", uid)] == [1, 2]
-    s.complete_multipart("uploads/x", uid, etags)
+    s.complete_multipart("uploads/x", uid, [len(c) for c in chunks])
+    s.complete_multipart("uploads/x", uid, [len(c) for c in chunks])  # a retried complete is a no-op
     assert s.sha256("uploads/x") == (hashlib.sha256(data).hexdigest(), len(data))
     s.move("uploads/x", "blobs/y")
     assert not s.exists("uploads/x") and s.size("blobs/y") == len(data)
