@@ -487,8 +487,14 @@ def demo(
       elmforest demo
       elmforest demo --port 8080 --no-serve
     """
+    import signal
+
     from contributor_client.demo import Demo, summary
 
+    def _stop(signum, frame):  # SIGTERM: unwind like Ctrl-C, so the coordinator is stopped too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
     d = Demo(workdir, port, seed_steps, elm_steps, lambda m: console.print(m))
     try:
         r = d.run()
@@ -501,6 +507,8 @@ def demo(
             console.print("serving until Ctrl-C")
             with contextlib.suppress(KeyboardInterrupt):
                 d.server.wait()
+    except KeyboardInterrupt:
+        console.print("stopped")
     finally:
         d.stop()
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from btm.errors import BTMError
 from coordinator.errors import ServiceError, public
-from coordinator.middleware import BodyLimit, Overload
+from coordinator.middleware import BodyLimit, Lane, Overload
 from coordinator.settings import Settings, get_settings
 from coordinator.storage import make_storage
 
@@ -43,11 +43,18 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
         from coordinator.services import jobs
 
         check_at_head(settings.db_url)
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         if hasattr(app.state.storage, "ensure_bucket"):
             app.state.storage.ensure_bucket()
         if run_worker:
+            import btm.evaluate  # noqa: F401 - the jobs' libraries, loaded now rather than mid-request
+
             celery_app.start_embedded_worker()
-        celery_app.start_sweeper()  # dead jobs run again, expired uploads go: on every backend
+        celery_app.start_sweeper(settings)  # dead jobs run again, expired uploads go: on every backend
+        share_the_interpreter()
+        settle_memory()
         yield
         ids = jobs.release_running(settings)  # a stop hands back the job in flight
         if ids:
@@ -99,9 +106,47 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
         mount(app)
     # outermost last: the overload gate sees every request first, then the body limit
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes, exempt=("/api/v1/storage/parts/",))
-    app.add_middleware(Overload, limit=settings.max_concurrent_requests, wait=settings.overload_wait_seconds,
-                       exempt=("/healthz",))
+    app.add_middleware(Overload, lanes=lanes(settings), exempt=("/healthz", "/api/v1/storage/objects/"))
     return app
+
+
+def lanes(settings: Settings) -> list[Lane]:
+    """Part uploads stream bytes (no database, no request thread) but make the server copy
+    them: a few at a time, the rest wait (their senders are slowed by TCP, not refused).
+    Completions hash and check whole files: two at a time. The rest share what is left."""
+    n = admitted(settings)
+    return [Lane("parts", 4, 600, prefixes=("/api/v1/storage/parts/",)),
+            Lane("completions", 2, 8 * settings.overload_wait_seconds, suffixes=("/complete",)),
+            Lane("requests", n - 2, settings.overload_wait_seconds)]
+
+
+def share_the_interpreter() -> None:
+    """Hand the interpreter between threads every 1 ms (Python's default: 5 ms), so a short
+    request is not kept waiting behind a thread hashing or checking a large upload."""
+    import sys
+
+    sys.setswitchinterval(0.001)
+
+
+def settle_memory() -> None:
+    """Exempt what is loaded so far (the libraries: hundreds of thousands of objects) from the
+    garbage collector's full passes, which would otherwise stop every request thread for
+    ~0.1 s each time they run."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def admitted(settings: Settings) -> int:
+    """Requests let in at once. Every one of them can hold a database connection while it
+    waits for a thread (FastAPI validates a response on a thread of its own before the session
+    closes), so never more than the pool can serve and the threads can run: then no request
+    waits on another for either, and none can deadlock."""
+    from coordinator.db import BACKGROUND_CONNECTIONS, POOL_OVERFLOW, POOL_SIZE
+
+    return max(1, min(settings.max_concurrent_requests, POOL_SIZE + POOL_OVERFLOW - BACKGROUND_CONNECTIONS,
+                      settings.api_threads))
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -62,26 +63,52 @@ class BodyLimit:
                 await _send_error(send, 413, "too_large", message)
 
 
-class Overload:
-    """At most `limit` requests in the application at once; one more waits up to `wait`
-    seconds for a place, then gets 503 with Retry-After (paths under `exempt` always pass)."""
+class Lane:
+    """A class of requests with places of its own: those whose path starts with one of
+    `prefixes` or ends with one of `suffixes` (a lane with neither takes every other request)."""
 
-    def __init__(self, app: ASGIApp, limit: int, wait: float, exempt: tuple[str, ...] = ()):
-        self.app, self.wait, self.exempt = app, wait, exempt
-        self.limit = limit
-        self._gate: asyncio.Semaphore | None = None  # made in the server's event loop
+    def __init__(self, name: str, limit: int, wait: float, prefixes: tuple[str, ...] = (),
+                 suffixes: tuple[str, ...] = ()):
+        self.name, self.limit, self.wait, self.prefixes, self.suffixes = name, max(1, limit), wait, prefixes, suffixes
+        self.gate: asyncio.Semaphore | None = None  # made in the server's event loop
+
+    def takes(self, path: str) -> bool:
+        return (not self.prefixes and not self.suffixes) or path.startswith(self.prefixes) or path.endswith(
+            self.suffixes)
+
+
+class Overload:
+    """Admission by lanes: each lane lets at most `limit` of its requests into the
+    application at once; one more waits up to the lane's `wait` seconds for a place, then
+    gets 503 with Retry-After. So a burst of one kind (large part uploads, completions that
+    hash and check whole files) cannot crowd out the quick reads. Paths under `exempt` always
+    pass. Every answer carries a Server-Timing header: the wait for a place and the work."""
+
+    def __init__(self, app: ASGIApp, lanes: list[Lane], exempt: tuple[str, ...] = ()):
+        self.app, self.lanes, self.exempt = app, lanes, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt) or self.limit <= 0:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith(self.exempt):
             return await self.app(scope, receive, send)
-        if self._gate is None:
-            self._gate = asyncio.Semaphore(self.limit)
+        lane = next(x for x in self.lanes if x.takes(path))
+        if lane.gate is None:
+            lane.gate = asyncio.Semaphore(lane.limit)
+        t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(self._gate.acquire(), self.wait)
+            await asyncio.wait_for(lane.gate.acquire(), lane.wait)
         except TimeoutError:
             return await _send_error(send, 503, "overloaded", "the coordinator is at capacity; try again shortly",
                                      {"Retry-After": "2"})
+        t1 = time.perf_counter()
+
+        async def timed(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                t = f"wait;dur={(t1 - t0) * 1000:.1f}, app;dur={(time.perf_counter() - t1) * 1000:.1f}"
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"server-timing", t.encode())]}
+            await send(msg)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, timed)
         finally:
-            self._gate.release()
+            lane.gate.release()

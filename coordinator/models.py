@@ -225,6 +225,7 @@ class ForestVersion(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     note: Mapped[str] = mapped_column(Text, default="")
     publish_key: Mapped[str | None] = mapped_column(String(128), unique=True)  # makes a retried publish a no-op
+    evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # its leaderboard's last evaluation
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     forest: Mapped[Forest] = relationship()

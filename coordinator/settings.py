@@ -47,9 +47,12 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(default=1024**2, description="Largest request body of an API call (files go through "
                                 "uploads, not JSON).")
     part_size: int = 64 * 1024**2
-    max_concurrent_requests: int = Field(default=64, description="Requests one API process works on at once; more "
-                                         "wait up to overload_wait_seconds, then get 503 with Retry-After.")
+    max_concurrent_requests: int = Field(default=16, description="Requests one API process works on at once; more "
+                                         "wait up to overload_wait_seconds, then get 503 with Retry-After. At most "
+                                         "the database pool's size less its background connections (24).")
     overload_wait_seconds: float = 5.0
+    api_threads: int = Field(default=16, description="Threads serving API requests in one process (about the "
+                             "database pool's size: more would only wait for a connection).")
     url_ttl_seconds: int = 3600
     token_ttl_days: int = 365
 

@@ -77,7 +77,7 @@ def pg_database():
 class Coordinator:
     """A running coordinator and the means to drive it."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str], worker: bool = True):
+    def __init__(self, data_dir: Path, env: dict[str, str], worker: bool = True, serve_args: tuple[str, ...] = ()):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,22 +87,26 @@ class Coordinator:
         self.procs: list[subprocess.Popen] = []
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(data_dir.parent / f"{data_dir.name}-server.log", "ab")
-        self.worker = worker
+        self.embedded_worker = worker
+        self.serve_args = list(serve_args)
         self.start()
 
     def start(self) -> None:
         """Start (or start again) the server on its port, with its data and settings."""
-        args = ["serve", "--port", str(self.port)] + ([] if self.worker else ["--no-worker"])
+        args = ["serve", "--port", str(self.port), *self.serve_args] + ([] if self.embedded_worker else ["--no-worker"])
         self.server = self.spawn(args)
         self.wait_healthy()
 
-    def kill(self) -> None:
-        """SIGKILL the server and everything it started (a crash, not a stop)."""
+    def kill(self, proc: subprocess.Popen | None = None) -> None:
+        """SIGKILL the server (or another of its processes) and everything it started: a
+        crash, not a stop."""
         import signal
 
+        proc = proc or self.server
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.server.pid, signal.SIGKILL)
-        self.server.wait(10)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
 
     def spawn(self, args: list[str]) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-m", "elmforest_cli", *args], env=self.env, stdout=self.log,
@@ -157,6 +161,35 @@ class Coordinator:
         stop_groups(self.procs)
         self.log.close()
 
+
+class Stutter:
+    """Slow a process group down (SIGSTOP/SIGCONT, running `duty` of the time), so that a
+    short job can be caught in the middle."""
+
+    def __init__(self, pid: int, duty: float = 0.1, period: float = 0.05):
+        import signal
+
+        self.pid, self._stop = pid, threading.Event()
+
+        def loop():
+            while not self._stop.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGCONT)
+                time.sleep(period * duty)
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGSTOP)
+                time.sleep(period * (1 - duty))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGCONT)
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
 
 def _s3(coord):
     import boto3

@@ -15,10 +15,19 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from starlette.middleware.sessions import SessionMiddleware
 
-from coordinator.api.deps import DB, Id, SettingsDep, StorageDep
+from coordinator.api.deps import DB, Id, SettingsDep, StorageDep, release
 from coordinator.errors import Forbidden, NotFound, ServiceError, public
-from coordinator.models import AveragedModel, Contribution, Evaluation, Role, State, User
-from coordinator.services import averages, contributions, domains, forests, jobs, leaderboard, users
+from coordinator.models import AveragedModel, Contribution, Domain, Evaluation, Role, State, User
+from coordinator.services import (
+    averages,
+    cache,
+    contributions,
+    domains,
+    forests,
+    jobs,
+    leaderboard,
+    users,
+)
 from web import svg
 
 HERE = Path(__file__).parent
@@ -34,6 +43,7 @@ def session_user(request: Request, db: DB) -> User | None:
     if uid is None:
         return None
     u = db.get(User, uid)
+    release(db)
     return u if u is not None and u.is_active else None
 
 
@@ -82,9 +92,10 @@ def home(request: Request, db: DB, user: WebUser):
     cards = []
     for f in forests.list_(db):
         v = forests.version(db, f)
-        cards.append({"forest": f, "version": v, "elms": v.manifest["elms"],
-                      "domains": sorted({e["domain"] for e in v.manifest["elms"]}),
-                      "history": list(reversed(v.manifest.get("history", [])))[:6]})
+        m = forests.manifest_of(db, v)
+        cards.append({"forest": f, "version": v, "elms": m["elms"],
+                      "domains": sorted({e["domain"] for e in m["elms"]}),
+                      "history": list(reversed(m.get("history", [])))[:6]})
     if len(cards) == 1:
         return RedirectResponse(f"/forests/{cards[0]['forest'].name}", status_code=303)
     return render(request, "home.html", user, cards=cards, title="Forests")
@@ -96,11 +107,12 @@ def forest_page(request: Request, name: str, db: DB, user: WebUser):
     v = forests.version(db, f)
     b = leaderboard.board(db, v, kind=None, per_page=8)
     doms = {d.name: d for d in domains.list_(db)}
-    elms = v.manifest["elms"]
+    m = forests.manifest_of(db, v)
     bar_items = [(x["subject"], x["mean"], x["kind"]) for x in b.subjects]
+    versions = [(x, len(forests.manifest_of(db, x)["elms"])) for x in forests.versions(db, f)]
     return render(request, "forest.html", user, title=f"{f.name} forest", forest=f, version=v,
-                  versions=forests.versions(db, f), elms=elms, domains=doms,
-                  history=list(reversed(v.manifest.get("history", [])))[:12],
+                  versions=versions, elms=m["elms"], domains=doms,
+                  history=list(reversed(m.get("history", [])))[:12],
                   pending=len(contributions.list_(db, user, "evaluated")) if domains.is_maintainer(user) else 0,
                   bars=svg.bars(bar_items, title="mean perplexity, best subjects"))
 
@@ -163,7 +175,7 @@ def posterior_page(request: Request, name: str, db: DB, user: WebUser,
     roles = {d.name: d.role.value for d in domains.list_(db, include_retired=True)}
     rows = sorted(post, key=lambda d: (roles.get(d) != "train", d))
     weight = {(d, e): w for d, ws in post.items() for e, w in ws.items()}
-    cols = [e["name"] for e in v.manifest["elms"]]
+    cols = [e["name"] for e in forests.manifest_of(db, v)["elms"]]
     # large forests: keep the ELMs some domain actually leans on
     if len(cols) > 60:
         top = sorted(cols, key=lambda e: -max((weight.get((d, e), 0) for d in rows), default=0))
@@ -173,8 +185,8 @@ def posterior_page(request: Request, name: str, db: DB, user: WebUser,
                   rows=rows, cols=cols, roles=roles, post=post)
 
 
-def _elm_entry(v, elm: str) -> dict:
-    for e in v.manifest["elms"]:
+def _elm_entry(db, v, elm: str) -> dict:
+    for e in forests.manifest_of(db, v)["elms"]:
         if e["name"] == elm:
             return e
     raise NotFound(f"{v.forest.name} v{v.number} has no ELM named {elm!r}")
@@ -184,8 +196,14 @@ def _elm_entry(v, elm: str) -> dict:
 def elm_page(request: Request, name: str, elm: str, db: DB, user: WebUser):
     f = forests.get(db, name)
     v = forests.version(db, f)
-    e = _elm_entry(v, elm)
-    c = db.get(Contribution, e["contribution_id"])
+    e = _elm_entry(db, v, elm)
+    # the lineage and the scores change only with the version and its evaluation
+    graph, per_domain, bars = cache.boards.get(("elm-page", v.id, v.evaluated_at, elm), lambda: _elm_figures(db, f, v, e))
+    return render(request, "elm.html", user, title=f"{elm} · {f.name}", forest=f, version=v, elm=e,
+                  contribution_id=e.get("contribution_id"), graph=graph, per_domain=per_domain, bars=bars)
+
+
+def _elm_figures(db, f, v, e) -> tuple[str, list, str]:
     # lineage: walk parents through their contributions' branch inits back to the seed
     nodes = {e["name"]: {"label": e["name"], "sub": f"domain {e['domain']}"}}
     edges: list[tuple[str, str, float]] = []
@@ -202,15 +220,15 @@ def elm_page(request: Request, name: str, elm: str, db: DB, user: WebUser):
             else:
                 pc = db.get(Contribution, p["contribution_id"])
                 nodes.setdefault(pname, {"label": pname, "sub": f"domain {pc.domain.name}" if pc else ""})
-                if pc is not None:
+                if pc is not None and pc.branch_init is not None:
                     todo.append((pname, pc.branch_init.parents or []))
             edges.append((pname, child, float(p["weight"])))
     graph = svg.lineage(nodes, edges, e["name"], href=lambda n: f"/forests/{f.name}/elms/{n}")
-    evals = db.execute(select(Evaluation).where(Evaluation.version_id == v.id, Evaluation.subject == elm)).scalars().all()
-    per_domain = sorted(((x.domain.name, x.perplexity, x.domain.role.value) for x in evals), key=lambda t: t[1])
-    return render(request, "elm.html", user, title=f"{elm} · {f.name}", forest=f, version=v, elm=e, contribution=c,
-                  graph=graph, per_domain=per_domain,
-                  bars=svg.bars([(d, p, r) for d, p, r in per_domain], title=f"perplexity of {elm} by domain"))
+    q = (select(Domain.name, Evaluation.perplexity, Domain.role).join(Domain, Domain.id == Evaluation.domain_id)
+         .where(Evaluation.version_id == v.id, Evaluation.subject == e["name"]))
+    per_domain = sorted(((d, p, r.value) for d, p, r in db.execute(q)), key=lambda t: t[1])
+    bars = svg.bars([(d, p, r) for d, p, r in per_domain], title=f"perplexity of {e['name']} by domain")
+    return graph, per_domain, bars
 
 
 @router.get("/contributions/{cid}", response_class=HTMLResponse)
@@ -300,7 +318,7 @@ def download_page(request: Request, name: str, db: DB, user: WebUser, storage: S
                   version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
     f = forests.get(db, name)
     v = forests.version(db, f, version)
-    d = forests.version_download(storage, v)
+    d = forests.version_download(db, storage, v)
     built = db.scalars(select(AveragedModel).where(AveragedModel.version_id == v.id)).all()
     return render(request, "download.html", user, title=f"Download · {f.name} v{v.number}", forest=f, version=v,
                   versions=forests.versions(db, f), files=d["files"], domains=domains.list_(db), averages=built,

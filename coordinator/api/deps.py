@@ -3,9 +3,10 @@ caller (from a bearer API token), with the scope each route needs declared on th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
@@ -25,14 +26,38 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    db = get_sessionmaker(request.app.state.settings.db_url)()
+_teardown: dict[str, anyio.CapacityLimiter] = {}
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    # its own threads: were ending a session to wait for a request thread while every request
+    # thread waits for a connection that only an ending session gives back, all would wait
+    if "db" not in _teardown:
+        _teardown["db"] = anyio.CapacityLimiter(64)
+    return _teardown["db"]
+
+
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A session per request, committed when the endpoint returns (before the response goes
+    out), rolled back if it raised or the request was cancelled. Commit and close run on
+    threads of their own, whatever happened to the request."""
+    db = get_sessionmaker(request.app.state.settings.db_url)()  # no connection yet: opened on first use
+    ok = False
     try:
         yield db
-        db.commit()
-    except BaseException:
-        db.rollback()
-        raise
+        ok = True
+    finally:
+        # shielded: a request cancelled (its client went away) must still give its connection back
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_end, db, ok, limiter=_limiter())
+
+
+def _end(db: Session, commit: bool) -> None:
+    try:
+        if commit and db.in_transaction():
+            db.commit()
+        else:
+            db.rollback()
     finally:
         db.close()
 
@@ -51,12 +76,21 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
+def release(db: Session) -> None:
+    """End the session's transaction so its connection goes back to the pool. A dependency
+    runs on a thread of its own and the endpoint on another: a connection held between the two
+    would wait for a thread while every thread might be waiting for a connection."""
+    if db.in_transaction():
+        db.commit()
+
+
 def optional_user(request: Request, db: DB) -> User | None:
     token = _bearer(request)
     if not token:
         return None
     user, t = users_svc.resolve_token(db, token)
     request.state.scopes = set(t.scopes)
+    release(db)
     return user
 
 
@@ -67,6 +101,7 @@ def _scoped(scope: str):
             raise Unauthorized("log in first: send `Authorization: Bearer <token>` (`elmforest login` stores one)")
         user, t = users_svc.resolve_token(db, token)
         request.state.scopes = set(t.scopes)
+        release(db)
         if scope not in t.scopes:
             raise Forbidden(f"this token lacks the {scope!r} scope; create one with it (`elmforest token create`)")
         if scope == "maintain" and user.role not in (Role.maintainer, Role.admin):

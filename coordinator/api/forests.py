@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Query, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from coordinator.api.deps import DB, Id, Maintainer, Reader, SettingsDep, StorageDep
 from coordinator.errors import NotFound
@@ -20,16 +22,16 @@ from coordinator.schemas import (
     PublishIn,
     VersionOut,
 )
-from coordinator.services import averages, forests, jobs, leaderboard
+from coordinator.services import averages, cache, forests, jobs, leaderboard
 
 router = APIRouter(prefix="/forests", tags=["forests"],
                    responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
                               404: {"model": Error}, 409: {"model": Error}, 422: {"model": Error}})
 
 
-def version_out(v) -> VersionOut:
+def version_out(db, v) -> VersionOut:
     return VersionOut(number=v.number, manifest_sha256=v.manifest_sha256, note=v.note, created_at=v.created_at,
-                      elms=len(v.manifest["elms"]))
+                      elms=len(forests.manifest_of(db, v)["elms"]))
 
 
 @router.get("", response_model=list[ForestOut])
@@ -62,20 +64,20 @@ def add_baseline(name: str, body: BaselineIn, user: Maintainer, db: DB, storage:
 
 @router.get("/{name}/versions", response_model=list[VersionOut])
 def list_versions(name: str, db: DB):
-    return [version_out(v) for v in forests.versions(db, forests.get(db, name))]
+    return [version_out(db, v) for v in forests.versions(db, forests.get(db, name))]
 
 
 @router.get("/{name}/versions/{number}", response_model=dict)
 def get_manifest(name: str, number: Id, db: DB):
     """The version's manifest (immutable)."""
-    return forests.version(db, forests.get(db, name), number).manifest
+    return forests.manifest_of(db, forests.version(db, forests.get(db, name), number))
 
 
 @router.get("/{name}/download", response_model=DownloadOut)
 def download(name: str, db: DB, storage: StorageDep, version: int | None = Query(default=None, ge=1)):
     """The manifest of a version (default: current) and a download URL for every file."""
     v = forests.version(db, forests.get(db, name), version)
-    return forests.version_download(storage, v)
+    return forests.version_download(db, storage, v)
 
 
 @router.post("/{name}/publish", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
@@ -103,18 +105,23 @@ def get_leaderboard(name: str, db: DB, version: int | None = Query(default=None,
                     desc: bool = False, page: int = Query(default=1, ge=1, le=100_000),
                     per_page: int = Query(default=25, ge=1, le=500)):
     """One page of a version's leaderboard: subjects x domains, sorted and filtered."""
-    f = forests.get(db, name)
-    b = leaderboard.board(db, forests.version(db, f, version), role, kind, sort, desc, page, per_page)
-    # built as plain JSON: thousands of numbers need no second validation pass (the schema
-    # above still documents the shape, and tests check it)
-    return JSONResponse({
-        "forest": f.name, "version": b.version.number, "total": b.total, "page": b.page, "per_page": b.per_page,
-        "domains": [{"name": n, "role": r} for n, r in b.domains],
-        "rows": [{"subject": x["subject"], "kind": x["kind"], "method": x["method"], "mean_train": x["mean_train"],
-                  "mean_eval": x["mean_eval"], "mean": x["mean"],
-                  "ppl": {d: b.cells[(x["subject"], d)] for d, _ in b.domains if (x["subject"], d) in b.cells}}
-                 for x in b.subjects],
-    })
+    v = forests.version(db, forests.get(db, name), version)
+
+    def render() -> bytes:
+        b = leaderboard.board(db, v, role, kind, sort, desc, page, per_page)
+        return json.dumps({
+            "forest": b.forest, "version": b.version, "total": b.total, "page": b.page, "per_page": b.per_page,
+            "domains": [{"name": n, "role": r} for n, r in b.domains],
+            "rows": [{"subject": x["subject"], "kind": x["kind"], "method": x["method"], "mean_train": x["mean_train"],
+                      "mean_eval": x["mean_eval"], "mean": x["mean"],
+                      "ppl": {d: b.cells[(x["subject"], d)] for d, _ in b.domains if (x["subject"], d) in b.cells}}
+                     for x in b.subjects],
+        }).encode()
+
+    # plain JSON, made once per page of a version's evaluation (the schema above documents the
+    # shape, and tests check it): thousands of numbers need no validation pass per request
+    body = cache.boards.get(("json", v.id, v.evaluated_at, role, kind, sort, desc, page, per_page), render)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{name}/posteriors", response_model=dict[str, dict[str, float]])

@@ -64,11 +64,11 @@ def run_job(self, job_id: int) -> str:
 _sweeping = threading.Event()  # set once this process runs a sweeper
 
 
-def start_sweeper() -> None:
+def start_sweeper(settings: Settings | None = None) -> None:
     """Recover unfinished jobs and expire uploads now and every sweep_seconds (once per process)."""
     if not _sweeping.is_set():
         _sweeping.set()
-        jobs.sweeper(get_settings(), threading.Event())
+        jobs.sweeper(settings or get_settings(), threading.Event())
 
 
 @worker_ready.connect

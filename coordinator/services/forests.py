@@ -23,7 +23,7 @@ from coordinator.models import (
     User,
     VersionMember,
 )
-from coordinator.services import uploads
+from coordinator.services import cache, uploads
 from coordinator.services.lifecycle import transition
 from coordinator.storage import Storage, blob_key
 
@@ -53,6 +53,11 @@ def version(db: Session, forest: Forest, number: int | None = None) -> ForestVer
     if v is None:
         raise NotFound(f"forest {forest.name!r} has no version {n}")
     return v
+
+
+def manifest_of(db: Session, v: ForestVersion) -> dict:
+    """A version's manifest, from this process's cache (versions are immutable)."""
+    return cache.manifests.get(v.id, lambda: db.scalar(select(ForestVersion.manifest).where(ForestVersion.id == v.id)))
 
 
 def versions(db: Session, forest: Forest) -> list[ForestVersion]:
@@ -253,9 +258,9 @@ def file_urls(storage: Storage, files: dict[str, str]) -> dict[str, str]:
     return {name: storage.download_url(blob_key(sha), name) for name, sha in files.items()}
 
 
-def version_download(storage: Storage, v: ForestVersion) -> dict:
+def version_download(db: Session, storage: Storage, v: ForestVersion) -> dict:
     """The manifest plus a download URL for every file, by path inside the forest directory."""
-    m = v.manifest
+    m = manifest_of(db, v)
     urls = {}
     for entry in [m["seed"], *m["elms"]]:
         for name, url in file_urls(storage, entry["files"]).items():

@@ -1,7 +1,7 @@
 """Jobs: rows in the database are the truth, Celery only delivers them.
 
 `enqueue` is idempotent per (kind, key): asking twice for the same work returns the same
-job. A runner claims a job atomically (queued, or running under a runner that died), names
+job. A runner claims a queued job atomically, names
 itself on the row (host, pid and process start), heartbeats while it works, and records the
 outcome in the same transaction as the work, on condition that the job is still its own. So
 a runner killed mid-job leaves a job that the next one runs again, and the outcome is
@@ -223,13 +223,12 @@ def lease(settings) -> timedelta:
     return timedelta(seconds=settings.job_lease_seconds)
 
 
-def claim(db: Session, job_id: int, lease_: timedelta) -> bool:
+def claim(db: Session, job_id: int) -> bool:
+    """Take a queued job. (A job whose runner died is queued again, or failed, by `recover`
+    alone, so that one rule counts the attempts.)"""
     now = utcnow()
     r = db.execute(
-        update(Job)
-        .where(Job.id == job_id,
-               or_(Job.status == JobStatus.queued,
-                   (Job.status == JobStatus.running) & (Job.heartbeat_at < now - lease_)))
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
         .values(status=JobStatus.running, heartbeat_at=now, started_at=now, attempts=Job.attempts + 1,
                 runner=runner_id())
     )
@@ -251,7 +250,7 @@ def run(job_id: int, settings=None, max_attempts: int = 3) -> str:
     settings = settings or get_settings()
     Sm = get_sessionmaker(settings.db_url)
     with Sm() as db:
-        if not claim(db, job_id, lease(settings)):
+        if not claim(db, job_id):
             j = db.get(Job, job_id)
             return j.status.value if j else "missing"
         job = db.get(Job, job_id)
@@ -293,6 +292,16 @@ def run(job_id: int, settings=None, max_attempts: int = 3) -> str:
     finally:
         _running.pop(job_id, None)
         stop.set()
+        _settle()
+
+
+def _settle() -> None:
+    """After a job (which may have loaded model libraries for the first time): collect once,
+    then exempt what remains from full collections (see coordinator.app.settle_memory)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _heartbeat(Sm, job_id: int, stop: threading.Event, lease_: timedelta) -> None:
@@ -357,7 +366,8 @@ def release_running(settings) -> list[int]:
     with get_sessionmaker(settings.db_url)() as db:
         for i in ids:
             db.execute(update(Job).where(_mine(i)).values(status=JobStatus.queued, runner=None, heartbeat_at=None,
-                                                          attempts=Job.attempts - 1, error="handed back at shutdown"))
+                                                          attempts=Job.attempts - 1, error="handed back at shutdown",
+                                                          dispatched_at=None))  # the next sweep dispatches it
         db.commit()
     return ids
 

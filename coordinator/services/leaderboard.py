@@ -16,7 +16,9 @@ from coordinator.models import (
     ForestVersion,
     Posterior,
     SubjectSummary,
+    utcnow,
 )
+from coordinator.services import cache
 
 KINDS = ("elm", "ensemble", "average", "model")
 SORTS = ("mean", "mean_train", "mean_eval")
@@ -24,9 +26,11 @@ SORTS = ("mean", "mean_train", "mean_eval")
 
 @dataclass
 class Board:
-    """One page of a version's leaderboard: subjects (rows) x domains (columns)."""
+    """One page of a version's leaderboard: subjects (rows) x domains (columns). Plain data
+    (no database objects), so a page can be cached and shared between requests."""
 
-    version: ForestVersion
+    forest: str
+    version: int
     domains: list[tuple[str, str]]  # (name, role), in column order
     subjects: list[dict]  # {subject, kind, method, mean_train, mean_eval, mean_all}, in row order
     cells: dict[tuple[str, str], float]  # (subject, domain) -> perplexity
@@ -45,12 +49,20 @@ class Board:
 
 def board(db: Session, v: ForestVersion, role: str | None = None, kind: str | None = None, sort: str = "mean",
           desc: bool = False, page: int = 1, per_page: int = 50) -> Board:
-    """Sorting and paging happen in the database (on the summaries, or on one domain's
-    column), so a page costs about per_page x domains rows whatever the forest's size."""
+    """One page of the leaderboard, from the cache until the version is evaluated again."""
     if role not in (None, "train", "eval"):
         raise BadRequest("role is train or eval")
     if kind not in (None, *KINDS):
         raise BadRequest(f"kind is one of {', '.join(KINDS)}")
+    page, per_page = max(1, page), max(1, min(per_page, 500))
+    key = (v.id, v.evaluated_at, role, kind, sort, desc, page, per_page)
+    return cache.boards.get(key, lambda: _board(db, v, role, kind, sort, desc, page, per_page))
+
+
+def _board(db: Session, v: ForestVersion, role: str | None, kind: str | None, sort: str, desc: bool, page: int,
+           per_page: int) -> Board:
+    """Sorting and paging happen in the database (on the summaries, or on one domain's
+    column), so a page costs about per_page x domains rows whatever the forest's size."""
     # the version's domains are those of its most-evaluated subject (every ELM, ensemble and
     # average is scored on all of them): an index lookup, not a scan of every evaluation
     widest = db.scalar(select(SubjectSummary.subject).where(SubjectSummary.version_id == v.id)
@@ -64,7 +76,6 @@ def board(db: Session, v: ForestVersion, role: str | None = None, kind: str | No
     dom_rows = list(conn.execute(dq))
     domains = [(n, r.value if hasattr(r, "value") else r) for _, n, r in dom_rows]
     dom_name = {i: n for i, n, _ in dom_rows}
-    page, per_page = max(1, page), max(1, min(per_page, 500))
     S = SubjectSummary
     base = select(S.subject, S.kind, S.method, S.mean_train, S.mean_eval, S.mean_all).where(S.version_id == v.id)
     if kind:
@@ -101,7 +112,7 @@ def board(db: Session, v: ForestVersion, role: str | None = None, kind: str | No
         if role:
             cq = cq.where(Evaluation.domain_id.in_(list(dom_name)))
         cells = {(s_, dom_name[d_]): p for s_, d_, p in conn.execute(cq).all() if d_ in dom_name}
-    return Board(v, domains, subjects, cells, total, page, per_page, role, kind, sort, desc)
+    return Board(v.forest.name, v.number, domains, subjects, cells, total, page, per_page, role, kind, sort, desc)
 
 
 def rows(db: Session, v: ForestVersion, role: str | None = None, method: str | None = None,
@@ -121,8 +132,12 @@ def rows(db: Session, v: ForestVersion, role: str | None = None, method: str | N
 
 
 def posteriors(db: Session, v: ForestVersion) -> dict[str, dict[str, float]]:
-    q = select(Posterior, Domain.name).join(Domain, Domain.id == Posterior.domain_id).where(Posterior.version_id == v.id)
-    return {name: p.weights for p, name in db.execute(q)}
+    def load():
+        q = select(Posterior.weights, Domain.name).join(Domain, Domain.id == Posterior.domain_id).where(
+            Posterior.version_id == v.id)
+        return {name: w for w, name in db.execute(q)}
+
+    return cache.boards.get((v.id, v.evaluated_at, "posteriors"), load)
 
 
 def summarize(db: Session, v: ForestVersion) -> None:
@@ -175,4 +190,5 @@ def evaluate_version(db: Session, storage, settings, version_id: int) -> dict:
         db.add(Posterior(version_id=v.id, domain_id=by_name[dn].id, weights=w))
     db.flush()
     summarize(db, v)
+    v.evaluated_at = utcnow()  # a new key for every cached page of this leaderboard
     return {"rows": len(rep["rows"]), "domains": len(blocks)}

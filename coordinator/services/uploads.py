@@ -148,6 +148,9 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
     if up.status in (STORED, COMPLETE):
         return up
     _expire_if_due(db, storage, up)
+    # what follows (assembling, hashing, checking the file) is slow and needs no database: end
+    # the transaction so the connection goes back to the pool meanwhile
+    db.commit()
     try:
         storage.complete_multipart(up.key, up.backend_upload_id, part_lengths(up))
     except PartsMissing as e:
@@ -157,7 +160,12 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
         delete(db, storage, up)
         db.commit()
         raise BadRequest(f"{e}; nothing was kept: start the upload again") from None
-    sha, n = storage.sha256(up.key)
+    from btm.hashing import sha256_file
+
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    with storage.local_copy(up.key, settings.work_dir) as path:  # one read of the bytes for both checks
+        sha, n = sha256_file(path), path.stat().st_size
+        problem = None if hold or sha != up.sha256 else check_kind(path, up)
     if sha != up.sha256 or n != up.size:
         delete(db, storage, up)
         db.commit()
@@ -167,7 +175,6 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
     if hold:
         up.status = STORED
     else:
-        problem = check_kind(storage, settings, up)
         if problem:
             delete(db, storage, up)
             db.commit()
@@ -179,29 +186,28 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
     return up
 
 
-def check_kind(storage: Storage, settings, up: Upload) -> str | None:
-    """Why a finished upload is not a file of its purpose's kind, or None."""
+def check_kind(path: Path, up: Upload) -> str | None:
+    """Why a finished upload (its bytes at `path`) is not a file of its purpose's kind, or None."""
     from btm.data import check_text_file
     from btm.errors import BTMError
     from btm.safetensors_io import read_header
 
-    with storage.local_copy(up.key, settings.work_dir) as path:
-        try:
-            if up.purpose in ("sample", "eval-data"):
-                check_text_file(path, up.filename)
-            elif up.purpose == "weights":
-                read_header(path, name=up.filename)
-            elif up.filename.endswith(".json"):
-                with open(path, "rb") as f:
-                    if not isinstance(json.loads(f.read()), dict):
-                        return "a .json model file must hold a JSON object"
-            elif up.filename.endswith(TEXT_FILES):
-                check_text_file(path, up.filename, documents=False)
-            else:
-                return (f"model files are config, tokenizer (.json, .txt) and README files; {up.filename!r} is "
-                        "none of these (weights go up with purpose 'weights', as safetensors)")
-        except (BTMError, ValueError, UnicodeDecodeError) as e:
-            return str(e).removeprefix(f"{up.filename}: ")
+    try:
+        if up.purpose in ("sample", "eval-data"):
+            check_text_file(path, up.filename)
+        elif up.purpose == "weights":
+            read_header(path, name=up.filename)
+        elif up.filename.endswith(".json"):
+            with open(path, "rb") as f:
+                if not isinstance(json.loads(f.read()), dict):
+                    return "a .json model file must hold a JSON object"
+        elif up.filename.endswith(TEXT_FILES):
+            check_text_file(path, up.filename, documents=False)
+        else:
+            return (f"model files are config, tokenizer (.json, .txt) and README files; {up.filename!r} is "
+                    "none of these (weights go up with purpose 'weights', as safetensors)")
+    except (BTMError, ValueError, UnicodeDecodeError) as e:
+        return str(e).removeprefix(f"{up.filename}: ")
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -118,10 +119,64 @@ def resolve_token(db: Session, secret: str) -> tuple[User, ApiToken]:
         raise Unauthorized("this API token has expired; log in again to get a new one")
     if not t.user.is_active:
         raise Unauthorized("this account is disabled")
-    last = t.last_used_at.replace(tzinfo=UTC) if t.last_used_at and t.last_used_at.tzinfo is None else t.last_used_at
-    if last is None or (now - last).total_seconds() > 60:  # don't write on every request
-        t.last_used_at = now
+    if t.last_used_at is None or (now - t.last_used_at).total_seconds() > 60:
+        _used[t.id] = now  # written in batches, not in this request's transaction (a read stays a read)
+        _flusher(db)
     return t.user, t
+
+
+_used: dict[int, datetime] = {}  # token id -> last use, not yet written
+_flush_lock = threading.Lock()
+_flush_started = False
+
+
+def _flusher(db: Session) -> None:
+    """Start (once per process) the thread that writes tokens' last use every few seconds."""
+    global _flush_started
+    if _flush_started:
+        return
+    with _flush_lock:
+        if _flush_started:
+            return
+        _flush_started = True
+        url = db.get_bind().url.render_as_string(hide_password=False)
+        threading.Thread(target=_flush_loop, args=(url,), name="elmforest-token-use", daemon=True).start()
+
+
+def flush_token_use(url: str) -> int:
+    """Write the last use of every token used since the last flush, in one short transaction."""
+    from sqlalchemy import bindparam, update
+
+    from coordinator.db import session_scope
+
+    with _flush_lock:
+        pending = dict(_used)
+        _used.clear()
+    if pending:
+        try:
+            with session_scope(url) as s:  # one statement for all of them
+                s.connection().execute(
+                    update(ApiToken.__table__).where(ApiToken.__table__.c.id == bindparam("tid"))
+                    .values(last_used_at=bindparam("at")),
+                    [{"tid": tid, "at": at} for tid, at in pending.items()])
+        except Exception:
+            with _flush_lock:  # keep them for the next round (newer uses win)
+                for tid, at in pending.items():
+                    _used.setdefault(tid, at)
+            raise
+    return len(pending)
+
+
+def _flush_loop(url: str) -> None:
+    import logging
+    import time
+
+    while True:
+        time.sleep(5)
+        try:
+            flush_token_use(url)
+        except Exception:  # the database is busy or away: the next round writes them
+            logging.getLogger("elmforest").warning("could not record token use", exc_info=True)
 
 
 def list_tokens(db: Session, user: User, of: str | None = None) -> list[ApiToken]:

@@ -33,7 +33,7 @@ from contributor_client.http import Client, ClientError, sha256_file
 
 QUOTA = 8 * 1024 * 1024
 ENV = {"ELMFOREST_UPLOAD_QUOTA_BYTES": str(QUOTA), "ELMFOREST_REGISTRATIONS_PER_HOUR": "3",
-       "ELMFOREST_SWEEP_SECONDS": "1", "ELMFOREST_UPLOAD_TTL_HOURS": "0.004"}  # uploads expire after 14.4 s
+       "ELMFOREST_SWEEP_SECONDS": "1", "ELMFOREST_UPLOAD_TTL_HOURS": "0.01"}  # uploads expire after 36 s
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres+s3"])
@@ -227,12 +227,12 @@ def test_unfinished_uploads_expire_and_their_bytes_go(world, tmp_path):
     # a contribution left uploading expires with it, and is abandoned
     cid = declare(w, hashlib.sha256(b"never").hexdigest(), 1 << 20, "never")["contribution"]["id"]
     assert stored_bytes(c) >= stored + len(data)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while stored_bytes(c) != stored and time.monotonic() < deadline:  # the sweeper, not a request, deletes
         time.sleep(1)
     assert stored_bytes(c) == stored
     assert m.http.get(f"/uploads/{up['upload_id']}").status_code == 404
-    assert wait_state(m, cid, {"abandoned"}, timeout=60)["history"][-1]["reason"].startswith("its upload was not")
+    assert wait_state(m, cid, {"abandoned"}, timeout=120)["history"][-1]["reason"].startswith("its upload was not")
     assert stored_bytes(c) == stored
 
 
