@@ -91,11 +91,12 @@ class Coordinator:
         self.serve_args = list(serve_args)
         self.start()
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         """Start (or start again) the server on its port, with its data and settings."""
         args = ["serve", "--port", str(self.port), *self.serve_args] + ([] if self.embedded_worker else ["--no-worker"])
         self.server = self.spawn(args)
-        self.wait_healthy()
+        if wait:
+            self.wait_healthy()
 
     def kill(self, proc: subprocess.Popen | None = None) -> None:
         """SIGKILL the server (or another of its processes) and everything it started: a
