@@ -29,6 +29,21 @@ Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the mode
 Precision = Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]
 CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Where tokenised splits are cached (default ~/.cache/elmforest/tokens).")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (metrics still go to metrics.jsonl).")]
+Revision = Annotated[str | None, typer.Option("--revision", help="With a Hub id: the branch, tag or commit (or write org/name@rev).")]
+
+
+def _model(spec: str | Path | None, revision: str | None = None):
+    """A local model directory, or a Hugging Face Hub model (org/name[@rev]) fetched or found in the cache."""
+    from btm.hub import resolve
+
+    if spec is None:
+        return None
+    r = resolve(spec, revision)
+    if r.source:
+        from btm.hub import describe
+
+        console.print(f"[dim]{spec}: {describe(r.source)} from the Hugging Face cache[/dim]")
+    return r
 
 
 def _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, schedule_steps, checkpoint_every,
@@ -78,7 +93,8 @@ def seed(
     domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: the corpus's train domains).")] = None,
     preset: Annotated[str, typer.Option(help="Architecture preset: tiny, small, base, gpt2-125m.")] = "small",
     config: Annotated[Path | None, typer.Option(help="Any Hugging Face causal-LM config directory instead of a preset.")] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from a pretrained HF model directory (its config and tokenizer).")] = None,
+    init: Annotated[str | None, typer.Option(help="Start from a pretrained model: a directory or a Hub id org/name[@rev] (its config and tokenizer).")] = None,
+    revision: Revision = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory; default: train a byte-level BPE on the corpus.")] = None,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size when training one.")] = 8192,
     kind: Annotated[str, typer.Option(help="seed, or dense for the compute-matched dense baseline.")] = "seed",
@@ -117,6 +133,8 @@ def seed(
     names = _split_list(domains) or c.names("train") or c.names()
     for n in names:
         c[n]  # noqa: B018 - clear error for a missing domain
+    start = _model(init, revision)
+    init = start.path if start else None
     tok_dir = out / "tokenizer"
     if init is not None:
         tok = load_tokenizer(init)
@@ -144,6 +162,7 @@ def seed(
     if block_size > _max_positions(model.config):
         raise BTMError(f"--block-size {block_size} exceeds the model's {_max_positions(model.config)} positions")
     card = Card(name=out.name, kind=kind, data={"corpus": str(corpus), "domains": names, "mixture": "balanced"},
+                source=start.source or {} if start else {},
                 recipe=f"elmforest seed --corpus {corpus} --out {out} --preset {preset} --steps {steps} "
                 f"--batch-size {batch_size} --block-size {block_size}")
     train(model, tok, BlockSampler(streams, block_size, seed_), cfg, out, card, dist_info=d)
@@ -240,7 +259,8 @@ branch_app = typer.Typer(help="Make a new ELM's initialisation (locally; `branch
 def branch_cmd(
     ctx: typer.Context,
     out: Annotated[Path | None, typer.Option(help="Directory of the new ELM's initialisation.")] = None,
-    from_: Annotated[Path | None, typer.Option("--from", help="Branch from this one model (the seed or an ELM).")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Branch from this one model: a directory (the seed, an ELM) or a Hub id org/name[@rev].")] = None,
+    revision: Revision = None,
     forest: Annotated[Path | None, typer.Option(help="Branch from a forest (posterior-weighted average of its ELMs).")] = None,
     sample: Annotated[Path | None, typer.Option(help="A sample of the new domain: a .jsonl/.txt file or a directory.")] = None,
     method: Annotated[str, typer.Option(help="posterior (paper's best), argmax (nearest ELM), uniform, or seed.")] = "posterior",
@@ -269,7 +289,11 @@ def branch_cmd(
     if (from_ is None) == (forest is None):
         raise BTMError("give exactly one of --from MODEL_DIR or --forest FOREST_DIR")
     if from_ is not None:
+        start = _model(from_, revision)
+        from_ = start.path
         parent = read_card(from_)
+        if start.source:
+            parent.name = start.source["hub"]
         copy_model_dir(from_, out)
         if carry_optimizer:
             opt = checkpoint_optimizer(from_)
@@ -280,7 +304,7 @@ def branch_cmd(
             shutil.copyfile(opt, out / "optimizer.safetensors")
         write_card(out, Card(name=out.name, kind="branch-init", domain=domain,
                              parents=[{"name": parent.name, "weight": 1.0}], data={"branch_method": "copy"},
-                             family=parent.family))
+                             family=parent.family, source=start.source or {}))
         console.print(f"branch init for {domain or out.name} from {parent.name} saved to {out}")
         return
     f = Forest.load(forest)
@@ -307,36 +331,46 @@ forest_app = typer.Typer(help="Create and change a forest on disk: init, add, re
 @forest_app.command("init")
 def forest_init(
     forest: Annotated[Path, typer.Argument(help="Directory of the new forest.")],
-    seed_dir: Annotated[Path, typer.Option("--seed", help="The seed LM directory.")],
+    seed_dir: Annotated[str, typer.Option("--seed", help="The seed LM: a directory or a Hub id org/name[@rev].")],
     name: Annotated[str | None, typer.Option(help="The forest's name.")] = None,
+    revision: Revision = None,
 ):
     """Create a forest rooted at a seed LM.
 
     EXAMPLES
       elmforest forest init forest --seed runs/seed --name debian
+      elmforest forest init forest --seed meta-llama/Llama-3.2-1B@main
     """
     from btm.forest import Forest
 
-    f = Forest.init(forest, seed_dir, name)
+    seed = _model(seed_dir, revision)
+    f = Forest.init(forest, seed.path, name, source=seed.source)
     console.print(f"forest {f.manifest['name']!r} (version {f.version}) created at {forest}")
 
 
 @forest_app.command("add")
 def forest_add(
     forest: Annotated[Path, typer.Argument(help="The forest directory.")],
-    elm: Annotated[Path, typer.Argument(help="A trained ELM directory.")],
-    name: Annotated[str | None, typer.Option(help="Name in the forest (default: the ELM's card name).")] = None,
+    elm: Annotated[str, typer.Argument(help="A trained ELM: a directory or a Hub id org/name[@rev].")],
+    name: Annotated[str | None, typer.Option(help="Name in the forest (default: the ELM's card name, or the Hub repository's name).")] = None,
     domain: Annotated[str | None, typer.Option(help="Domain (default: the ELM's card).")] = None,
+    revision: Revision = None,
 ):
-    """Add a trained ELM (checked to be of the seed's family); writes a new version.
+    """Add an ELM (checked to be of the seed's family); writes a new version. A Hub model is
+    recorded with its repository and the commit it resolved to.
 
     EXAMPLES
       elmforest forest add forest runs/python --domain python
+      elmforest forest add forest example/tiny-llama-python@main --domain python
+      HF_HUB_OFFLINE=1 elmforest forest add forest example/tiny-llama-python --revision v1
     """
     from btm.forest import Forest
 
     f = Forest.load(forest)
-    e = f.add(elm, name, domain)
+    model = _model(elm, revision)
+    if model.source and not name:
+        name = model.source["hub"].split("/")[-1].lower()
+    e = f.add(model.path, name, domain, source=model.source)
     console.print(f"added {e.name} (domain {e.domain}); forest is now version {f.version}")
 
 
@@ -371,7 +405,8 @@ def forest_list(forest: Annotated[Path, typer.Argument(help="The forest director
     for c in ("name", "domain", "parents", "tokens", "added"):
         t.add_column(c)
     for e in f.elms:
-        parents = ", ".join(f"{p['name']}:{p['weight']:.2f}" for p in e.parents)
+        parents = ", ".join(f"{p['name']}:{p['weight']:.2f}" for p in e.parents) or (
+            f"imported: {e.entry['source']['hub']}" if e.entry.get("source") else "")
         t.add_row(e.name, e.domain or "", parents, str(e.entry.get("training", {}).get("tokens", "")), e.entry.get("added", ""))
     Console().print(t)
 
@@ -386,6 +421,66 @@ def forest_show(
 
     f = Forest.load(forest)
     print(json.dumps(f.get(name).entry if name else f.manifest, indent=2))
+
+
+@forest_app.command("export")
+def forest_export(
+    forest: Annotated[Path, typer.Argument(help="The forest directory.")],
+    out: Annotated[Path, typer.Argument(help="A new directory: the Hub repository to push.")],
+    average: Annotated[list[str] | None, typer.Option("--average", help="Include an averaged model NAME=DIR (from `elmforest average`). Repeatable.")] = None,
+    uniform: Annotated[bool, typer.Option("--uniform", help="Build and include the uniform average.")] = False,
+):
+    """Write a forest as a Hugging Face Hub repository: a model card with the domain table and
+    lineage, forest.json, the seed and one folder per ELM, the averages asked for, and a
+    config.json that loads the ensemble with transformers.
+
+    EXAMPLES
+      elmforest forest export forest hub/debian-forest --uniform
+      hf upload my-org/debian-forest hub/debian-forest
+    """
+    import tempfile
+
+    from btm.export import export
+    from btm.forest import Forest
+
+    f = Forest.load(forest)
+    averages = {}
+    for a in average or []:
+        if "=" not in a:
+            raise BTMError(f"--average {a!r}: use NAME=DIR")
+        k, v = a.split("=", 1)
+        averages[k] = Path(v)
+    with tempfile.TemporaryDirectory() as td:
+        if uniform:
+            from btm.average import average_models
+            from btm.family import Card
+
+            averages["uniform"] = average_models([e.path for e in f.elms], [1.0] * len(f), Path(td) / "uniform",
+                                                 Card(name="uniform", kind="average", data={"method": "uniform"}),
+                                                 names=f.names())
+        export(f, out, averages)
+    console.print(f"{f.manifest['name']} v{f.version} written to {out} ({len(f)} ELMs"
+                  + (f", averages {', '.join(averages)}" if averages else "") + "); push it with `hf upload ORG/NAME "
+                  f"{out}`")
+
+
+@forest_app.command("import")
+def forest_import(
+    src: Annotated[str, typer.Argument(help="An exported forest: a directory or a Hub id org/name[@rev].")],
+    out: Annotated[Path, typer.Argument(help="The new forest directory.")],
+    revision: Revision = None,
+):
+    """Read a forest in the Hub layout (a directory or a Hub repository) into a forest
+    directory; every file is checked against the manifest's sha256.
+
+    EXAMPLES
+      elmforest forest import my-org/debian-forest forest
+      HF_HUB_OFFLINE=1 elmforest forest import my-org/debian-forest@v3 forest
+    """
+    from btm.export import import_
+
+    f = import_(src, out, revision)
+    console.print(f"{f.manifest['name']} v{f.version} ({len(f)} ELMs) imported to {out}; all files match the manifest")
 
 
 @forest_app.command("verify")
@@ -502,18 +597,22 @@ def average_cmd(
 
 def generate_cmd(
     forest: Annotated[Path, typer.Option(help="The forest directory.")],
-    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    prompt: Annotated[list[str], typer.Option(help="Text to continue; repeat for a batch.")],
     target: Annotated[Path | None, typer.Option(help="Development text of the target domain, for the cached prior (default: uniform).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Experts to run.")] = 2,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 100,
-    temperature: float = 0.8,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.8,
     top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    sample_top_k: Annotated[int | None, typer.Option("--sample-top-k", help="Sample among the k likeliest tokens.")] = None,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop a continuation at this text; repeatable.")] = None,
     seed_: Seed = 0,
 ):
-    """Generate text with the top-k ensemble of a forest.
+    """Generate text with the top-k ensemble of a forest (decoded by transformers' generate()).
 
     EXAMPLES
       elmforest generate --forest forest --prompt "def parse(" --target ../shared/corpus/python/valid.jsonl
+      elmforest generate --forest forest --prompt "import os" --prompt "#include" --temperature 0 --stop "\n\n"
     """
     from btm.branch import sample_blocks
     from btm.ensemble import EnsembleLM
@@ -528,7 +627,13 @@ def generate_cmd(
     prior = domain_prior(paths, sample_blocks(f, target, 256, 100)) if target else [1.0 / len(paths)] * len(paths)
     ens = EnsembleLM(paths, prior, top_k, names=f.names(), tokenizer=load_tokenizer(f.seed_dir))
     console.print("experts: " + ", ".join(f"{n} ({w:.2f})" for n, w in zip(ens.names, ens.weights, strict=True)))
-    print(ens.generate(prompt, max_new_tokens, temperature, top_p, seed_))
+    extra = dict(repetition_penalty=repetition_penalty)
+    if sample_top_k:
+        extra["top_k"] = sample_top_k
+    if stop:
+        extra["stop_strings"] = stop
+    for text in ens.generate(prompt, max_new_tokens, temperature, top_p, seed_, **extra):
+        print(text)
 
 
 def register(app: typer.Typer) -> None:

@@ -83,6 +83,7 @@ class EnsembleLM:
         ]
         self.log_prior = torch.tensor(np.log(w), dtype=torch.float64)
         self.tokenizer = tokenizer
+        self._hf = None
 
     @property
     def k(self) -> int:
@@ -97,68 +98,69 @@ class EnsembleLM:
     def perplexity(self, blocks: torch.Tensor, batch_size: int = 16) -> float:
         return math.exp(-self.token_logprobs(blocks, batch_size).double().mean().item())
 
+    def as_transformers_model(self):
+        """These experts and weights as a transformers model (generate(), pipelines, lm-eval)."""
+        from btm.forest_model import ForestForCausalLM
+
+        if self._hf is None:
+            self._hf = ForestForCausalLM.from_experts(self.models, self.weights.tolist(), names=self.names)
+        return self._hf
+
     @torch.no_grad()
-    def generate(
-        self,
-        prompt: str | torch.Tensor,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> str | torch.Tensor:
-        """Sample from the mixture, one token at a time, each expert with its own KV cache.
-        A string prompt needs the tokenizer and returns text (prompt included); a tensor of
-        ids returns ids."""
-        as_text = isinstance(prompt, str)
-        if as_text:
+    def generate(self, prompt: str | Sequence[str] | torch.Tensor, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, **generate_kwargs) -> str | list[str] | torch.Tensor:
+        """Continue a prompt (text, a list of texts decoded as one left-padded batch, or a tensor of
+        ids) with the mixture, through transformers' generate(): temperature 0 is greedy; any other
+        generate() option passes through (top_k, repetition_penalty, stop_strings, ...). Every
+        text prompt starts with the token that starts a document in training (BOS, or EOS for
+        tokenizers without one); prompts longer than the context keep their last tokens."""
+        model = self.as_transformers_model()
+        room = max(1, (_max_positions(self.models) or 1 << 30) - max_new_tokens)
+        if isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(1, -1)[:, -room:].to(self.device)
+            mask = torch.ones_like(ids)
+            pad = 0
+        else:
             if self.tokenizer is None:
                 raise BTMError("generate() with a text prompt needs the ensemble's tokenizer")
-            bos = self.tokenizer.bos_token_id
-            ids = [bos] + self.tokenizer.encode(prompt, add_special_tokens=False)
-            ids = torch.tensor([ids])
-        else:
-            ids = prompt.reshape(1, -1)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        ids = ids.to(self.device)
-        max_pos = min(getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", 1 << 30)
-                      for m in self.models)
-        # prefix log-likelihood of the prompt under each expert, and next-token log probs
-        pasts, nxt, prefix = [], [], []
-        for m in self.models:
-            out = m(input_ids=ids, use_cache=True)
-            lp = torch.log_softmax(out.logits[0].float(), dim=-1)
-            prefix.append(lp[:-1].gather(-1, ids[0, 1:, None]).sum().double())
-            nxt.append(lp[-1])
-            pasts.append(out.past_key_values)
-        prefix = torch.stack(prefix).cpu()
-        for _ in range(max_new_tokens):
-            if ids.shape[1] >= max_pos:
-                break
-            lp_next = torch.stack(nxt).cpu().double()  # (k, V)
-            logw = self.log_prior + prefix
-            logw = logw - torch.logsumexp(logw, 0)
-            mix = torch.logsumexp(lp_next + logw[:, None], dim=0)
-            tok = _sample(mix, temperature, top_p, gen)
-            prefix = prefix + lp_next[:, tok]
-            ids = torch.cat([ids, torch.tensor([[tok]], device=self.device)], dim=1)
-            nxt = []
-            for j, m in enumerate(self.models):
-                out = m(input_ids=ids[:, -1:], past_key_values=pasts[j], use_cache=True)
-                pasts[j] = out.past_key_values
-                nxt.append(torch.log_softmax(out.logits[0, -1].float(), dim=-1))
-        if as_text:
-            return self.tokenizer.decode(ids[0, 1:].tolist())
-        return ids[0].cpu()
+            from btm.tokenizer import bos_id
+
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            start = bos_id(self.tokenizer)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else start
+            rows = [([start] + self.tokenizer.encode(t, add_special_tokens=False))[-room:] for t in texts]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, attention_mask=mask, pad_token_id=pad)
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p, top_k=None)
+        if generate_kwargs.get("stop_strings") and self.tokenizer is not None:
+            kw["tokenizer"] = self.tokenizer
+        kw.update(generate_kwargs)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(ids, **kw)
+        if isinstance(prompt, torch.Tensor):
+            return out[0].cpu()
+        # each row: its padding, its start token, the prompt, the continuation up to its first end
+        # of text (a finished row is padded on to the batch's length); prompt and continuation returned
+        # and, with stop strings, up to the first of them (left out, as lm-eval and most APIs do)
+        eos, stops = self.tokenizer.eos_token_id, kw.get("stop_strings") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        texts = []
+        for row, m in zip(out.tolist(), mask, strict=True):
+            cont = row[width:]
+            if eos in cont:
+                cont = cont[:cont.index(eos)]
+            cont = self.tokenizer.decode(cont)
+            cut = min([i for i in (cont.find(s) for s in stops) if i >= 0], default=len(cont))
+            texts.append(self.tokenizer.decode(row[width - int(m.sum()) + 1:width]) + cont[:cut])
+        return texts[0] if isinstance(prompt, str) else texts
 
 
-
-def _sample(logp: torch.Tensor, temperature: float, top_p: float, gen) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logp))
-    probs = torch.softmax(logp / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sp, 0) - sp < top_p
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.float(), 1, generator=gen))
+def _max_positions(models) -> int | None:
+    vals = [getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", None)
+            for m in models]
+    vals = [v for v in vals if v]
+    return min(vals) if vals else None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from btm.errors import FamilyError
@@ -27,14 +27,24 @@ from btm.tokenizer import bos_id, load_tokenizer, tokenizer_sha256
 
 hf_logging.disable_progress_bar()  # one bar per loaded ELM drowns the output of forest-wide work
 
-# GPT-2 shaped presets. Dropout is off: these runs are short and data-rich, and it keeps
-# training bit-for-bit reproducible across resume.
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),  # tests
-    "mini": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),  # the demo: minutes on a laptop CPU
-    "small": dict(n_layer=4, n_head=4, n_embd=256, n_positions=512),  # CPU runs
-    "base": dict(n_layer=6, n_head=8, n_embd=512, n_positions=1024),  # a bigger CPU/GPU run
-    "gpt2-125m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),  # GPUs
+# Presets: an architecture (a transformers model_type) and its shape. The only place that names
+# architectures; everything else goes through AutoConfig / AutoModelForCausalLM. Dropout is off:
+# these runs are short and data-rich, and it keeps training bit-for-bit reproducible on resume.
+PRESETS: dict[str, tuple[str, dict[str, int | bool]]] = {
+    "tiny": ("gpt2", dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)),  # tests
+    "mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128, n_positions=256)),  # the demo: minutes on a laptop CPU
+    "small": ("gpt2", dict(n_layer=4, n_head=4, n_embd=256, n_positions=512)),  # CPU runs
+    "base": ("gpt2", dict(n_layer=6, n_head=8, n_embd=512, n_positions=1024)),  # a bigger CPU/GPU run
+    "gpt2-125m": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)),  # GPUs
+    # other families, tiny (tests, examples)
+    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)),
+    "qwen2-tiny": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
+    "gpt-neox-tiny": ("gpt_neox", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=256)),
+    "opt-tiny": ("opt", dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=256, word_embed_proj_dim=64)),
 }
 
 # Config keys that do not change the architecture (and so may differ within a family).
@@ -50,16 +60,14 @@ NON_ARCH_KEYS = {
 def preset_config(preset: str, tokenizer) -> PretrainedConfig:
     if preset not in PRESETS:
         raise FamilyError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    model_type, shape = PRESETS[preset]
     b = bos_id(tokenizer)
-    return GPT2Config(
-        vocab_size=len(tokenizer),
-        bos_token_id=b,
-        eos_token_id=b,
-        embd_pdrop=0.0,
-        resid_pdrop=0.0,
-        attn_pdrop=0.0,
-        **PRESETS[preset],
-    )
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=b, eos_token_id=b,
+                                  pad_token_id=b, **shape)
+    for key, value in config.to_dict().items():  # every dropout of the family off
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    return config
 
 
 def architecture(config: PretrainedConfig) -> dict[str, Any]:
@@ -147,6 +155,8 @@ class Card:
     # where an init came from (e.g. a coordinator's forest, version and branch init); carried
     # from an init to the ELM trained from it, so submitting needs no extra bookkeeping
     origin: dict[str, Any] = field(default_factory=dict)
+    # where an imported model came from: {"hub": "org/name", "revision": commit, "requested", "files": {name: sha256}}
+    source: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -173,6 +183,13 @@ class Card:
             "descending from the forest's seed LM.",
             "",
         ]
+        if self.source:
+            lines += ["## Source", "", f"Imported from the Hugging Face Hub: `{self.source.get('hub')}` at commit "
+                      f"`{self.source.get('revision')}`" + (f" (asked for `{self.source['requested']}`)"
+                                                             if self.source.get("requested") else "") + ".", ""]
+            if self.source.get("files"):
+                lines += ["| file | sha256 |", "| --- | --- |"]
+                lines += [f"| {n} | `{h}` |" for n, h in sorted(self.source["files"].items())] + [""]
         if self.parents:
             lines += ["## Parents", "", "| parent | weight |", "| --- | --- |"]
             lines += [f"| {p['name']} | {p['weight']:.4f} |" for p in self.parents]

@@ -18,13 +18,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from btm.errors import FamilyError, ForestError
-from btm.family import check_same_family, family_id, load_config, read_card
+from btm.family import Card, check_same_family, family_id, load_config, read_card
 from btm.hashing import sha256_file
 from btm.safetensors_io import atomic_write_text
 from btm.tokenizer import load_tokenizer, tokenizer_sha256
@@ -85,7 +85,8 @@ class Forest:
     # ------------------------------------------------------------------ create / load
 
     @classmethod
-    def init(cls, root: str | os.PathLike, seed_dir: str | os.PathLike, name: str | None = None) -> Forest:
+    def init(cls, root: str | os.PathLike, seed_dir: str | os.PathLike, name: str | None = None,
+             source: dict[str, Any] | None = None) -> Forest:
         root, seed_dir = Path(root), Path(seed_dir)
         if (root / MANIFEST).exists():
             raise ForestError(f"{root}: a forest already exists here; use `elmforest forest add`")
@@ -101,8 +102,9 @@ class Forest:
             "family": family_id(config, tok),
             "model_type": config.model_type,
             "tokenizer_sha256": tokenizer_sha256(tok),
-            "seed": {"name": card.name or "seed", "path": "seed", "files": model_files(root / "seed"),
-                     "metrics": card.metrics, "training": card.training},
+            "seed": {"name": card.name if card.kind != "external" else "seed", "path": "seed",
+                     "files": model_files(root / "seed"), "metrics": card.metrics, "training": card.training,
+                     **({"source": source} if source else {})},
             "elms": [],
             "history": [{"version": 1, "action": "init", "at": now(), "by": _who()}],
         }
@@ -181,10 +183,14 @@ class Forest:
         name: str | None = None,
         domain: str | None = None,
         metrics: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> Elm:
+        """Add a model directory as an ELM (a new version). `source`: where it came from (a Hub
+        model: repository, revision, commit), recorded in the manifest and its card."""
         model_dir = Path(model_dir)
         card = read_card(model_dir)
-        name = name or card.name or model_dir.name
+        source = source or card.source or None
+        name = name or (card.name if card.kind != "external" else None) or model_dir.name
         domain = domain or card.domain
         if name in self.names():
             raise ForestError(f"{self.root}: an ELM named {name!r} is already in the forest; pick another --name")
@@ -192,6 +198,11 @@ class Forest:
         dst = self.root / "elms" / name
         dst.parent.mkdir(exist_ok=True)
         copy_model_dir(model_dir, dst)
+        if source:  # the copy's card says where it came from (a model from the Hub has a card of its own, or none)
+            from btm.family import write_card
+
+            write_card(dst, Card(**{**asdict(card), "name": name, "domain": domain, "source": source,
+                                    "kind": "elm" if card.kind == "external" else card.kind}))
         entry = {
             "name": name,
             "domain": domain,
@@ -203,6 +214,8 @@ class Forest:
             "data": card.data,
             "added": now(),
         }
+        if source:
+            entry["source"] = source
         self.manifest["elms"].append(entry)
         self._bump("add", name, None)
         return self.get(name)
@@ -228,7 +241,7 @@ class Forest:
     def verify(self) -> list[str]:
         """Problems found: missing files or hashes that differ from the manifest."""
         problems = []
-        for e in [self.manifest["seed"], *self.manifest["elms"]]:
+        for e in [self.manifest["seed"], *self.manifest["elms"], *self.manifest.get("averages", [])]:
             d = self.root / e["path"]
             for fname, sha in e.get("files", {}).items():
                 f = d / fname

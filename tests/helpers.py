@@ -21,3 +21,22 @@ def streams(tok, cache_dir, domains):
 
     c = Corpus(CORPUS)
     return [tokenize_file(c[d].split_path("train"), tok, cache_dir) for d in domains]
+
+
+def elmforest(*args, cwd, check=True):
+    """Run the command in-process (imports are paid once), in `cwd`."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from elmforest_cli import app
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+    if check:
+        assert r.exit_code == 0, f"elmforest {' '.join(map(str, args))}\n{r.output}\n{r.exception!r}"
+    return r

@@ -1,28 +1,11 @@
 """The `elmforest` command line, end to end on the demo corpus, as a user runs it."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-
-
-def elmforest(*args, cwd, check=True):
-    """Run the command in-process (imports are paid once), in `cwd`."""
-    from typer.testing import CliRunner
-
-    from elmforest_cli import app
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-    if check:
-        assert r.exit_code == 0, f"elmforest {' '.join(map(str, args))}\n{r.output}\n{r.exception!r}"
-    return r
+from helpers import elmforest
 
 
 def test_seed_branch_train_forest_eval_average_from_the_cli(tmp_path, corpus_dir, tokenizer_dir, cache_dir):

@@ -1,0 +1,130 @@
+"""A forest as a Hugging Face Hub repository, and back.
+
+    OUT/README.md        the model card: what the forest is, its domains and ELMs, lineage, use
+        config.json      the ensemble as a transformers model (ForestConfig: experts = elms/*)
+        forest.json      the manifest, as in the forest directory (every file's sha256)
+        seed/ elms/<name>/ averages/<name>/   plain Hugging Face model directories
+
+Push OUT with `hf upload org/name OUT` (or any git client); `forest import` reads it back from
+a directory or a Hub id and checks every file against the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from btm.errors import ForestError
+from btm.forest import MANIFEST, Forest, copy_model_dir, model_files
+from btm.safetensors_io import atomic_write_text
+
+PICKLED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
+
+
+def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | None = None) -> Path:
+    """Write `forest` (and any averaged models, {name: directory}) in the Hub layout."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ForestError(f"{out} exists and is not empty; export into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    m = json.loads(json.dumps(forest.manifest))
+    for entry in [m["seed"], *m["elms"]]:
+        copy_model_dir(forest.root / entry["path"], out / entry["path"])
+    m["averages"] = []
+    for name, src in (averages or {}).items():
+        copy_model_dir(Path(src), out / "averages" / name)
+        m["averages"].append({"name": name, "path": f"averages/{name}", "files": model_files(out / "averages" / name)})
+    atomic_write_text(out / MANIFEST, json.dumps(m, indent=2))
+    from btm.forest_model import ForestConfig
+
+    ref = json.loads((out / "seed" / "config.json").read_text())
+    ForestConfig(experts=[e["path"] for e in m["elms"]], names=[e["name"] for e in m["elms"]],
+                 vocab_size=ref.get("vocab_size"), max_position_embeddings=ref.get("n_positions")
+                 or ref.get("max_position_embeddings"), bos_token_id=ref.get("bos_token_id"),
+                 eos_token_id=ref.get("eos_token_id")).save_pretrained(str(out))
+    atomic_write_text(out / "README.md", card(m))
+    return out
+
+
+def card(m: dict) -> str:
+    """The repository's model card: the domain table and the lineage of every ELM."""
+    lines = [
+        "---", "library_name: transformers", "tags: [elmforest, branch-train-merge, ensemble]", "---", "",
+        f"# {m['name']}: a forest of expert language models (version {m['version']})", "",
+        "Grown by Branch-Train-Merge with elmforest: a seed LM, and one expert LM (ELM) "
+        "per domain branched from it and trained on that domain alone. Use the forest as a sparse ensemble "
+        "(the experts weighted by the domain posterior of your text) or collapse it into one model by a "
+        "posterior-weighted parameter average. An ELM imported from elsewhere (a fine-tune of the seed "
+        "on the Hub) is named with its source in the lineage.", "",
+        "## Domains and experts", "", "| ELM | domain | parents (weight) | metrics |", "| --- | --- | --- | --- |",
+    ]
+    for e in m["elms"]:
+        parents = ", ".join(f"{p['name']} ({p['weight']:.2f})" for p in e.get("parents", [])) or _no_parents(e)
+        metrics = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in list(e.get("metrics", {}).items())[:4] if isinstance(v, (int, float)))
+        src = f" (from `{e['source']['hub']}`)" if e.get("source") else ""
+        lines.append(f"| `{e['path']}`{src} | {e.get('domain') or ''} | {parents} | {metrics} |")
+    lines += ["", "## Lineage", "", "Each ELM started as the weighted average of its parents (the new domain's "
+              "posterior over the forest when it branched):", "", "```"]
+    for e in m["elms"]:
+        lines.append(f"{e['name']} <- " + (" + ".join(f"{p['weight']:.2f} {p['name']}" for p in e.get("parents", []))
+                                            or _no_parents(e)))
+    lines += ["```", ""]
+    if m.get("averages"):
+        lines += ["## Averaged models", ""] + [f"- `{a['path']}`" for a in m["averages"]] + [""]
+    lines += [
+        "## Use", "", "With elmforest installed:", "", "```bash", "elmforest forest import ORG/NAME forest",
+        'elmforest generate --forest forest --prompt "..." --top-k 2', "elmforest eval --forest forest --corpus DIR",
+        "lm_eval --model elmforest --model_args forest=forest,top_k=2 --tasks ...", "```", "", "```python",
+        "import btm.forest_model  # registers the ensemble with transformers' Auto classes",
+        "from transformers import AutoModelForCausalLM",
+        'forest = AutoModelForCausalLM.from_pretrained("forest")  # all experts, uniform prior; or:',
+        "from btm.forest_model import ForestForCausalLM",
+        'forest = ForestForCausalLM.from_forest("forest", top_k=2, target="my_domain_text.jsonl")', "```", "",
+        "Every ELM is also a plain model: `AutoModelForCausalLM.from_pretrained(\"forest/elms/NAME\")`.", "",
+        "## History", "",
+    ]
+    for h in m.get("history", []):
+        lines.append(f"- v{h['version']} {h['action']} {h.get('elm', '')}" + (f": {h['reason']}" if h.get("reason") else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _no_parents(e: dict) -> str:
+    """What an ELM without recorded parents descends from: its import source, else the seed."""
+    src = e.get("source")
+    return f"imported from {src['hub']}@{src['revision'][:12]}" if src else "seed"
+
+
+def import_(src: str | os.PathLike, out: str | os.PathLike, revision: str | None = None) -> Forest:
+    """A forest from the Hub layout: a directory, or a Hub id fetched (safetensors and text
+    files only; never a pickle). Every file must match the manifest's sha256."""
+    from btm.hub import is_hub_id, split
+
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise ForestError(f"{out}: a forest already exists here; import into a new directory")
+    path = Path(src)
+    source = None
+    if is_hub_id(src):
+        from btm.hub import _download
+
+        repo, rev = split(str(src), revision)
+        path = _download(repo, rev, ["*.json", "*.md", "*.txt", "*.safetensors", "*.model"])
+        source = {"hub": repo, "revision": path.name, "requested": rev}
+    elif not (path / MANIFEST).exists():
+        raise ForestError(f"{src}: no {MANIFEST}; give an exported forest (a directory or a Hub id)")
+    tmp = out.with_name(out.name + ".importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(path, tmp, symlinks=False, ignore=shutil.ignore_patterns(*PICKLED, ".git*", ".cache"))
+    f = Forest.load(tmp)
+    problems = f.verify()
+    if problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ForestError(f"{src}: files differ from its manifest ({'; '.join(problems[:3])}); nothing imported")
+    if source:
+        f.manifest["imported_from"] = source
+        atomic_write_text(tmp / MANIFEST, json.dumps(f.manifest, indent=2))
+    os.replace(tmp, out)
+    return Forest.load(out)
