@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from btm.ensemble import normalise_weights
-from btm.errors import FamilyError, WeightsError
-from btm.family import Card, check_same_family, copy_aux_files, load_config, write_card
+from btm.errors import WeightsError
+from btm.family import Card, check_family, copy_aux_files, family_of, load_config, write_card
 from btm.safetensors_io import (
     DTYPES,
     ITEMSIZE,
@@ -30,7 +30,7 @@ from btm.safetensors_io import (
     read_header,
     read_tensor,
 )
-from btm.tokenizer import load_tokenizer, tokenizer_sha256
+from btm.tokenizer import load_tokenizer
 
 METHODS = ("uniform", "argmax", "posterior")
 
@@ -50,43 +50,13 @@ def method_weights(method: str, posterior: Sequence[float] | None, n: int) -> li
     raise ValueError(f"unknown averaging method {method!r}; methods: {', '.join(METHODS)}")
 
 
-def _same_family_files(a: Path, b: Path) -> bool:
-    """Cheap check (no model library loaded): identical config and tokenizer files, up to
-    keys that do not change the architecture."""
-    from btm.family import NON_ARCH_KEYS
-    from btm.hashing import sha256_file
-
-    def arch(p: Path) -> dict:
-        d = json.loads((p / "config.json").read_text())
-        return {k: v for k, v in d.items() if k not in NON_ARCH_KEYS and not k.startswith("_")}
-
-    try:
-        return arch(a) == arch(b) and sha256_file(a / "tokenizer.json") == sha256_file(b / "tokenizer.json")
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def check_compatible(sources: Sequence[Path]) -> list[WeightsIndex]:
-    """Open every source and check they share one family: config, tokenizer and tensor layout."""
+    """Open every source and check it is of the first one's family: config, tokenizer and
+    tensor layout. Floating-point precisions may differ: each input is read in its own."""
     indexes = [open_weights(s) for s in sources]
-    ref_sig = indexes[0].signature()
-    ref_cfg = ref_tok = None
-    for src, idx in zip(sources[1:], indexes[1:], strict=True):
-        if not _same_family_files(sources[0], src):  # differently written files: compare properly
-            if ref_cfg is None:
-                ref_cfg, ref_tok = load_config(sources[0]), tokenizer_sha256(load_tokenizer(sources[0]))
-            check_same_family(load_config(src), ref_cfg, str(src), str(sources[0]))
-            if tokenizer_sha256(load_tokenizer(src)) != ref_tok:
-                raise FamilyError(f"{src} and {sources[0]} have different tokenizers; they are not one family")
-        sig = idx.signature()
-        if sig != ref_sig:
-            missing = sorted(set(ref_sig) - set(sig))[:3]
-            extra = sorted(set(sig) - set(ref_sig))[:3]
-            diff = [n for n in ref_sig if n in sig and sig[n] != ref_sig[n]][:3]
-            raise FamilyError(
-                f"{src} does not have the tensors of {sources[0]}: missing {missing}, extra {extra}, "
-                f"differing dtype/shape {[(n, sig[n], ref_sig[n]) for n in diff]}"
-            )
+    ref = family_of(sources[0])
+    for src in sources[1:]:
+        check_family(src, ref, str(src), str(sources[0]))
     return indexes
 
 

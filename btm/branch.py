@@ -78,6 +78,9 @@ def write_branch_init(forest: Forest, plan: BranchPlan, out_dir: str | os.PathLi
     """Write the init as an HF directory whose card names its parents and weights."""
     out = Path(out_dir)
     live = [(n, s, w) for n, s, w in zip(plan.names, plan.sources, plan.weights, strict=True) if w > 0]
+    for n, s, _ in live:  # an init is trained and added back: it must be of the seed's family
+        if Path(s) != forest.seed_dir:
+            forest.check_family(s, f"ELM {n!r} ({s})")
     total = sum(w for *_, w in live)
     card = Card(
         name=name or out.name,

@@ -100,6 +100,7 @@ def evaluate_forest(
     progress=None,
 ) -> dict:
     """The leaderboard of a forest: one row per (subject, domain) with its perplexity."""
+    forest.check_elms()  # averages are part of the leaderboard: a stray ELM would fail them late
     elms = forest.elms
     names = [e.name for e in elms]
     scores = Scores()

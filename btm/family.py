@@ -1,7 +1,8 @@
 """Model families, presets and ELM directories.
 
-A family is an architecture config plus a tokenizer: every ELM of a forest belongs to the
-seed's family, which is what makes parameter averaging and ensembling well-defined. An ELM
+A family is an architecture config (weight tying included), a tokenizer and a tensor layout:
+every ELM of a forest belongs to the seed's family, which is what makes parameter averaging
+and ensembling well-defined. One function, family_differences, decides it. An ELM
 is saved as a plain Hugging Face model directory (config.json, model.safetensors or shards
 with an index, tokenizer files) plus a model card (README.md). The card's facts (domain,
 parents with weights, data, metrics) also travel in the safetensors metadata, so they stay
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from btm.errors import FamilyError
-from btm.safetensors_io import DTYPE_NAMES, atomic_write_text, open_weights, save_state_dict
+from btm.safetensors_io import DTYPE_NAMES, DTYPES, atomic_write_text, open_weights, save_state_dict
 from btm.tokenizer import bos_id, load_tokenizer, tokenizer_sha256
 
 hf_logging.disable_progress_bar()  # one bar per loaded ELM drowns the output of forest-wide work
@@ -47,14 +49,19 @@ PRESETS: dict[str, tuple[str, dict[str, int | bool]]] = {
                              max_position_embeddings=256, word_embed_proj_dim=64)),
 }
 
-# Config keys that do not change the architecture (and so may differ within a family).
+# Config keys that do not change the architecture (and so may differ within a family). Weight
+# tying is not one of them: an untied model has a tensor (the output embedding) a tied one lacks.
 NON_ARCH_KEYS = {
     "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "architectures",
     "bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id", "task_specific_params",
     "_attn_implementation_autoset", "attn_implementation", "output_attentions",
-    "output_hidden_states", "return_dict", "tie_word_embeddings", "embd_pdrop", "resid_pdrop",
+    "output_hidden_states", "return_dict", "embd_pdrop", "resid_pdrop",
     "attn_pdrop", "summary_first_dropout", "elmforest",
 }
+
+# The config facts a user recognises, in the order a mismatch names them. Generic names:
+# transformers' attribute_map reads them for every model_type (n_embd for gpt2's hidden_size).
+HEADLINE_KEYS = ("model_type", "tie_word_embeddings", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
 def preset_config(preset: str, tokenizer) -> PretrainedConfig:
@@ -81,14 +88,109 @@ def family_id(config: PretrainedConfig, tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_same_family(a: PretrainedConfig, b: PretrainedConfig, what_a: str, what_b: str) -> None:
+# --------------------------------------------------------------------------- the family check
+
+Signature = Mapping[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What decides whether two models' weights can be mixed. A part that is None is not known
+    (a declared upload has no weights yet, a bare weights file no tokenizer) and not compared."""
+
+    config: PretrainedConfig | None = None
+    tokenizer: str | None = None  # tokenizer_sha256
+    tensors: Signature | None = None  # from the safetensors headers; no tensor is read
+
+
+_tokenizer_ids: dict[str, str] = {}  # hash of the tokenizer files -> tokenizer_sha256
+
+
+def _tokenizer_id(model_dir: Path) -> str:
+    """tokenizer_sha256 of a directory's tokenizer, loaded once per distinct set of files: the
+    ELMs of a forest carry copies of one tokenizer, and loading a large one takes seconds."""
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        p = model_dir / name
+        h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+    key = h.hexdigest()
+    if key not in _tokenizer_ids:
+        _tokenizer_ids[key] = tokenizer_sha256(load_tokenizer(model_dir))
+    return _tokenizer_ids[key]
+
+
+def family_of(model_dir: str | os.PathLike) -> Family:
+    """A model directory's family: its config, tokenizer and safetensors headers."""
+    d = Path(model_dir)
+    return Family(load_config(d), _tokenizer_id(d), open_weights(d).signature())
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return f"{names[:k]}" + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _config_differences(a: PretrainedConfig, b: PretrainedConfig) -> tuple[list[str], list[str]]:
+    """(headline differences, other differing architecture keys), each as 'key: a vs b'."""
+    head, named = [], set()
+    for key in HEADLINE_KEYS:
+        ka, kb = a.attribute_map.get(key, key), b.attribute_map.get(key, key)
+        named |= {key, ka, kb}
+        va, vb = getattr(a, key, None), getattr(b, key, None)
+        if va != vb:
+            head.append(f"{ka if ka == kb else key}: {va!r} vs {vb!r}")  # the config.json name where they agree
     da, db = architecture(a), architecture(b)
-    if da != db:
-        diffs = [f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
-        raise FamilyError(
-            f"{what_a} and {what_b} are of different model families ({'; '.join(diffs[:6])}); "
-            "every ELM of a forest must descend from the same seed"
-        )
+    rest = [f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in sorted(set(da) | set(db))
+            if k not in named and da.get(k) != db.get(k)]
+    return head, rest
+
+
+def _dtype_kind(dtype: str) -> str:
+    # Floating precision is how weights are stored, not what they are: averaging reads each
+    # input in its own dtype and accumulates in fp32 (a bf16 Hub seed, fp32 trained ELMs).
+    t = DTYPES.get(dtype)
+    return "float" if t is not None and t.is_floating_point else dtype
+
+
+def _tensor_differences(a: Signature, b: Signature) -> list[str]:
+    missing, extra = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+    names = ([f"missing {_few(missing)}"] if missing else []) + ([f"extra {_few(extra)}"] if extra else [])
+    out = [f"tensor names differ: {', '.join(names)}"] if names else []
+    common = [n for n in b if n in a]
+    shapes = [f"{n!r} has shape {list(a[n][1])} vs {list(b[n][1])}" for n in common
+              if tuple(a[n][1]) != tuple(b[n][1])]
+    kinds = [f"{n!r} is {a[n][0]} vs {b[n][0]}" for n in common if _dtype_kind(a[n][0]) != _dtype_kind(b[n][0])]
+    for what in (shapes, kinds):
+        if what:
+            out.append("tensor " + ", ".join(what[:3]) + (f" ({len(what)} tensors in all)" if len(what) > 3 else ""))
+    return out
+
+
+def family_differences(a: Family, b: Family) -> list[str]:
+    """Why a and b are not one family, what a user recognises first (model_type, tying, sizes,
+    then the tokenizer, other config keys, tensors); empty when they are one. The one decision
+    of whether weights can be mixed: forest add, branch, average, eval and the coordinator's
+    validation of an upload all come here."""
+    head: list[str] = []
+    rest: list[str] = []
+    if a.config is not None and b.config is not None:
+        head, rest = _config_differences(a.config, b.config)
+    if a.tokenizer and b.tokenizer and a.tokenizer != b.tokenizer:
+        head.append(f"tokenizer: sha256 {a.tokenizer[:12]} vs {b.tokenizer[:12]}")
+    if rest:
+        head.append("other config keys: " + ", ".join(rest[:6]) + (f" and {len(rest) - 6} more" if len(rest) > 6 else ""))
+    if a.tensors is not None and b.tensors is not None:
+        head += _tensor_differences(a.tensors, b.tensors)
+    return head
+
+
+def check_family(a: Family | str | os.PathLike, b: Family | str | os.PathLike, what_a: str, what_b: str) -> None:
+    """Raise FamilyError naming both models and their differences unless a and b (families or
+    model directories) are one family."""
+    diffs = family_differences(a if isinstance(a, Family) else family_of(a),
+                               b if isinstance(b, Family) else family_of(b))
+    if diffs:
+        raise FamilyError(f"{what_a} and {what_b} are of different model families: {'; '.join(diffs)}. "
+                          "Their weights cannot be averaged; every ELM of a forest must descend from its seed")
 
 
 def new_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
@@ -307,7 +409,7 @@ def weights_dtype(path: str | os.PathLike) -> str:
 
 
 __all__ = [
-    "PRESETS", "Card", "DTYPE_NAMES", "architecture", "check_same_family", "copy_aux_files",
-    "family_id", "load_config", "load_family", "load_model", "new_model", "preset_config",
-    "read_card", "save_elm", "weights_dtype", "write_card",
+    "PRESETS", "Card", "DTYPE_NAMES", "Family", "architecture", "check_family", "copy_aux_files",
+    "family_differences", "family_id", "family_of", "load_config", "load_family", "load_model", "new_model",
+    "preset_config", "read_card", "save_elm", "weights_dtype", "write_card",
 ]

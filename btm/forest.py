@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from btm.errors import FamilyError, ForestError
-from btm.family import Card, check_same_family, family_id, load_config, read_card
+from btm.errors import ForestError
+from btm.family import Card, check_family, family_id, load_config, read_card
 from btm.hashing import sha256_file
 from btm.safetensors_io import atomic_write_text
 from btm.tokenizer import load_tokenizer, tokenizer_sha256
@@ -167,15 +167,16 @@ class Forest:
 
     # ------------------------------------------------------------------ changes
 
-    def check_family(self, model_dir: Path) -> None:
-        seed_cfg = load_config(self.seed_dir)
-        check_same_family(load_config(model_dir), seed_cfg, str(model_dir), "this forest's seed")
-        tok_sha = tokenizer_sha256(load_tokenizer(model_dir))
-        if tok_sha != self.manifest["tokenizer_sha256"]:
-            raise FamilyError(
-                f"{model_dir}: its tokenizer differs from the forest's (sha256 {tok_sha[:12]} vs "
-                f"{self.manifest['tokenizer_sha256'][:12]}); ELMs must keep the seed's tokenizer"
-            )
+    def check_family(self, model_dir: str | os.PathLike, what: str | None = None) -> None:
+        """Refuse a model whose weights cannot be mixed with the seed's (so that average, eval
+        and branch never meet one in the forest)."""
+        check_family(model_dir, self.seed_dir, what or str(model_dir), f"the forest's seed ({self.seed_dir})")
+
+    def check_elms(self) -> None:
+        """Every ELM against the seed: a forest written before a check was tightened may hold one
+        that no longer passes, and it should be named before hours of scoring."""
+        for e in self.elms:
+            self.check_family(e.path, f"ELM {e.name!r} ({e.path})")
 
     def add(
         self,
