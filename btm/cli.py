@@ -318,7 +318,9 @@ def branch_cmd(
 
 
 def _max_positions(config) -> int:
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1 << 30)
+    from btm.forest_model import max_positions
+
+    return max_positions(config) or 1 << 30
 
 
 # ---------------------------------------------------------------------- forest
@@ -605,7 +607,7 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
     sample_top_k: Annotated[int | None, typer.Option("--sample-top-k", help="Sample among the k likeliest tokens.")] = None,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop a continuation at this text; repeatable.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop a continuation at this text (\\n and \\t as escapes); repeatable.")] = None,
     seed_: Seed = 0,
 ):
     """Generate text with the top-k ensemble of a forest (decoded by transformers' generate()).
@@ -630,8 +632,8 @@ def generate_cmd(
     extra = dict(repetition_penalty=repetition_penalty)
     if sample_top_k:
         extra["top_k"] = sample_top_k
-    if stop:
-        extra["stop_strings"] = stop
+    if stop:  # a shell passes "\n" as backslash-n
+        extra["stop_strings"] = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]
     for text in ens.generate(prompt, max_new_tokens, temperature, top_p, seed_, **extra):
         print(text)
 

@@ -160,7 +160,8 @@ class EnsembleLM:
 
 
 def _max_positions(models) -> int | None:
-    vals = [getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", None)
-            for m in models]
+    from btm.forest_model import max_positions
+
+    vals = [max_positions(m.config) for m in models]
     vals = [v for v in vals if v]
     return min(vals) if vals else None

@@ -37,13 +37,13 @@ def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | N
         copy_model_dir(Path(src), out / "averages" / name)
         m["averages"].append({"name": name, "path": f"averages/{name}", "files": model_files(out / "averages" / name)})
     atomic_write_text(out / MANIFEST, json.dumps(m, indent=2))
-    from btm.forest_model import ForestConfig
+    from btm.family import load_config
+    from btm.forest_model import ForestConfig, max_positions
 
-    ref = json.loads((out / "seed" / "config.json").read_text())
+    ref = load_config(out / "seed")
     ForestConfig(experts=[e["path"] for e in m["elms"]], names=[e["name"] for e in m["elms"]],
-                 vocab_size=ref.get("vocab_size"), max_position_embeddings=ref.get("n_positions")
-                 or ref.get("max_position_embeddings"), bos_token_id=ref.get("bos_token_id"),
-                 eos_token_id=ref.get("eos_token_id")).save_pretrained(str(out))
+                 vocab_size=ref.vocab_size, max_position_embeddings=max_positions(ref),
+                 bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id).save_pretrained(str(out))
     atomic_write_text(out / "README.md", card(m))
     return out
 

@@ -114,7 +114,7 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
         names = [(names[i] if names else Path(str(experts[i])).name) for i in idx]
         config = ForestConfig(
             experts=[str(experts[i]) for i in idx], names=names, prior=[float(x) for x in w], experts_top_k=top_k,
-            vocab_size=ref.get_text_config().vocab_size, max_position_embeddings=_max_positions(ref),
+            vocab_size=ref.get_text_config().vocab_size, max_position_embeddings=max_positions(ref),
             bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id, pad_token_id=ref.pad_token_id,
         )
         model = cls(config, loaded)
@@ -253,8 +253,10 @@ def _positions(model: nn.Module, position_ids: torch.Tensor | None) -> dict:
     return {"position_ids": position_ids}
 
 
-def _max_positions(config) -> int | None:
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+def max_positions(config) -> int | None:
+    """The context length of any family (transformers maps each family's own name, e.g.
+    GPT-2's n_positions, to max_position_embeddings)."""
+    return getattr(config, "max_position_embeddings", None)
 
 
 AutoConfig.register("elmforest", ForestConfig)

@@ -155,7 +155,8 @@ def _repo_files(repo: str, commit: str, snapshot: Path) -> list[str]:
 
 
 def describe(source: dict[str, Any] | None) -> str:
-    if not source:
+    """Where a model came from, in a few words: org/name@commit (requested revision)."""
+    if not source or not source.get("hub"):
         return "a local directory"
     return f"{source['hub']}@{source['revision'][:12]}" + (
         f" ({source['requested']})" if source.get("requested") not in (None, source["revision"]) else "")
