@@ -360,7 +360,7 @@ def download_average(
 
 # ----------------------------------------------------------------------------- maintainers
 
-review_app = typer.Typer(help="For maintainers: the review queue, approve, decline, publish, remove.",
+review_app = typer.Typer(help="For maintainers: the review queue, import, approve, decline, publish, remove.",
                          no_args_is_help=True)
 
 
@@ -406,6 +406,34 @@ def review_retry(job: Annotated[int, typer.Argument(help="A failed job's id.")],
     if wait:
         j = c.finish(j, f"job {job}")
         console.print(f"job {j['id']} {j['status']}")
+
+
+@review_app.command("import")
+def review_import(
+    forest: Annotated[str, typer.Argument(help="The forest to import into.")],
+    source: Annotated[str, typer.Argument(help="A model directory, or a Hub id org/name[@revision].")],
+    domain: Annotated[str, typer.Option(help="The registered domain it is the expert of.")],
+    name: Annotated[str | None, typer.Option(help="Its name in the forest (default: the domain).")] = None,
+    revision: Annotated[str | None, typer.Option(help="A Hub revision (branch, tag or commit).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it until validated and evaluated.")] = False,
+    url: Url = None,
+):
+    """Import an existing checkpoint of the forest's family into FOREST (maintainers). It is
+    validated like a contribution, evaluated against the seed, and shown as imported in the
+    lineage; approve and publish it as usual.
+
+    EXAMPLES
+      elmforest review import demo runs/python-finetune --domain python --wait
+      HF_HUB_OFFLINE=1 elmforest review import demo example/tiny-llama-python@main --domain python
+    """
+    c = client(url)
+    with _progress() as prog:
+        task = prog.add_task(f"uploading {source}", total=None)
+        x = commands.import_checkpoint(c, forest, source, domain, name, revision, progress=lambda done, total:
+                                       prog.update(task, completed=done, total=total), log=_log)
+    console.print(f"contribution {x['id']} ({x['name']}, domain {x['domain']}, imported) is {x['state']}")
+    if wait:
+        _follow(c, x["id"])
 
 
 @review_app.command("approve")

@@ -187,20 +187,63 @@ def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init
     branch_init_id = branch_init_id or info.get("branch_init_id")
     if not forest or not branch_init_id:
         raise ClientError(f"{elm_dir}: which branch init was this trained from? pass --forest and --branch-init")
-    state_path = elm_dir / ".elmforest-submit.json"
     sha = sha256_file(weights)
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    body = {
+        "forest": forest, "branch_init_id": branch_init_id, "forest_version": info.get("version"),
+        "name": name, "sha256": sha, "size": weights.stat().st_size,
+        "config": json.loads((elm_dir / "config.json").read_text()),
+        "tokenizer_sha256": tokenizer_sha256(load_tokenizer(elm_dir)),
+        "training": {**card.training, "data": card.data},
+    }
+    return _upload(client, weights, "/contributions", body, elm_dir / ".elmforest-submit.json", progress, log)
+
+
+def import_checkpoint(client: Client, forest: str, source: str, domain: str, name: str | None = None,
+                      revision: str | None = None, progress: Callable[[int, int], None] | None = None,
+                      log: Log = _quiet) -> dict:
+    """For maintainers: bring an existing checkpoint (a local directory, or a Hub id
+    `org/name[@rev]` fetched through huggingface_hub) into a forest as the ELM of `domain`.
+    It is validated like a contribution and evaluated against the forest's seed."""
+    from btm.family import read_card
+    from btm.hub import resolve
+    from btm.tokenizer import load_tokenizer, tokenizer_sha256
+
+    r = resolve(source, revision)
+    weights = r.path / "model.safetensors"
+    if not weights.exists():
+        raise ClientError(f"{source}: no single model.safetensors (sharded or missing weights); an import uploads "
+                          "one file: save the model with save_pretrained(..., max_shard_size='1000GB') first")
+    where = r.source or {"path": str(Path(source).resolve()),
+                         "files": {f.name: sha256_file(f) for f in sorted(r.path.iterdir()) if f.is_file()}}
+    card = read_card(r.path)
+    body = {
+        "domain": domain, "name": name, "sha256": where["files"]["model.safetensors"], "size": weights.stat().st_size,
+        "config": json.loads((r.path / "config.json").read_text()),
+        "tokenizer_sha256": tokenizer_sha256(load_tokenizer(r.path)),
+        "source": {k: where[k] for k in ("hub", "revision", "requested", "path", "files") if k in where},
+        "training": {**card.training, "data": card.data} if card.training or card.data else {},
+    }
+    from contributor_client.config import config_dir
+
+    # the resume state lives with the client, not in the (possibly read-only) Hub cache
+    state = config_dir() / "imports" / f"{forest}-{body['sha256'][:16]}.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    return _upload(client, weights, f"/forests/{forest}/imports", body, state, progress, log)
+
+
+def _upload(client: Client, weights: Path, create: str, body: dict, state_path: Path, progress, log: Log) -> dict:
+    """Declare an ELM at `create`, then send its weights in parts (resumable: run it again
+    after an interruption and it continues from the last part that arrived; `state_path`
+    remembers which contribution it was)."""
+    sha = body["sha256"]
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    except ValueError:
+        state = {}
     if state.get("sha256") != sha or state.get("url") != client.url:
         state = {}
     if not state.get("contribution_id"):
-        body = {
-            "forest": forest, "branch_init_id": branch_init_id, "forest_version": info.get("version"),
-            "name": name, "sha256": sha, "size": weights.stat().st_size,
-            "config": json.loads((elm_dir / "config.json").read_text()),
-            "tokenizer_sha256": tokenizer_sha256(load_tokenizer(elm_dir)),
-            "training": {**card.training, "data": card.data},
-        }
-        r = client.post("/contributions", body)
+        r = client.post(create, body)
         state = {"contribution_id": r["contribution"]["id"], "sha256": sha, "url": client.url}
         state_path.write_text(json.dumps(state))
         up = r["upload"]

@@ -268,7 +268,9 @@ class Contribution(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     forest_id: Mapped[int] = mapped_column(ForeignKey("forests.id", ondelete="CASCADE"), index=True)
     domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"), index=True)
-    branch_init_id: Mapped[int] = mapped_column(ForeignKey("branch_inits.id", ondelete="CASCADE"))
+    # None for a checkpoint a maintainer imported; `source` says where it came from
+    branch_init_id: Mapped[int | None] = mapped_column(ForeignKey("branch_inits.id", ondelete="CASCADE"))
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
     state: Mapped[State] = mapped_column(_enum(State, "contribution_state"), default=State.uploading, index=True)
     weights_sha256: Mapped[str] = mapped_column(String(64))
     weights_size: Mapped[int] = mapped_column(BigInteger)
@@ -285,7 +287,7 @@ class Contribution(Base):
     owner: Mapped[User] = relationship()
     forest: Mapped[Forest] = relationship()
     domain: Mapped[Domain] = relationship()
-    branch_init: Mapped[BranchInit] = relationship()
+    branch_init: Mapped[BranchInit | None] = relationship()
     events: Mapped[list[ContributionEvent]] = relationship(order_by="ContributionEvent.id", back_populates="contribution")
 
 

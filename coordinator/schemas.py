@@ -309,6 +309,27 @@ class ContributionIn(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
 
 
+class ImportSource(BaseModel):
+    """Where an imported checkpoint came from (recorded in the forest's manifest and lineage)."""
+
+    hub: str | None = Field(default=None, max_length=200, pattern=r"^[\w.-]+/[\w.-]+$", description="A Hub id.")
+    revision: str | None = Field(default=None, max_length=100)
+    requested: str | None = Field(default=None, max_length=300)
+    path: str | None = Field(default=None, max_length=500, description="A local directory it was read from.")
+    files: dict[str, str] = Field(default_factory=dict, max_length=1000, description="file name -> sha256")
+
+
+class ImportIn(BaseModel):
+    domain: str = Field(min_length=1, max_length=64)
+    name: str | None = Field(default=None, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of model.safetensors")
+    size: int = Field(gt=0, le=2**62)
+    config: dict[str, Any]
+    tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source: ImportSource
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
 class EventOut(Orm):
     from_state: str | None
     to_state: str
@@ -332,6 +353,7 @@ class ContributionOut(Orm):
     forest: str
     domain: str
     branch_init_id: DbId | None
+    source: dict[str, Any] | None = Field(default=None, description="Where an imported checkpoint came from.")
     state: str
     weights_sha256: str
     weights_size: int

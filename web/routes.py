@@ -15,6 +15,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from starlette.middleware.sessions import SessionMiddleware
 
+from btm.hub import describe
 from coordinator.api.deps import DB, Id, SettingsDep, StorageDep, release
 from coordinator.errors import Forbidden, NotFound, ServiceError, public
 from coordinator.models import AveragedModel, Contribution, Domain, Evaluation, Role, State, User
@@ -205,7 +206,8 @@ def elm_page(request: Request, name: str, elm: str, db: DB, user: WebUser):
 
 def _elm_figures(db, f, v, e) -> tuple[str, list, str]:
     # lineage: walk parents through their contributions' branch inits back to the seed
-    nodes = {e["name"]: {"label": e["name"], "sub": f"domain {e['domain']}"}}
+    nodes = {e["name"]: {"label": e["name"], "sub": f"domain {e['domain']}"
+                         + (f" · imported from {describe(e['source'])}" if e.get("source") else "")}}
     edges: list[tuple[str, str, float]] = []
     todo, seen = [(e["name"], e.get("parents", []))], set()
     while todo:
@@ -219,7 +221,8 @@ def _elm_figures(db, f, v, e) -> tuple[str, list, str]:
                 nodes.setdefault(pname, {"label": pname, "sub": "seed LM", "seed": True})
             else:
                 pc = db.get(Contribution, p["contribution_id"])
-                nodes.setdefault(pname, {"label": pname, "sub": f"domain {pc.domain.name}" if pc else ""})
+                nodes.setdefault(pname, {"label": pname, "sub": (f"domain {pc.domain.name}" if pc else "")
+                                         + (" · imported" if pc is not None and pc.source else "")})
                 if pc is not None and pc.branch_init is not None:
                     todo.append((pname, pc.branch_init.parents or []))
             edges.append((pname, child, float(p["weight"])))
@@ -395,6 +398,7 @@ def mount(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
     templates.env.globals["State"] = State
+    templates.env.globals["imported_from"] = describe
     templates.env.globals["Role"] = Role
 
     @app.exception_handler(_LoginRequired)

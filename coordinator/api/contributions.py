@@ -26,6 +26,7 @@ from coordinator.schemas import (
     Error,
     EventOut,
     FilesOut,
+    ImportIn,
     JobBrief,
     JobOut,
     RemoveIn,
@@ -49,7 +50,7 @@ def branch_out(storage, b: BranchInit, job: Job | None = None) -> BranchOut:
 def contribution_out(c: Contribution, history: bool = True, db=None) -> ContributionOut:
     out = ContributionOut(
         id=c.id, name=c.name, owner=c.owner.username, forest=c.forest.name, domain=c.domain.name,
-        branch_init_id=c.branch_init_id, state=c.state.value, weights_sha256=c.weights_sha256,
+        branch_init_id=c.branch_init_id, source=c.source, state=c.state.value, weights_sha256=c.weights_sha256,
         weights_size=c.weights_size, training=c.training, validation=c.validation, evaluation=c.evaluation,
         created_at=c.created_at, updated_at=c.updated_at,
         files=c.files if c.state not in DISCARDED else None,
@@ -84,6 +85,18 @@ def create_contribution(body: ContributionIn, user: Contributor, db: DB, storage
     get the URLs to upload model.safetensors."""
     c, up = contributions.create(db, storage, settings, user, body.forest, body.branch_init_id, body.sha256, body.size,
                                  body.config, body.tokenizer_sha256, body.name, body.training, body.forest_version)
+    return ContributionCreated(contribution=contribution_out(c), upload=UploadOut(**up))
+
+
+@router.post("/forests/{forest}/imports", status_code=status.HTTP_201_CREATED, response_model=ContributionCreated)
+def import_checkpoint(forest: str, body: ImportIn, user: Maintainer, db: DB, storage: StorageDep,
+                      settings: SettingsDep):
+    """For maintainers: bring an existing checkpoint of the forest's family (a Hub model, one
+    trained elsewhere) into the forest as an ELM of a domain. Upload its model.safetensors
+    like a contribution's; it is validated like one and evaluated against the seed."""
+    c, up = contributions.create_import(db, storage, settings, user, forest, body.domain, body.sha256, body.size,
+                                        body.config, body.tokenizer_sha256, body.source.model_dump(exclude_none=True),
+                                        body.name, body.training)
     return ContributionCreated(contribution=contribution_out(c), upload=UploadOut(**up))
 
 

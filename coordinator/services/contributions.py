@@ -69,10 +69,6 @@ def create(db: Session, storage: Storage, settings, user: User, forest: str, bra
            size: int, config: dict, tokenizer_sha256: str, name: str | None = None, training: dict | None = None,
            forest_version: int | None = None) -> tuple[Contribution, dict]:
     """Declare an ELM trained from a branch init and get the URLs to upload its weights."""
-    from transformers import AutoConfig
-
-    from btm.family import architecture
-
     f = forests_svc.get(db, forest)
     b = db.get(BranchInit, branch_init_id)
     if b is None or (b.requested_by_id != user.id and not domains_svc.is_maintainer(user)):
@@ -85,6 +81,36 @@ def create(db: Session, storage: Storage, settings, user: User, forest: str, bra
                          f"not v{forest_version}; submit the ELM trained from the init you were given")
     if b.status != BranchStatus.ready:
         raise Conflict(f"branch init {branch_init_id} is {b.status.value}; wait until it is ready")
+    return _declare(db, storage, settings, user, f, b.domain, b, sha256, size, config, tokenizer_sha256,
+                    name or b.domain.name, training, None,
+                    f"trained from branch init {b.id} ({f.name} v{b.version.number})")
+
+
+def create_import(db: Session, storage: Storage, settings, user: User, forest: str, domain: str, sha256: str,
+                  size: int, config: dict, tokenizer_sha256: str, source: dict, name: str | None = None,
+                  training: dict | None = None) -> tuple[Contribution, dict]:
+    """A maintainer brings an existing checkpoint of the forest's family (a model from the
+    Hub, one trained elsewhere) into the forest: no branch init; `source` says where it came
+    from. It is validated like any upload and evaluated against the forest's seed."""
+    forests_svc.require_maintainer(user)
+    f = forests_svc.get(db, forest)
+    d = domains_svc.get(db, domain)
+    where = source.get("hub") or source.get("path") or "a local directory"
+    rev = f"@{source['revision']}" if source.get("revision") else ""
+    return _declare(db, storage, settings, user, f, d, None, sha256, size, config, tokenizer_sha256, name or d.name,
+                    training, source, f"imported from {where}{rev}")
+
+
+def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: BranchInit | None, sha256: str, size: int,
+             config: dict, tokenizer_sha256: str, name: str, training: dict | None, source: dict | None,
+             reason: str) -> tuple[Contribution, dict]:
+    """The checks every declared ELM passes before its bytes may come: size, tokenizer,
+    family, a free name. Returns the contribution and its upload."""
+    from transformers import AutoConfig
+
+    from btm.family import Family, family_differences
+
+    forest = f.name
     uploads.check_declared(settings, "weights", sha256, size)
     if tokenizer_sha256 != f.tokenizer_sha256:
         raise Unprocessable(f"the ELM's tokenizer (sha256 {tokenizer_sha256[:12]}) is not the forest's "
@@ -95,28 +121,34 @@ def create(db: Session, storage: Storage, settings, user: User, forest: str, bra
         cfg = None
     if cfg is None:
         raise Unprocessable("config is not a Hugging Face model config (it needs at least model_type)")
-    want = architecture(AutoConfig.for_model(**f.config))
-    got = architecture(cfg)
-    if got != want:
-        diffs = [f"{k}: {got.get(k)!r} vs {want.get(k)!r}" for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
-        raise Unprocessable(f"the ELM's config is not of the forest's family ({'; '.join(diffs[:6])})")
-    name = (name or b.domain.name).lower()
+    diffs = family_differences(Family(cfg), Family(AutoConfig.for_model(**f.config)))
+    if diffs:
+        raise Unprocessable(f"the ELM's config is not of the forest's family ({'; '.join(diffs)})")
+    name = name.lower()
     if not NAME.match(name):
         raise BadRequest("an ELM name is 1-64 lowercase letters, digits, '.', '_' or '-'")
     taken = db.scalar(select(Contribution).where(Contribution.forest_id == f.id, Contribution.name == name,
                                                 Contribution.state.not_in(FINAL)))
     if taken is not None:
         raise Conflict(f"the name {name!r} is in use in forest {forest!r} (contribution {taken.id}); pass another --name")
-    c = Contribution(name=name, owner_id=user.id, forest_id=f.id, domain_id=b.domain_id, branch_init_id=b.id,
-                     weights_sha256=sha256, weights_size=size, config=config, tokenizer_sha256=tokenizer_sha256,
-                     training=training or {})
+    c = Contribution(name=name, owner_id=user.id, forest_id=f.id, domain_id=d.id, branch_init_id=b.id if b else None,
+                     source=source, weights_sha256=sha256, weights_size=size, config=config,
+                     tokenizer_sha256=tokenizer_sha256, training=training or {})
     up = uploads.start(db, storage, settings, user, "weights", "model.safetensors", sha256, size)
     c.upload_id = up.id
     db.add(c)
     db.flush()
     db.add(ContributionEvent(contribution_id=c.id, from_state=None, to_state=State.uploading.value, actor_id=user.id,
-                             reason=f"trained from branch init {b.id} ({f.name} v{b.version.number})"))
+                             reason=reason))
     return c, uploads.describe(storage, up)
+
+
+def start_point(c: Contribution) -> tuple[dict, str]:
+    """What the ELM started from, which it must differ from and beat: its branch init, or
+    for an imported checkpoint the forest's seed. ({filename: sha256}, how to name it)"""
+    if c.branch_init is not None:
+        return c.branch_init.files, "its branch init"
+    return c.forest.seed_files, "the forest's seed"
 
 
 def upload_info(db: Session, storage: Storage, settings, user: User, cid: int) -> dict:
@@ -221,7 +253,7 @@ def decide(db: Session, storage: Storage, settings, user: User, cid: int, decisi
     if decision == "approve":
         if c.state != State.evaluated:
             raise Conflict(f"contribution {cid} is {c.state.value}; only evaluated contributions that beat their "
-                           "branch init can be approved")
+                           "starting point can be approved")
         transition(db, c, State.approved, user, reason or "approved")
     elif decision == "decline":
         if c.state not in (State.evaluated, State.approved):
@@ -250,6 +282,7 @@ class Candidate:
     seed_signature: dict
     init_weights: Path
     holder: Callable[[str], str | None]  # sha256 -> what already holds those bytes, if anything
+    init_name: str = "its branch init"
     header: object = None
     notes: list[str] = field(default_factory=list)
 
@@ -281,14 +314,14 @@ def _safetensors(x: Candidate) -> None:
 
 
 def _layout(x: Candidate) -> None:
+    from btm.family import Family, family_differences
+
     got = {n: (t.dtype, t.shape) for n, t in x.header.tensors.items()}
     want = x.seed_signature
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise Refused(f"{x.label}: tensor names differ from the forest's: missing {missing[:5]}, extra {extra[:5]}")
-    for n, (dt, shape) in want.items():
-        if got[n][1] != shape:
-            raise Refused(f"{x.label}: tensor {n!r} has shape {list(got[n][1])}, the forest's family has {list(shape)}")
+    diffs = family_differences(Family(tensors=got), Family(tensors=want))
+    if diffs:
+        raise Refused(f"{x.label} is not of the forest's family: {'; '.join(diffs)}")
+    for n, (dt, _) in want.items():  # stricter than the family: the forest's files keep one precision
         if got[n][0] != dt:
             raise Refused(f"{x.label}: tensor {n!r} is {got[n][0]}, the forest's family uses {dt}")
 
@@ -296,10 +329,11 @@ def _layout(x: Candidate) -> None:
 def _config(x: Candidate) -> None:
     from transformers import AutoConfig
 
-    from btm.family import architecture
+    from btm.family import Family, family_differences
 
-    if architecture(AutoConfig.for_model(**x.c.config)) != architecture(AutoConfig.for_model(**x.c.forest.config)):
-        raise Refused("the config is not of the forest's family")
+    diffs = family_differences(Family(AutoConfig.for_model(**x.c.config)), Family(AutoConfig.for_model(**x.c.forest.config)))
+    if diffs:
+        raise Refused(f"the config is not of the forest's family ({'; '.join(diffs)})")
 
 
 def _finite(x: Candidate) -> None:
@@ -324,7 +358,7 @@ def _not_the_init(x: Candidate) -> None:
         for n in f.keys():  # noqa: SIM118 - a safe_open handle
             if not torch.equal(f.get_tensor(n), read_tensor(init.path(n), init.info(n))):
                 return
-    raise Refused("the weights are identical to the branch init: train the ELM on its domain before submitting")
+    raise Refused(f"the weights are identical to {x.init_name}: train the ELM on its domain before submitting")
 
 
 # the order matters: cheap and decisive first, then whatever needs the earlier ones
@@ -335,7 +369,7 @@ CHECKS: list[tuple[str, Callable[[Candidate], None]]] = [
     ("tensor names, shapes and dtypes of the forest's family", _layout),
     ("config of the forest's family", _config),
     ("no NaN or Inf", _finite),
-    ("differs from its branch init", _not_the_init),
+    ("differs from its starting point (branch init, or the seed for an import)", _not_the_init),
 ]
 
 
@@ -376,7 +410,7 @@ def validate(db: Session, storage: Storage, settings, cid: int) -> dict:
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td, storage.local_copy(up.key, Path(td)) as path:
         x = Candidate(c, path, f"model.safetensors of contribution {c.id}",
                       open_weights(model_dir(storage, settings.work_dir, c.forest.seed_files)).signature(),
-                      model_dir(storage, settings.work_dir, c.branch_init.files), holder_of(db, c))
+                      model_dir(storage, settings.work_dir, start_point(c)[0]), holder_of(db, c), start_point(c)[1])
         for name, check in CHECKS:
             try:
                 check(x)
@@ -412,8 +446,9 @@ def _refuse(db: Session, storage: Storage, settings, c: Contribution, report: di
 
 
 def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
-    """Perplexity on the domain's held-out data: the ELM, its branch init, and the current
-    forest's ensemble. It must beat its init to go to a maintainer."""
+    """Perplexity on the domain's held-out data: the ELM, its starting point (branch init, or
+    the seed for an import), and the current forest's ensemble. It must beat its starting
+    point to go to a maintainer."""
     from btm.evaluate import Scores
     from btm.forest import Forest
     from btm.tokenizer import load_tokenizer
@@ -428,7 +463,8 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
     if d.eval_data_sha256 is None:
         raise BadRequest(f"domain {d.name!r} has no held-out evaluation data")
     elm = model_dir(storage, settings.work_dir, c.files)
-    init = model_dir(storage, settings.work_dir, c.branch_init.files)
+    start, init_name = start_point(c)
+    init = model_dir(storage, settings.work_dir, start)
     db_ = domains_svc.held_out_blocks(storage, settings, d, load_tokenizer(elm))
     if db_ is None:
         raise BadRequest(f"domain {d.name!r} has too little held-out text to evaluate on; upload more")
@@ -454,10 +490,10 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
     c.evaluation = result
     if result["beats_init"]:
         transition(db, c, State.evaluated, None,
-                   f"perplexity {ppl:.3f} on {d.name} beats its branch init's {init_ppl:.3f}", result)
+                   f"perplexity {ppl:.3f} on {d.name} beats {init_name}'s {init_ppl:.3f}", result)
     else:
         transition(db, c, State.rejected, None,
-                   f"perplexity {ppl:.3f} on the held-out data of {d.name} is not better than its branch init's "
+                   f"perplexity {ppl:.3f} on the held-out data of {d.name} is not better than {init_name}'s "
                    f"{init_ppl:.3f}: train longer or check the data", {"stage": "evaluation", **result})
         discard_weights(db, storage, settings, c)
     return result

@@ -222,7 +222,7 @@ CASES = [
     (extra_tensor, "extra ['backdoor.weight']"),
     (nan_weights, "NaN or Inf"),
     (inf_weights, "NaN or Inf"),
-    (identical_to_init, "identical to the branch init"),
+    (identical_to_init, "identical to its branch init"),
     (copy_of_a_merged_elm, "byte for byte the same file as ELM python (contribution 1, merged)"),
     (worse_than_init, "is not better than its branch init"),
 ]
