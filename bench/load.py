@@ -314,7 +314,7 @@ def main() -> None:
         else:
             from live import Coordinator, MotoS3, fresh_pg_database
 
-            env = {"ELMFOREST_EVAL_MAX_BLOCKS": "8"}
+            env = {"ELMFOREST_EVAL_SCORED_BLOCKS": "8"}
             if args.backend == "production":
                 pg = stack.enter_context(fresh_pg_database())
                 moto = MotoS3()

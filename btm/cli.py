@@ -382,17 +382,26 @@ def forest_remove(
     name: Annotated[str, typer.Argument(help="The ELM to remove.")],
     reason: Annotated[str, typer.Option(help="Why (recorded in the forest's history).")],
     keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep the ELM's files on disk.")] = False,
+    with_descendants: Annotated[bool, typer.Option("--with-descendants", help="Also forget the ELMs that carry "
+                                                   ">= 0.1 of its weights (branched from it).")] = False,
+    keep_descendants: Annotated[bool, typer.Option("--keep-descendants", help="Keep them (recorded).")] = False,
 ):
-    """Remove (forget) an ELM; writes a new version with the reason.
+    """Remove (forget) an ELM; writes a new version with the reason. ELMs branched from it
+    that carry >= 0.1 of its weights are listed and need --with-descendants or
+    --keep-descendants.
 
     EXAMPLES
       elmforest forest remove forest fortunes --reason "license withdrawn"
+      elmforest forest remove forest fortunes --reason "license withdrawn" --with-descendants
     """
     from btm.forest import Forest
 
+    if with_descendants and keep_descendants:
+        raise BTMError("pass one of --with-descendants and --keep-descendants")
     f = Forest.load(forest)
-    f.remove(name, reason, delete_files=not keep_files)
-    console.print(f"removed {name}; forest is now version {f.version}")
+    gone = f.remove(name, reason, delete_files=not keep_files,
+                    descendants="remove" if with_descendants else "keep" if keep_descendants else None)
+    console.print(f"removed {', '.join(gone)}; forest is now version {f.version}")
 
 
 @forest_app.command("list")

@@ -155,7 +155,9 @@ class EnsembleLM:
                 cont = cont[:cont.index(eos)]
             cont = self.tokenizer.decode(cont)
             cut = min([i for i in (cont.find(s) for s in stops) if i >= 0], default=len(cont))
-            texts.append(self.tokenizer.decode(row[width - int(m.sum()) + 1:width]) + cont[:cut])
+            first = width - int(m.sum())
+            first += row[first] == start  # the start token (a prompt cut to the context lost it)
+            texts.append(self.tokenizer.decode(row[first:width]) + cont[:cut])
         return texts[0] if isinstance(prompt, str) else texts
 
 

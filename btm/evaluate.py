@@ -76,9 +76,9 @@ class Scores:
     def ppl(self, name: str, domain: str) -> float:
         return math.exp(-self.test[(name, domain)].double().mean().item())
 
-    def prior(self, names: Sequence[str], domain: str, batch_size: int = 16) -> np.ndarray:
+    def prior(self, names: Sequence[str], domain: str) -> np.ndarray:
         ll = np.stack([self.dev[(n, domain)] for n in names], axis=1)
-        return cached_prior(ll, batch_size)
+        return cached_prior(ll)
 
     def ensemble_ppl(self, names: Sequence[str], domain: str, top_k: int | None = None,
                      prior: np.ndarray | None = None) -> float:

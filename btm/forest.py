@@ -61,6 +61,10 @@ def copy_model_dir(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+# an ELM branched from another with at least this share of its weights is its descendant
+DESCENDANT_WEIGHT = 0.1
+
+
 @dataclass
 class Elm:
     name: str
@@ -221,17 +225,46 @@ class Forest:
         self._bump("add", name, None)
         return self.get(name)
 
-    def remove(self, name: str, reason: str, delete_files: bool = True) -> None:
-        """Forget an ELM: it leaves the manifest (a new version) and, by default, the disk."""
+    def descendants(self, name: str, threshold: float = DESCENDANT_WEIGHT) -> dict[str, float]:
+        """ELMs that carry at least `threshold` of `name`'s weights: the share of `name` in an
+        ELM's initialisation, through every generation (a parent's weight times the share in
+        that parent). Forgetting `name` means forgetting these too, unless one decides otherwise."""
+        by_name = {e.name: e for e in self.elms}
+        memo: dict[str, float] = {name: 1.0}
+
+        def share(n: str, seen: frozenset) -> float:
+            if n not in memo:
+                e = by_name.get(n)
+                memo[n] = 0.0 if e is None or n in seen else sum(
+                    float(p["weight"]) * share(p["name"], seen | {n}) for p in e.parents)
+            return memo[n]
+
+        return {e.name: s for e in self.elms if e.name != name and (s := share(e.name, frozenset())) >= threshold}
+
+    def remove(self, name: str, reason: str, delete_files: bool = True, descendants: str | None = None) -> list[str]:
+        """Forget an ELM: it leaves the manifest (a new version) and, by default, the disk.
+        ELMs that carry >= 0.1 of its weights need a decision: descendants="remove" forgets
+        them too, "keep" keeps them; the history records which. Returns the names removed."""
         if not reason.strip():
             raise ForestError("removing an ELM needs a reason (it is recorded in the forest history)")
         elm = self.get(name)
         if elm.path == self.seed_dir:
             raise ForestError("the seed is the forest's root and cannot be removed")
-        self.manifest["elms"] = [e for e in self.manifest["elms"] if e["name"] != name]
-        self._bump("remove", name, reason)
+        heirs = self.descendants(name)
+        if heirs and descendants not in ("remove", "keep"):
+            listed = ", ".join(f"{n} ({w:.2f})" for n, w in sorted(heirs.items(), key=lambda x: -x[1]))
+            raise ForestError(f"{name} lives on in {len(heirs)} ELM(s) branched from it (share of its weights): "
+                              f"{listed}; pass --with-descendants to forget them too, or --keep-descendants")
+        gone = [name, *sorted(heirs)] if descendants == "remove" else [name]
+        paths = [self.get(n).path for n in gone]
+        self.manifest["elms"] = [e for e in self.manifest["elms"] if e["name"] not in gone]
+        extra = {"descendants": {"decision": "removed" if descendants == "remove" else "kept",
+                                 "elms": {n: round(w, 4) for n, w in sorted(heirs.items())}}} if heirs else {}
+        self._bump("remove", name, reason, **extra)
         if delete_files:
-            shutil.rmtree(elm.path, ignore_errors=True)
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+        return gone
 
     def set_metrics(self, name: str, metrics: dict[str, Any]) -> None:
         for e in self.manifest["elms"]:
@@ -252,9 +285,9 @@ class Forest:
                     problems.append(f"{f}: sha256 differs from the manifest")
         return problems
 
-    def _bump(self, action: str, elm: str, reason: str | None) -> None:
+    def _bump(self, action: str, elm: str, reason: str | None, **extra: Any) -> None:
         self.manifest["version"] = self.version + 1
-        rec = {"version": self.version, "action": action, "elm": elm, "at": now(), "by": _who()}
+        rec = {"version": self.version, "action": action, "elm": elm, "at": now(), "by": _who(), **extra}
         if reason:
             rec["reason"] = reason
         self.manifest["history"].append(rec)

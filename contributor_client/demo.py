@@ -43,7 +43,7 @@ class Demo:
         self.t0 = time.monotonic()
         self.server: subprocess.Popen | None = None
         self.env = {**os.environ, "ELMFOREST_DATA_DIR": str(self.work / "coordinator"), "ELMFOREST_PUBLIC_URL": self.url,
-                    "ELMFOREST_EVAL_BLOCK_SIZE": "128", "ELMFOREST_EVAL_MAX_BLOCKS": "24", "ELMFOREST_PRIOR_BLOCKS": "24"}
+                    "ELMFOREST_EVAL_BLOCK_SIZE": "128", "ELMFOREST_EVAL_SCORED_BLOCKS": "24", "ELMFOREST_POSTERIOR_PRIOR_BLOCKS": "24"}
 
     def say(self, msg: str) -> None:
         t = time.monotonic() - self.t0

@@ -58,8 +58,10 @@ class Settings(BaseSettings):
 
     # evaluation
     eval_block_size: int = 256
-    eval_max_blocks: int = 64
-    prior_blocks: int = 100
+    posterior_prior_blocks: int = Field(default=100, ge=1, description="Blocks at the start of a domain's held-out "
+                                        "data behind its cached prior (the posterior's EMA); never scored.")
+    eval_scored_blocks: int = Field(default=64, ge=1, description="At most this many blocks after the prior's are "
+                                    "scored for perplexities (evaluation, leaderboard).")
     top_k: list[int] = [1, 2, 4]
 
     # jobs

@@ -82,7 +82,7 @@ class Coordinator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "ELMFOREST_DATA_DIR": str(data_dir), "ELMFOREST_PUBLIC_URL": self.url,
-                    "ELMFOREST_EVAL_MAX_BLOCKS": "8", "ELMFOREST_PRIOR_BLOCKS": "4", "ELMFOREST_EVAL_BLOCK_SIZE": "64",
+                    "ELMFOREST_EVAL_SCORED_BLOCKS": "8", "ELMFOREST_POSTERIOR_PRIOR_BLOCKS": "4", "ELMFOREST_EVAL_BLOCK_SIZE": "64",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
         self.procs: list[subprocess.Popen] = []
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def build(db: Session, storage, settings, avg_id: int) -> dict:
             d = domains_svc.get(db, a.target)
             blocks = domains_svc.held_out_blocks(storage, settings, d, load_tokenizer(forest.seed_dir))
             if blocks is None:
-                raise BadRequest(f"domain {a.target!r} has too little held-out text to compute its posterior")
+                raise BadRequest(domains_svc.too_short(settings, d))
             post = dict(zip(names, domain_prior([e.path for e in forest.elms], blocks.dev).tolist(), strict=True))
         w = method_weights(a.method, [post[n] for n in names], len(names))
     card = Card(name=f"{v.forest.name}-v{v.number}-{a.method}" + (f"-{a.target}" if a.target else ""), kind="average",

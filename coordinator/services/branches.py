@@ -95,7 +95,7 @@ def compute(db: Session, storage, settings, init_id: int) -> dict:
         plan = plan_branch(forest, None, b.method, posterior=[b.posterior.get(n, 0.0) for n in names])
     elif b.sample_sha256 and names and b.method in ("posterior", "argmax"):
         sample = blob(storage, settings.work_dir, b.sample_sha256)
-        plan = plan_branch(forest, sample_blocks(forest, sample, settings.eval_block_size, settings.prior_blocks),
+        plan = plan_branch(forest, sample_blocks(forest, sample, settings.eval_block_size, settings.posterior_prior_blocks),
                            b.method)
     else:
         plan = plan_branch(forest, None, b.method if names else "seed")

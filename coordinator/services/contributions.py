@@ -467,7 +467,7 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
     init = model_dir(storage, settings.work_dir, start)
     db_ = domains_svc.held_out_blocks(storage, settings, d, load_tokenizer(elm))
     if db_ is None:
-        raise BadRequest(f"domain {d.name!r} has too little held-out text to evaluate on; upload more")
+        raise BadRequest(domains_svc.too_short(settings, d))
     s = Scores()
     s.add_model("elm", elm, [db_], dev_too=False)
     s.add_model("init", init, [db_], dev_too=False)

@@ -64,8 +64,10 @@ def update(db: Session, user: User, name: str, role: str | None = None, status: 
 
 
 def held_out_blocks(storage, settings, d: Domain, tokenizer):
-    """A domain's held-out data as btm DomainBlocks: the first blocks (up to a quarter, at
-    most prior_blocks) estimate the cached prior, the rest are scored. None if too short."""
+    """A domain's held-out data as btm DomainBlocks: exactly posterior_prior_blocks blocks at
+    the start estimate the cached prior, and up to eval_scored_blocks after them are scored
+    (disjoint, so the experts' weights never come from the text they are judged on). None if
+    the data is too short for that."""
     from btm.data import encode_texts, eval_blocks, read_documents
     from btm.evaluate import DomainBlocks
     from coordinator.materialize import blob
@@ -75,10 +77,18 @@ def held_out_blocks(storage, settings, d: Domain, tokenizer):
     tokens = encode_texts(tokenizer, read_documents(blob(storage, settings.work_dir, d.eval_data_sha256)))
     if len(tokens) < 16:
         return None
+    n_prior = settings.posterior_prior_blocks
     size = min(settings.eval_block_size, max(8, (len(tokens) - 1) // 2))
-    b = eval_blocks(tokens, size, settings.eval_max_blocks + settings.prior_blocks)
-    n_dev = min(settings.prior_blocks, b.shape[0] // 4)
-    return DomainBlocks(d.name, d.role.value, b[n_dev:], b[:n_dev] if n_dev else b[:1])
+    if (len(tokens) - 1) // size < n_prior + 1:
+        return None
+    b = eval_blocks(tokens, size, settings.eval_scored_blocks + n_prior)
+    return DomainBlocks(d.name, d.role.value, b[n_prior:], b[:n_prior])
+
+
+def too_short(settings, d: Domain) -> str:
+    return (f"domain {d.name!r} has too little held-out text: the cached prior takes its first "
+            f"{settings.posterior_prior_blocks} blocks of {settings.eval_block_size} tokens "
+            "(ELMFOREST_POSTERIOR_PRIOR_BLOCKS) and at least one more is scored; upload more held-out text")
 
 
 def set_eval_data(db: Session, user: User, name: str, sha256: str) -> Domain:

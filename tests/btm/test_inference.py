@@ -36,7 +36,7 @@ def test_posterior_equals_brute_force_bayes():
 def test_cached_prior_is_the_ewm_of_batch_posteriors():
     rng = np.random.default_rng(1)
     ll = rng.normal(-50, 3, size=(10, 3))
-    got = cached_prior(ll, batch_size=4, alpha=0.3)
+    got = cached_prior(ll, group=4, alpha=0.3)
     prior, ema = np.ones(3) / 3, None
     for b in (ll[0:4], ll[4:8], ll[8:10]):
         post = np.exp(b) * prior
