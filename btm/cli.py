@@ -317,6 +317,17 @@ def branch_cmd(
             console.print(f"  {n:<24} {w:.4f}")
 
 
+def _named_dirs(option: str, values: list[str] | None) -> dict[str, Path]:
+    """Repeated NAME=DIR options as {name: dir}."""
+    out = {}
+    for x in values or []:
+        if "=" not in x:
+            raise BTMError(f"{option} {x!r}: use NAME=DIR")
+        k, v = x.split("=", 1)
+        out[k] = Path(v)
+    return out
+
+
 def _max_positions(config) -> int:
     from btm.forest_model import max_positions
 
@@ -455,12 +466,7 @@ def forest_export(
     from btm.forest import Forest
 
     f = Forest.load(forest)
-    averages = {}
-    for a in average or []:
-        if "=" not in a:
-            raise BTMError(f"--average {a!r}: use NAME=DIR")
-        k, v = a.split("=", 1)
-        averages[k] = Path(v)
+    averages = _named_dirs("--average", average)
     with tempfile.TemporaryDirectory() as td:
         if uniform:
             from btm.average import average_models
@@ -539,12 +545,7 @@ def eval_cmd(
     names = _split_list(domains) or c.names()
     tok = load_tokenizer(f.seed_dir)
     doms = domain_blocks(c, names, tok, block_size, max_eval_blocks, prior_blocks, cache_dir)
-    extra = {}
-    for m in model or []:
-        if "=" not in m:
-            raise BTMError(f"--model {m!r}: use NAME=DIR")
-        k, v = m.split("=", 1)
-        extra[k] = Path(v)
+    extra = _named_dirs("--model", model)
     ks = [int(k) for k in _split_list(top_k) or []]
     report = evaluate_forest(f, doms, work_dir or (forest / ".eval"), ks, extra_models=extra,
                              progress=lambda m: console.print(f"[dim]{m}[/dim]"))
