@@ -10,7 +10,8 @@ Every system sees the same number of tokens. Then: the ensemble (cached prior, a
 top-k), the three parameter averages, and forgetting (each train domain scored without its
 own ELM). Prints the tables and ends with one JSON line of every figure.
 
-    python bench/repro.py --preset ci                # about 15 minutes on 2 CPU cores
+    python bench/repro.py                            # --preset ci: about 10 minutes on 2 CPU cores
+    python bench/repro.py --extra-eval runs/extra-domains   # and unseen domains (bench/extra_domains.py)
     python bench/repro.py --preset gpu               # ~125M parameters per ELM, for a GPU
     python bench/repro.py --corpus DIR --extra-eval DIR2 --seed-share 0.6
 """
@@ -120,8 +121,11 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--train-domains", default=None, help="comma-separated (default: the corpus's train domains)")
     ap.add_argument("--eval-domains", default=None, help="comma-separated (default: the corpus's eval domains)")
-    ap.add_argument("--extra-eval", type=Path, action="append", default=[], help="more evaluation-only corpora")
-    ap.add_argument("--seed-share", type=float, default=0.5, help="share of the N updates spent on the seed")
+    ap.add_argument("--extra-eval", type=Path, action="append", default=[],
+                    help="more evaluation-only corpora (DIR/<domain>/{valid,test}.jsonl), each domain on its own "
+                    "row; bench/extra_domains.py makes four from this machine's Debian packages")
+    ap.add_argument("--seed-share", type=float, default=0.9, help="share of the N updates spent on the seed "
+                    "(0.9: see docs/results.md for 0.5-0.9)")
     ap.add_argument("--updates", type=int, default=None, help="override N")
     ap.add_argument("--vocab-size", type=int, default=None, help="override the BPE vocabulary size")
     ap.add_argument("--work-dir", type=Path, default=None)
@@ -349,7 +353,11 @@ def main() -> None:
         "removing own ELM hurts (train)": fig["removed_own_elm_train"] > fig["ensemble_train"],
         "top2 within 1% of all (train)": fig["top2_train"] <= 1.01 * fig["ensemble_train"],
         "ensemble<dense (eval)": fig["ensemble_eval"] < fig["dense_eval"],
+        "posterior_avg<dense (eval)": fig["posterior_avg_eval"] < fig["dense_eval"],
     }
+    if extra_names:
+        checks["ensemble<dense (extra)"] = mean("ensemble", extra_names) < mean("dense", extra_names)
+        checks["posterior_avg<dense (extra)"] = mean("posterior_avg", extra_names) < mean("dense", extra_names)
     print()
     for c, ok in checks.items():
         print(f"  {'yes' if ok else 'NO ':<4} {c}")
