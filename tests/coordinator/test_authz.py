@@ -85,6 +85,9 @@ def cases(w):
         ("POST", f"/contributions/{w['contribution']}/approve", lambda: {}, dict(anon=401, owner=403, other=403, maint=409)),
         ("POST", f"/contributions/{w['contribution']}/decline", lambda: {"reason": "no"}, dict(anon=401, owner=403, other=403, maint=409)),
         ("POST", "/forests/authz/publish", lambda: {}, dict(anon=401, owner=403, other=403, maint=202)),
+        ("POST", "/forests/authz/imports", lambda: {"domain": "owned", "name": f"i{next(n)}", "sha256": hashlib.sha256(
+            str(next(n)).encode()).hexdigest(), "size": 10, "config": w["cfg"], "tokenizer_sha256": w["tok_sha"],
+            "source": {"hub": "org/model", "revision": "main"}}, dict(anon=401, owner=403, other=403, maint=201)),
         ("POST", f"/contributions/{w['contribution']}/remove", lambda: {"reason": "x"}, dict(anon=401, owner=403, other=403, maint=202)),
         ("GET", "/jobs/1", None, dict(anon=401, owner=200, other=404, maint=200)),
         ("GET", "/jobs", None, dict(anon=401, owner=200, other=200, maint=200)),

@@ -22,7 +22,7 @@ def test_contribution_flow_on_the_embedded_defaults(coordinator, seed_dir, tok, 
     lb = admin.wait(lambda: admin.get("/forests/demo/leaderboard"), lambda x: len(x["rows"]) > 0, timeout=120)
     methods = {row["method"] for row in lb["rows"]}
     assert {"elm", "ensemble", "uniform", "argmax", "posterior"} <= methods
-    assert all(row["ppl"]["python"] > 1 for row in lb["rows"]) and lb["domains"] == [{"name": "python", "role": "train"}]
+    assert all(row["ppl"]["python"] > 1 for row in lb["rows"]), lb and lb["domains"] == [{"name": "python", "role": "train"}]
     assert admin.get("/forests/demo/posteriors")["python"] == {"python": pytest.approx(1.0)}
     # an averaged model for a target domain, downloadable and loadable with transformers
     avg = commands.download_average(admin, "demo", "posterior", "python", tmp_path / "avg")
