@@ -249,19 +249,22 @@ def run(job_id: int, settings=None, max_attempts: int = 3) -> str:
 
     settings = settings or get_settings()
     Sm = get_sessionmaker(settings.db_url)
+    # known as ours before the claim commits: a stop that comes in between hands it back
+    # (release_running only touches a job this process holds as running)
+    _running[job_id] = "claiming"
     with Sm() as db:
         if not claim(db, job_id):
+            _running.pop(job_id, None)
             j = db.get(Job, job_id)
             return j.status.value if j else "missing"
         job = db.get(Job, job_id)
         kind, payload, attempts = job.kind, dict(job.payload), job.attempts
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
-    storage = make_storage(settings)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(Sm, job_id, stop, lease(settings)), daemon=True)
-    beat.start()
     _running[job_id] = kind
     try:
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        storage = make_storage(settings)
+        threading.Thread(target=_heartbeat, args=(Sm, job_id, stop, lease(settings)), daemon=True).start()
         with Sm() as db:
             try:
                 result = _handlers()[kind](db, storage, settings, payload)
