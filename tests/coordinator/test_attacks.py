@@ -455,15 +455,26 @@ def _wait_for_complete(w, c, proc, delay: float, stored: int) -> bool:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if w["backend"] == "embedded":
-            mp = c.data_dir / "artifacts" / ".multipart"
-            parts = sum(f.stat().st_size for f in mp.rglob("part-?????")) if mp.exists() else 0
+            # every byte that has fully arrived: finished parts, or the object `complete` moved
+            # them to (a part still being written is a .tmp). A single part is moved, not copied,
+            # so the object must count too or a fast `complete` slips between two looks.
+            root = c.data_dir / "artifacts"
+            arrived = sum(_size(f) for f in root.rglob("*") if f.name != "key" and not f.name.endswith(".tmp"))
+            parts = arrived - stored
         else:
             parts = stored_bytes(c) - stored
         if parts >= 40 << 20:
             time.sleep(delay)
             return True
-        time.sleep(0.02)
+        time.sleep(0.005)
     return False
+
+
+def _size(f) -> int:
+    try:
+        return f.stat().st_size if f.is_file() else 0
+    except FileNotFoundError:  # moved or deleted between the listing and the look
+        return 0
 
 
 def test_the_client_checks_what_it_downloads(world, tmp_path):
