@@ -10,11 +10,12 @@ interleaved (single, top-1, top-2, ... in every round), at a fixed number of thr
 
     ratio = time per new token of the top-k ensemble / (k x time per new token of one expert)
 
-Goal: ratio <= 1.15 for every k (the ensemble costs k forward passes and little else). The
-prefill's ratio and the whole call's are printed too: the ensemble needs every expert's
-log-likelihood of the prompt (its weights), so its prompt costs more than k prompts of one
-model, which only needs the last position's logits (--prompt-len 192 shows it). The last line
-is JSON.
+Goal: ratio <= 1.15 for every k, per new token and for the whole call (the ensemble costs k
+forward passes and little else). The prefill's ratio is printed too: the ensemble needs every
+expert's log-likelihood of the prompt (its weights), so each expert computes its head at every
+prompt position where one model alone needs only the last one (--prompt-len 192 shows that
+cost); the normaliser and the mixture run one expert at a time, the mixture at the last
+position only. The last line is JSON.
 
     python bench/generate.py                                   # small preset, vocab 8192, n = 8, k = 1 2 4
     python bench/generate.py --preset gpt2-125m --vocab 50257 --batch 1 --batch 8
@@ -147,7 +148,7 @@ def main() -> None:
     ok = True
     load0 = os.getloadavg()[0]
     print("decoding: ms per step and tokens/s after the prompt; ratio = top-k / (k x single), its goal <= "
-          f"{GOAL}; cpu: the same in CPU time; prefill: the prompt and the first token; whole: the call")
+          f"{GOAL} (and the whole call's); cpu: the same in CPU time; prefill: the prompt and the first token; whole: the call")
     print(f"{'batch':>5} {'model':>9} {'ms/step':>9} {'tokens/s':>10} {'ratio':>7} {'cpu':>7} "
           f"{'prefill ms':>11} {'ratio':>7} {'whole':>7}")
     for b in batches:
@@ -161,7 +162,7 @@ def main() -> None:
         for k in ks:
             e = t[f"top-{k}"]
             r = {x: e[x] / (k * one[x]) for x in ("decode", "decode_cpu", "prefill", "whole")}
-            ok &= r["decode"] <= GOAL
+            ok &= r["decode"] <= GOAL and r["whole"] <= GOAL
             row[f"k{k}"] = {"tokens_per_s": round(b / e["decode"], 1), "ratio": round(r["decode"], 3),
                             "cpu_ratio": round(r["decode_cpu"], 3), "prefill_ratio": round(r["prefill"], 3),
                             "whole_ratio": round(r["whole"], 3)}
@@ -169,7 +170,7 @@ def main() -> None:
                 row["k1"]["same_tokens_as_single"] = bool(torch.equal(outs["top-1"], outs["single"]))
             print(f"{b:>5} {f'top-{k}':>9} {e['decode'] * 1e3:>9.2f} {b / e['decode']:>10.1f} {r['decode']:>7.3f} "
                   f"{r['decode_cpu']:>7.3f} {e['prefill'] * 1e3:>11.1f} {r['prefill']:>7.3f} {r['whole']:>7.3f}  "
-                  f"{'ok' if r['decode'] <= GOAL else 'MISSED'}")
+                  f"{'ok' if max(r['decode'], r['whole']) <= GOAL else 'MISSED'}")
         result[f"b{b}"] = row
     load = max(load0, os.getloadavg()[0])
     result["load_avg_1m"] = round(load, 2)

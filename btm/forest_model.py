@@ -6,6 +6,9 @@ it (stop strings, repetition penalty, batched prompts, lm-evaluation-harness) dr
 Each expert keeps its own KV cache; the cumulative prefix log-likelihood of every expert is
 kept per sequence of the batch (padding excluded) and updated with every token, so the
 weights follow each sequence's own prefix. The head's log-softmax and the mixture are fp32.
+On the prompt every expert's head runs at every position (its log-likelihood of the prompt
+is its weight); the normaliser is taken one expert at a time and the mixture only where it
+is asked for (generate() asks for the last position), so a prompt costs about k prompts.
 The logits returned are the mixture's log-probabilities; with one expert they are that
 expert's own logits, so a one-expert forest generates exactly what the expert does.
 
@@ -175,14 +178,18 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: ForestCache | None = None,
                 use_cache: bool | None = None, next_sequence_length: int | None = None,
                 is_first_iteration: bool | None = None, labels: torch.LongTensor | None = None,
-                return_dict: bool | None = True, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, return_dict: bool | None = True, **kwargs) -> CausalLMOutputWithPast:
         # (taking position_ids makes generate() derive them from the attention mask, as it does
-        # for every expert family that takes them: left padding then shifts positions alike)
+        # for every expert family that takes them: left padding then shifts positions alike.
+        # logits_to_keep: generate() asks for the last position only; 0 is every position.)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        # the experts' weights need each expert's log-likelihood of every input token, so with
+        # k > 1 every position's logits; one expert keeps only what was asked, as it would alone
+        keep = logits_to_keep if self.k == 1 else 0
         if past_key_values is None and not use_cache:  # scoring a whole sequence
             logits = [m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                        **_positions(m, position_ids)).logits for m in self.experts]
-            out = self._mix_sequence(logits, input_ids, mask)
+                        **_accepted(m, position_ids=position_ids, logits_to_keep=keep)).logits for m in self.experts]
+            out = self._mix_prompt(logits, input_ids, mask, logits_to_keep)
             return CausalLMOutputWithPast(loss=self._loss(out, labels), logits=out)
         cache = past_key_values
         if cache is None:
@@ -192,24 +199,19 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
             inputs = m.prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
                                                      past_key_values=c, attention_mask=attention_mask,
                                                      is_first_iteration=is_first_iteration, use_cache=True,
-                                                     **_positions(m, position_ids))
-            logits.append(m(**inputs, return_dict=True).logits)
-        new = logits[0].shape[1]
-        if cache.prefix is None:  # the prompt (prefill): every position of it
-            out = self._mix_sequence(logits, input_ids[:, -new:], mask[:, -new:], cache)
+                                                     **_accepted(m, position_ids=position_ids))
+            logits.append(m(**inputs, **_accepted(m, logits_to_keep=keep), return_dict=True).logits)
+        new = input_ids.shape[1] if cache.prefix is None else logits[0].shape[1]
+        if cache.prefix is None:  # the prompt (prefill)
+            out = self._mix_prompt(logits, input_ids[:, -new:], mask[:, -new:], logits_to_keep, cache)
         else:  # one or more new tokens after the cached ones
             out = self._mix_step(logits, input_ids[:, -new:], mask[:, -new:], cache)
         return CausalLMOutputWithPast(loss=self._loss(out, labels), logits=out, past_key_values=cache)
 
     # -------------------------------------------------------------------- the mixture
 
-    def _log_probs(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.log_softmax(x.float(), dim=-1) for x in logits])  # (k, B, T, V), fp32
-
-    def _mix(self, logits: list[torch.Tensor], lp: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        """Mixture log-probabilities at every position; prefix: (k, B, T) log p_j(x_<=t)."""
-        if self.k == 1:
-            return logits[0].float()  # the expert's own logits: the same distribution, bit for bit the same choices
+    def _mix(self, lp: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Mixture log-probabilities; lp: (k, B, T, V) each expert's, prefix: (k, B, T) log p_j(x_<=t)."""
         logw = self.log_prior.to(prefix.device)[:, None, None] + prefix
         logw = (logw - torch.logsumexp(logw, dim=0, keepdim=True)).float()
         out = lp[0] + logw[0, ..., None]
@@ -217,25 +219,45 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
             out = torch.logaddexp(out, lp[j] + logw[j, ..., None])
         return out
 
-    def _mix_sequence(self, logits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
-                      cache: ForestCache | None = None) -> torch.Tensor:
-        lp = self._log_probs(logits)  # (k, B, T, V)
-        # log p_j(x_t | x_<t) of each given token (t >= 1), only where both tokens are real (not padding)
-        tok = lp[:, :, :-1].gather(-1, ids[None, :, 1:, None].expand(self.k, -1, -1, 1)).squeeze(-1).double()
-        valid = (mask[:, 1:] * mask[:, :-1]).to(tok.dtype)[None]
-        prefix = torch.cat([torch.zeros_like(tok[..., :1]), torch.cumsum(tok * valid, dim=-1)], dim=-1)  # (k, B, T)
+    def _mix_prompt(self, logits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, keep: int,
+                    cache: ForestCache | None = None) -> torch.Tensor:
+        """The mixture at the last `keep` positions of a sequence (every position if 0), from
+        the experts' logits at every position. One expert at a time: its log-normaliser, the
+        log-probability of each given token and the log-probabilities at the kept positions, so
+        a long prompt never holds k full (B, T, V) tensors."""
+        B, T = ids.shape
+        keep = keep or T
+        if self.k == 1:  # the expert's own logits: the same distribution, bit for bit the same choices
+            x = logits[0][:, -keep:].float()
+            if cache is not None:  # one expert's weight is 1 whatever its prefix
+                cache.prefix = torch.zeros(1, B, dtype=torch.float64, device=x.device)
+                cache.last_lp = torch.log_softmax(x[:, -1], dim=-1)[None]
+            return x
+        valid = (mask[:, 1:] * mask[:, :-1]).double()  # both tokens real (not padding)
+        prefix, lp = [], []
+        for x in logits:
+            x = x.float()
+            norm = torch.logsumexp(x, dim=-1, keepdim=True)  # (B, T, 1)
+            # log p_j(x_t | x_<t) of each given token (t >= 1), summed into log p_j(x_<=t)
+            tok = (x[:, :-1].gather(-1, ids[:, 1:, None]) - norm[:, :-1]).squeeze(-1).double()
+            prefix.append(torch.cat([tok.new_zeros(B, 1), torch.cumsum(tok * valid, dim=-1)], dim=-1))
+            lp.append(x[:, -keep:] - norm[:, -keep:])
+        prefix, lp = torch.stack(prefix), torch.stack(lp)  # (k, B, T), (k, B, keep, V)
         if cache is not None:
             cache.prefix, cache.last_lp = prefix[..., -1], lp[:, :, -1]
-        return self._mix(logits, lp, prefix)
+        return self._mix(lp, prefix[..., -keep:])
 
     def _mix_step(self, logits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
                   cache: ForestCache) -> torch.Tensor:
-        lp = self._log_probs(logits)  # (k, B, n, V) for the n new tokens
+        lp = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in logits])  # (k, B, n, V) for the n new tokens
+        if self.k == 1:
+            cache.last_lp = lp[:, :, -1]
+            return logits[0].float()
         prev = torch.cat([cache.last_lp[:, :, None], lp[:, :, :-1]], dim=2)  # what predicted each new token
         tok = prev.gather(-1, ids[None, :, :, None].expand(self.k, -1, -1, 1)).squeeze(-1).double()
         prefix = cache.prefix[..., None] + torch.cumsum(tok * mask[None].to(tok.dtype), dim=-1)  # (k, B, n)
         cache.prefix, cache.last_lp = prefix[..., -1], lp[:, :, -1]
-        return self._mix(logits, lp, prefix)
+        return self._mix(lp, prefix)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
         if labels is None:
@@ -244,13 +266,13 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
                                            ignore_index=-100)
 
 
-def _positions(model: nn.Module, position_ids: torch.Tensor | None) -> dict:
-    """position_ids for an expert whose forward takes them (as its own generate() would pass)."""
+def _accepted(model: nn.Module, **kwargs) -> dict:
+    """The keyword arguments (not None) an expert's forward takes, as its own generate() would
+    pass them (position_ids, logits_to_keep: not every family takes both)."""
     import inspect
 
-    if position_ids is None or "position_ids" not in inspect.signature(model.forward).parameters:
-        return {}
-    return {"position_ids": position_ids}
+    params = inspect.signature(model.forward).parameters
+    return {k: v for k, v in kwargs.items() if v is not None and k in params}
 
 
 def max_positions(config) -> int | None:
