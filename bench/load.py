@@ -59,8 +59,10 @@ class Stats:
     def record(self, kind: str, seconds: float, status: int | None, body: str = "") -> None:
         if seconds > 0.2:
             self.slow.append((round(time.monotonic() - self.t0 - seconds, 1), kind, round(seconds, 3)))
-        if status is None:
+        if status is None:  # no answer: a timeout, or the connection failed
             self.timeouts[kind] += 1
+            if len(self.samples) < 8:
+                self.samples.append(f"{kind} no answer after {seconds:.2f} s: {body[:160]}")
         elif status >= 400:
             self.errors[kind] += 1
             if len(self.samples) < 8:
@@ -80,8 +82,8 @@ async def request(http: httpx.AsyncClient, stats: Stats, kind: str, method: str,
     t = time.perf_counter()
     try:
         r = await http.request(method, url, **kw)
-    except (httpx.TimeoutException, httpx.TransportError):
-        stats.record(kind, time.perf_counter() - t, None)
+    except (httpx.TimeoutException, httpx.TransportError) as e:
+        stats.record(kind, time.perf_counter() - t, None, f"{type(e).__name__}: {e}")
         return None
     stats.record(kind, time.perf_counter() - t, r.status_code, r.text if r.status_code >= 400 else "")
     timing = r.headers.get("server-timing")

@@ -29,6 +29,9 @@ class ClientError(Exception):
         self.body = body or {}
 
 
+IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
+
+
 class Client:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, transport=None):
         self.url = url.rstrip("/")
@@ -58,6 +61,12 @@ class Client:
             except httpx.TimeoutException:
                 raise ClientError(f"the coordinator at {self.url} did not answer in time; try again") from None
             except httpx.TransportError as e:
+                # RemoteProtocolError: a kept-alive connection the server closed just as this
+                # request went out. No answer came, so a request that changes nothing (or the
+                # same thing twice) is sent again on a new connection, as browsers do.
+                if (isinstance(e, httpx.RemoteProtocolError) and method.upper() in IDEMPOTENT
+                        and attempt < self.BUSY_RETRIES):
+                    continue
                 raise ClientError(f"the connection to the coordinator at {self.url} broke ({type(e).__name__}); "
                                   "run the command again (uploads resume where they stopped)") from None
             if r.status_code not in (429, 503) or attempt == self.BUSY_RETRIES:

@@ -183,3 +183,42 @@ def test_running_out_of_gpu_memory_says_what_to_lower(tmp_path, tok, cache_dir, 
               out, Card(name="x"))
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # resumes from here
     assert not (out / "model.safetensors").exists()  # no half-trained ELM
+
+
+def test_a_request_on_a_connection_the_server_just_closed_is_sent_again_when_safe():
+    """HTTP/1.1 keep-alive: a server may close an idle connection just as the client reuses
+    it, and the request gets no answer. A GET is sent again on a new connection; a POST
+    (which may have changed something) is not, and says what to do."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    seen: list[str] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                request_line = conn.recv(65536).split(b"\r\n", 1)[0].decode()
+                seen.append(request_line)
+                if len(seen) == 1 or request_line.startswith("POST"):
+                    continue  # closed without an answer, as a keep-alive timeout does
+                body = b'{"ok": true}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        c = Client(f"http://127.0.0.1:{srv.getsockname()[1]}")
+        assert c.request("GET", "/me") == {"ok": True}
+        assert seen == ["GET /api/v1/me HTTP/1.1"] * 2
+        with pytest.raises(ClientError, match="connection to the coordinator .* broke.*run the command again"):
+            c.request("POST", "/contributions", json={})
+        assert seen[2:] == ["POST /api/v1/contributions HTTP/1.1"]
+    finally:
+        srv.close()
