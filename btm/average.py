@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from btm.ensemble import normalise_weights
 from btm.errors import WeightsError
 from btm.family import Card, check_family, copy_aux_files, family_of, load_config, write_card
 from btm.safetensors_io import (
@@ -31,6 +30,7 @@ from btm.safetensors_io import (
     read_tensor,
 )
 from btm.tokenizer import load_tokenizer
+from btm.weights import normalise_weights
 
 METHODS = ("uniform", "argmax", "posterior")
 

@@ -20,10 +20,11 @@ import torch
 
 from btm.average import average_models, method_weights
 from btm.data import Corpus, eval_blocks, tokenize_file
-from btm.ensemble import mix_logprobs, select_top_k
+from btm.ensemble import mix_logprobs
 from btm.family import Card
 from btm.forest import Forest
 from btm.posterior import cached_prior, token_logprobs
+from btm.weights import select_top_k
 
 
 @dataclass

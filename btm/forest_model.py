@@ -105,7 +105,7 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
                      top_k: int | None = None, names: Sequence[str] | None = None, device: str | torch.device | None = None,
                      dtype: torch.dtype = torch.float32) -> ForestForCausalLM:
         """The top-k experts by prior (renormalised), loaded from their directories and run."""
-        from btm.ensemble import select_top_k
+        from btm.weights import select_top_k
 
         prior = list(prior) if prior is not None else [1.0 / len(experts)] * len(experts)
         if len(prior) != len(experts):

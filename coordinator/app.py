@@ -1,4 +1,5 @@
-"""create_app: the FastAPI application (API under /api/v1, web pages at /)."""
+"""create_app: the coordinator's FastAPI application (the API under /api/v1, /healthz). The
+`elmforest` command composes it with the web pages (elmforest_cli.create_app)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -31,7 +33,10 @@ def secure_data_dir(settings: Settings) -> None:
     os.chmod(settings.data_dir, 0o700)
 
 
-def create_app(settings: Settings | None = None, worker: bool | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, worker: bool | None = None,
+               extend: Callable[[FastAPI], None] | None = None) -> FastAPI:
+    """The API. `extend(app)` adds more routes (the web pages) before the admission and body
+    limits wrap everything, so they hold for those routes too."""
     settings = settings or get_settings()
     secure_data_dir(settings)
     run_worker = settings.embedded_broker and settings.embedded_worker if worker is None else worker
@@ -97,13 +102,8 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
                                 headers={"Retry-After": "5"})
         return {"status": "ok"}
 
-    try:
-        from web.routes import mount
-    except ModuleNotFoundError as e:  # the web package is optional for API-only deployments
-        if e.name not in ("web", "web.routes"):
-            raise
-    else:
-        mount(app)
+    if extend is not None:
+        extend(app)
     # outermost last: the overload gate sees every request first, then the body limit
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes, exempt=("/api/v1/storage/parts/",))
     app.add_middleware(Overload, lanes=lanes(settings), exempt=("/healthz", "/api/v1/storage/objects/"))

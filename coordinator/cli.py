@@ -57,7 +57,7 @@ def serve(
         os.environ["ELMFOREST_EMBEDDED_WORKER"] = "false"
         get_settings.cache_clear()
     console.print(f"coordinator on http://{host}:{port}  (data: {s.data_dir}, database: {s.db_url.split('@')[-1]})")
-    uvicorn.run("coordinator.app:create_app", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run(_composed["app_factory"], factory=True, host=host, port=port, workers=workers,
                 log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS)
     # SIGTERM/Ctrl-C: uvicorn has stopped and the app has handed back its job in flight; end the
     # process now rather than wait on a job worker thread still busy with it
@@ -266,12 +266,12 @@ def round_start(
 
         configs = [parse_config_args([n]) for n in node]
         console.print(f"simulating {len(configs)} nodes in this process")
-        _print_round(simulate(r["id"], configs, get_settings()))
+        _print_round(simulate(r["id"], configs, get_settings(), _composed["client_app"]))
         return
     from coordinator.federated import flwr_app
 
     with tempfile.TemporaryDirectory() as td:
-        app_dir = flwr_app.write_app(Path(td) / flwr_app.APP_NAME)
+        app_dir = flwr_app.write_app(Path(td) / flwr_app.APP_NAME, _composed["client_app"])
         try:
             run_id = flwr_app.submit(r["id"], app_dir, superlink)
         except (flwr_app.SubmitError, OSError) as e:
@@ -339,7 +339,16 @@ def round_cancel(round_id: Annotated[int, typer.Argument()], url: Url = None, to
     _print_round(_call(_api(url, token), "POST", f"/rounds/{round_id}/cancel"))
 
 
-def register(app: typer.Typer) -> None:
+# what the command that registers these wires in (see register): the web app to serve and the
+# nodes' Flower ClientApp, as import strings (uvicorn's workers and Flower import them)
+_composed = {"app_factory": "coordinator.app:create_app", "client_app": ""}
+
+
+def register(app: typer.Typer, app_factory: str, client_app: str) -> None:
+    """Add the operator's commands to `app`. `app_factory` (`module:function`) makes the
+    application `serve` runs; `client_app` (`module:attribute`) is the ClientApp of the nodes
+    of a federated round."""
+    _composed.update(app_factory=app_factory, client_app=client_app)
     app.command("serve")(serve)
     app.command("worker")(worker)
     app.add_typer(db_app, name="db")

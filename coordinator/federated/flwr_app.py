@@ -1,7 +1,7 @@
 """The Flower App that `flwr run` submits to a SuperLink, and its submission.
 
 The App is a directory holding only a pyproject.toml: its components name the installed
-elmforest modules (`coordinator.federated.server:app`, `contributor_client.flower:app`),
+elmforest modules (`coordinator.federated.server:app` and the ClientApp the caller names),
 so the FAB that travels to the SuperLink and the SuperNodes carries no code. Each side runs
 the elmforest it has installed, and SuperLink and SuperNodes run with runtime dependency
 installation disabled, so nothing is fetched or installed when a round starts.
@@ -39,7 +39,7 @@ publisher = "elmforest"
 
 [tool.flwr.app.components]
 serverapp = "coordinator.federated.server:app"
-clientapp = "contributor_client.flower:app"
+clientapp = "{client_app}"
 
 [tool.flwr.app.config]
 round-id = 0
@@ -55,11 +55,12 @@ def _version() -> str:
         return "0.1.0"
 
 
-def write_app(dest: Path) -> Path:
-    """Write the Flower App directory (its name must be a valid Flower project name)."""
+def write_app(dest: Path, client_app: str) -> Path:
+    """Write the Flower App directory (its name must be a valid Flower project name);
+    `client_app` is the nodes' ClientApp, `module:attribute`."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "pyproject.toml").write_text(PYPROJECT.format(name=APP_NAME, version=_version()))
+    (dest / "pyproject.toml").write_text(PYPROJECT.format(name=APP_NAME, version=_version(), client_app=client_app))
     return dest
 
 

@@ -29,8 +29,6 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-CLIENT_APP = "contributor_client.flower:app"
-
 
 def load_object(ref: str) -> Any:
     """`module:attribute`, as in a Flower App's components."""
@@ -147,7 +145,7 @@ class LocalGrid(Grid):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def simulate(round_id: int, node_configs: list[dict[str, Any]], settings, client_app: str | Any = CLIENT_APP,
+def simulate(round_id: int, node_configs: list[dict[str, Any]], settings, client_app: str | Any,
              drop: dict[int, set[str]] | None = None) -> dict:
     """Run round `round_id` with the ServerApp's driver over in-process nodes; returns the
     round's summary. `settings` are the coordinator's (its database and object store)."""

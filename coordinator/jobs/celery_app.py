@@ -1,9 +1,6 @@
-"""The Celery app. Production: Redis as the broker. Embedded default: kombu's filesystem
-transport under the data directory, so `elmforest serve` needs no broker server yet stays
-asynchronous (a worker thread in the same process consumes the queue).
-
-Results live in the jobs table, not in a Celery result backend.
-"""
+"""The worker side of the job queue: the task that runs a Job row, the recovery sweeper, the
+embedded worker thread and the worker's clean stop. (The Celery app itself, which senders
+need too, is coordinator.jobs.broker.)"""
 
 from __future__ import annotations
 
@@ -12,47 +9,19 @@ import os
 import signal
 import threading
 
-from celery import Celery
 from celery.signals import worker_ready
 
+from coordinator.jobs import broker
 from coordinator.services import jobs
 from coordinator.settings import Settings, get_settings
 
 log = logging.getLogger("elmforest.worker")
 
 
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("elmforest", broker=settings.celery_broker)
-    conf = dict(
-        task_acks_late=True,  # a worker killed mid-task leaves the message for another
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        task_default_queue=settings.queue,
-    )
-    if settings.celery_broker.startswith("filesystem://"):
-        q = settings.queue_dir
-        for sub in ("messages", "processed", "control"):
-            (q / sub).mkdir(parents=True, exist_ok=True)
-        conf["broker_transport_options"] = {
-            "data_folder_in": str(q / "messages"),
-            "data_folder_out": str(q / "messages"),
-            "processed_folder": str(q / "processed"),
-            "control_folder": str(q / "control"),  # else kombu writes ./control in the cwd
-            "store_processed": False,
-        }
-    else:
-        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout}
-    app.conf.update(conf)
-    return app
+app = broker.app
 
 
-app = make_celery(get_settings())
-
-
-@app.task(name="elmforest.run_job", bind=True, acks_late=True, max_retries=None)
+@app.task(name=broker.RUN_JOB, bind=True, acks_late=True, max_retries=None)
 def run_job(self, job_id: int) -> str:
     try:
         return jobs.run(job_id, get_settings(), max_attempts=get_settings().job_retries)

@@ -167,9 +167,9 @@ def _drop_after_rollback(session: Session) -> None:
 
 
 def dispatch(job_id: int) -> None:
-    from coordinator.jobs import celery_app
+    from coordinator.jobs import broker
 
-    celery_app.run_job.delay(job_id)
+    broker.send(job_id)
 
 
 # ----------------------------------------------------------------------------- runners

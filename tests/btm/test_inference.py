@@ -10,13 +10,14 @@ import torch
 from btm.average import average_in_memory, average_models
 from btm.branch import branch, plan_branch, sample_blocks
 from btm.data import eval_blocks, tokenize_file
-from btm.ensemble import EnsembleLM, mix_logprobs, normalise_weights, select_top_k
+from btm.ensemble import EnsembleLM, mix_logprobs
 from btm.errors import BTMError, DataError, FamilyError
 from btm.evaluate import Scores, domain_blocks, evaluate_forest
 from btm.family import Card, load_model, new_model, preset_config, save_elm
 from btm.forest import Forest
 from btm.posterior import cached_prior, log_posterior
 from btm.safetensors_io import iter_tensors, open_weights
+from btm.weights import normalise_weights, select_top_k
 
 
 def test_posterior_equals_brute_force_bayes():

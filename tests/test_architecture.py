@@ -1,0 +1,106 @@
+"""The packages' imports run one way: web -> coordinator -> btm, contributor_client -> btm,
+and only the `elmforest` command (elmforest_cli.py) wires packages together. Every import
+counts, a deferred one inside a function too: an arrow running back or a cycle between
+modules fails here, naming it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("btm", "coordinator", "contributor_client", "web")
+MAY_IMPORT = {"btm": set(), "contributor_client": {"btm"}, "coordinator": {"btm"}, "web": {"coordinator", "btm"}}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            parts = f.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules `name` imports (a name imported from a package counts as its
+    submodule when it is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                here = here[: len(here) - (node.level - 1)]
+                base = ".".join(here + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t.split(".")[0] not in PACKAGES:
+                continue
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(g[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_imports_run_one_way():
+    g = graph()
+    assert len(g) > 50  # the walk found the packages
+    back = sorted(f"{a} -> {b}" for a, deps in g.items() for b in deps
+                  if a.split(".")[0] != b.split(".")[0] and b.split(".")[0] not in MAY_IMPORT[a.split(".")[0]])
+    assert back == [], "imports running against web -> coordinator -> btm, contributor_client -> btm"
+
+
+def test_no_module_cycles():
+    assert cycles(graph()) == []
+
+
+def test_the_check_sees_an_arrow_running_back_and_a_cycle():
+    g = {"btm.a": {"btm.b"}, "btm.b": {"btm.a"}, "btm.c": set()}
+    assert cycles(g) == [["btm.a", "btm.b"]]
+    known = modules()
+    src = ROOT / "coordinator" / "app.py"
+    assert "btm.errors" in imports("coordinator.app", src, known)
+    assert not any(m.startswith("web") for m in imports("coordinator.app", src, known))
