@@ -82,7 +82,7 @@ def start(db: Session, storage: Storage, settings, user: User, purpose: str, fil
         limits.check(db, f"upload:{user.id}", settings.uploads_per_hour, "uploads started")
         limits.record(db, f"upload:{user.id}")
     part_size = max(settings.part_size, math.ceil(size / MAX_PARTS))
-    key = f"uploads/{uuid.uuid4().hex}"
+    key = f"uploads/{int(time.time())}-{uuid.uuid4().hex}"  # its start time: see _started
     up = Upload(id=uuid.uuid4().hex, user_id=user.id, purpose=purpose, filename=Path(filename).name[:255] or "file",
                 sha256=sha256, size=size, part_size=part_size, backend_upload_id=storage.create_multipart(key),
                 key=key, expires_at=utcnow() + timedelta(hours=settings.upload_ttl_hours))
@@ -286,8 +286,16 @@ def _artifact(db: Session, sha: str, size: int, kind: str, origin: str) -> Artif
 
 def put_dir(db: Session, storage: Storage, directory: Path, origin: str) -> dict[str, str]:
     """Every file of a model directory the service wrote, as artifacts: {file name: sha256}."""
-    return {p.name: put_file(db, storage, p, "weights" if p.suffix == ".safetensors" else "file", origin).sha256
+    return {p.name: put_file(db, storage, p, "weights" if is_weights_file(p.name) else "file", origin).sha256
             for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _started(key: str, reported: float) -> float:
+    """When a multipart upload began: the later of the store's word and the time in its key.
+    Some S3-compatible stores report a fixed date for every upload, which would make one
+    whose row is being committed right now look abandoned."""
+    stamp = key.rpartition("/")[2].partition("-")[0]
+    return max(reported, float(stamp)) if stamp.isdigit() else reported
 
 
 def sweep(db: Session, storage: Storage, settings) -> dict[str, int]:
@@ -297,10 +305,13 @@ def sweep(db: Session, storage: Storage, settings) -> dict[str, int]:
     for up in list(db.scalars(select(Upload).where(Upload.status == OPEN, Upload.expires_at < utcnow()).limit(500))):
         delete(db, storage, up)
         n_expired += 1
+    # the store's list first: an upload whose row is not committed yet is missing from open_ids,
+    # and the age guard keeps it (a row is committed within seconds of its multipart upload)
+    multiparts = storage.multipart_ids()
     open_ids = set(db.scalars(select(Upload.backend_upload_id).where(Upload.status == OPEN)))
     orphans = 0
-    for key, mp, started in storage.multipart_ids():
-        if mp not in open_ids and started < time.time() - 600:  # not one whose upload is being created now
+    for key, mp, started in multiparts:
+        if mp not in open_ids and _started(key, started) < time.time() - 600:
             storage.abort_multipart(key, mp)
             orphans += 1
     stale = storage.stale_temporaries(older_than=3600)

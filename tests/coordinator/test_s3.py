@@ -54,3 +54,27 @@ def test_contribution_flow_on_s3(moto, tmp_path_factory, seed_dir, tok, cache_di
         assert not (c.data_dir / "artifacts").exists()  # nothing stored locally
     finally:
         c.stop()
+
+
+def test_the_sweeper_aborts_orphans_but_not_an_upload_being_created(moto, tmp_path):
+    """moto reports one fixed start date for every multipart upload; the sweeper must still
+    keep one whose row is not committed yet (started just now, per the time in its key), and
+    abort one that no upload row has claimed for over ten minutes."""
+    import time
+
+    from coordinator.db import session_scope
+    from coordinator.migrate import upgrade
+    from coordinator.services import uploads
+    from coordinator.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    s = S3Storage("sweep", "", moto.url, "us-east-1", "testing", "testing", ttl=600)
+    s.ensure_bucket()
+    fresh = s.create_multipart(f"uploads/{int(time.time())}-new")
+    s.create_multipart(f"uploads/{int(time.time()) - 3600}-old")
+    s.create_multipart("uploads/no-stamp")  # the store's date (2010 on moto) is all there is
+    with session_scope(url) as db:
+        out = uploads.sweep(db, s, Settings(data_dir=tmp_path))
+    assert out["orphan_parts"] == 2
+    assert [mp for _, mp, _ in s.multipart_ids()] == [fresh]
