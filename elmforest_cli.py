@@ -1,6 +1,7 @@
 """The `elmforest` command, and the one place that wires the packages together: each package
-contributes its own commands; the coordinator serves its API with the web pages mounted
-(create_app below) and runs federated rounds with the contributor's Flower ClientApp.
+contributes its own commands, grouped by who runs them; the coordinator serves its API with
+the web pages mounted (create_app below), and `round start --node` simulates a federated
+round's nodes in this process (simulate_round below).
 
 Kept in one small module outside the packages so that no package imports another against
 the arrows (web -> coordinator -> btm; contributor_client -> btm).
@@ -21,7 +22,11 @@ app = typer.Typer(
 )
 
 
-CLIENT_APP = "contributor_client.flower:app"  # what a node of a federated round runs
+# the panels of `elmforest --help`: who runs the commands, and where
+START = "Start here"
+LOCAL = "Local BTM: your data, your machine"
+OVER_HTTP = "Contributors and maintainers: a coordinator over HTTP"
+OPERATIONS = "Coordinator operations: where it runs"
 
 
 def create_app():
@@ -32,16 +37,27 @@ def create_app():
     return api(extend=mount)
 
 
+def simulate_round(round_id: int, node_configs: list[dict]) -> dict:
+    """Run a created round here, each node an in-process ClientApp (needs the database)."""
+    from contributor_client.flower_run import CLIENT_APP
+    from coordinator.federated.local import simulate
+    from coordinator.settings import get_settings
+
+    return simulate(round_id, node_configs, get_settings(), CLIENT_APP)
+
+
 def _register() -> None:
     from btm import cli as btm_cli
     from contributor_client import cli as client_cli
     from coordinator import cli as coordinator_cli
 
-    btm_cli.register(app)
-    coordinator_cli.register(app, app_factory="elmforest_cli:create_app", client_app=CLIENT_APP)
-    client_cli.register(app)
+    app.command("demo", rich_help_panel=START)(client_cli.demo)
+    btm_cli.register(app, LOCAL)
+    client_cli.register(app, OVER_HTTP)
+    coordinator_cli.register(app, "elmforest_cli:create_app", OPERATIONS)
     # `elmforest branch` branches locally; `elmforest branch request` asks a coordinator
     btm_cli.branch_app.command("request")(client_cli.branch_request)
+    client_cli._simulate["round"] = simulate_round
 
 
 _register()

@@ -337,7 +337,7 @@ def _max_positions(config) -> int:
 # ---------------------------------------------------------------------- forest
 
 
-forest_app = typer.Typer(help="Create and change a forest on disk: init, add, remove, list, show, verify.",
+forest_app = typer.Typer(help="Create and change a forest on disk: init, add, remove, list, show, export, import, verify.",
                          no_args_is_help=True)
 
 
@@ -648,14 +648,12 @@ def generate_cmd(
         print(text)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, panel: str) -> None:
+    """Add the local BTM commands (no coordinator needed) to `app`, under `panel`."""
     tok_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
     tok_app.command("train")(tokenizer_train)
-    app.add_typer(tok_app, name="tokenizer")
-    app.command("seed")(seed)
-    app.add_typer(branch_app, name="branch")
-    app.command("train")(train_cmd)
-    app.add_typer(forest_app, name="forest")
-    app.command("eval")(eval_cmd)
-    app.command("average")(average_cmd)
-    app.command("generate")(generate_cmd)
+    for name, fn in [("seed", seed), ("train", train_cmd), ("eval", eval_cmd), ("average", average_cmd),
+                     ("generate", generate_cmd)]:
+        app.command(name, rich_help_panel=panel)(fn)
+    for name, sub in [("tokenizer", tok_app), ("branch", branch_app), ("forest", forest_app)]:
+        app.add_typer(sub, name=name, rich_help_panel=panel)

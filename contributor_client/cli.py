@@ -1,5 +1,7 @@
-"""`elmforest` commands for contributors (and maintainers) talking to a coordinator:
-login, domain, branch request, submit, status, download, review. Thin over commands.py."""
+"""`elmforest` commands for contributors and maintainers talking to a coordinator over HTTP:
+login, logout, whoami, domain, branch request, submit, status, abandon, token, invite,
+download, review, round, register-seed, register-baseline; and the demo. Thin over
+commands.py and the HTTP client."""
 
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ out = Console()
 Url = Annotated[str | None, typer.Option("--url", help="The coordinator (default: the one you logged in to, or ELMFOREST_URL).")]
 
 
-def client(url: str | None = None, need_login: bool = True) -> Client:
+def client(url: str | None = None, need_login: bool = True, token: str | None = None) -> Client:
     cred = config.load()
-    if need_login and not cred.token:
+    token = token or cred.token
+    if need_login and not token:
         raise ClientError("not logged in: run `elmforest login` first (or set ELMFOREST_TOKEN)")
-    return Client(url or cred.url, cred.token)
+    return Client(url or cred.url, token)
 
 
 def _log(msg: str) -> None:
@@ -360,7 +363,8 @@ def download_average(
 
 # ----------------------------------------------------------------------------- maintainers
 
-review_app = typer.Typer(help="For maintainers: the review queue, import, approve, decline, publish, remove.",
+review_app = typer.Typer(help="For maintainers: the review queue (list), jobs, retry, import, approve, decline, publish, "
+                                "remove.",
                          no_args_is_help=True)
 
 
@@ -502,6 +506,155 @@ def register_baseline(
     console.print(f"baseline {b['name']} registered for {forest}; it is scored when a version is evaluated")
 
 
+# ----------------------------------------------------------------------------- federated rounds
+
+round_app = typer.Typer(help="For maintainers: federated BTM rounds over Flower nodes (see docs/federated.md).",
+                        no_args_is_help=True)
+Token = Annotated[str | None, typer.Option("--token", show_default=False,
+                                           help="A maintainer's API token (default: your login's, or ELMFOREST_TOKEN).")]
+ACTIVE_ROUND = ("pending", "running")
+
+# `round start --node` simulates the nodes in this process, which needs the coordinator's
+# database; the `elmforest` command wires that in (this package does not import the coordinator)
+_simulate: dict = {"round": None}
+
+
+def _print_round(r: dict) -> None:
+    out.print(f"round {r['id']}  forest {r['forest']}" + (f" v{r['version']}" if r["version"] else "")
+              + f"  [bold]{r['status']}[/bold]" + (f"  flower run {r['flower_run_id']}" if r["flower_run_id"] else "")
+              + (f"\n  [red]{r['error']}[/red]" if r["error"] else ""))
+    if not r["nodes"]:
+        return
+    t = Table("node", "domain", "owner", "status", "contribution", "why", show_lines=False)
+    for n in r["nodes"]:
+        c = f"{n['contribution_id']} ({n['contribution_state']})" if n["contribution_id"] else ""
+        t.add_row(n["node_id"], n["domain"] or "?", n["owner"] or "", n["status"], c, n["reason"])
+    out.print(t)
+
+
+@round_app.command("start")
+def round_start(
+    forest: Annotated[str, typer.Argument(help="The forest the round grows.")],
+    superlink: Annotated[str | None, typer.Option(help="The SuperLink connection (a name in $FLWR_HOME/config.toml; "
+                                                  "default: its default one).")] = None,
+    node: Annotated[list[str] | None, typer.Option("--node", help="Simulate instead, on this machine: one in-process "
+                                                   "node per --node, given as its node config, e.g. \"domain='python' "
+                                                   "data-dir='/data/py' token-file='~/.tok'\" (needs the database).")] = None,
+    steps: Annotated[int, typer.Option(help="Training updates per node.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Sequences per update.")] = 32,
+    block_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    min_nodes: Annotated[int, typer.Option(help="Start once this many nodes are connected...")] = 1,
+    node_wait: Annotated[float, typer.Option(help="...or after this many seconds with at least one.")] = 60,
+    query_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to say their domain and data size.")] = 120,
+    branch_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to score their data and request inits.")] = 1800,
+    init_timeout: Annotated[float, typer.Option(help="Seconds for the coordinator to compute the inits.")] = 1800,
+    train_timeout: Annotated[float, typer.Option(help="Seconds for training and uploading (the round's time-out).")] = 6 * 3600,
+    max_attempts: Annotated[int, typer.Option(help="Rounds in a row a domain may fail before it is no longer asked.")] = 3,
+    note: Annotated[str, typer.Option(help="Why this round (kept with it).")] = "",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the round until it finishes.")] = True,
+    url: Url = None,
+    token: Token = None,
+):
+    """Start a synchronous BTM round over the connected Flower nodes.
+
+    Every node branches from the forest, trains an ELM on its own domain and uploads it for
+    validation, evaluation and review, as the node owner's contribution.
+
+    The round is created at the coordinator (as you), then submitted to the SuperLink with
+    `flwr run`; its ServerApp runs next to the SuperLink with the coordinator's settings.
+
+    EXAMPLES
+      elmforest round start demo --superlink federation --steps 300
+      elmforest round start demo --node "domain='python' data-dir='data/python' token-file='alice.tok'" \\
+        --node "domain='go' data-dir='data/go' token-file='bob.tok'" --steps 20     (simulated here)
+    """
+    import tempfile
+
+    from contributor_client import flower_run
+
+    c = client(url, token=token)
+    body = {"forest": forest, "note": note, "steps": steps, "batch_size": batch_size, "block_size": block_size,
+            "lr": lr, "min_nodes": min_nodes, "node_wait_s": node_wait, "query_timeout_s": query_timeout,
+            "branch_timeout_s": branch_timeout, "init_timeout_s": init_timeout, "train_timeout_s": train_timeout,
+            "max_attempts": max_attempts}
+    r = c.post("/rounds", body)
+    console.print(f"round {r['id']} created for forest {forest}")
+    if node:
+        from flwr.common.config import parse_config_args
+
+        configs = [parse_config_args([n]) for n in node]
+        console.print(f"simulating {len(configs)} nodes in this process")
+        _print_round(_simulate["round"](r["id"], configs))
+        return
+    with tempfile.TemporaryDirectory() as td:
+        app_dir = flower_run.write_app(Path(td) / flower_run.APP_NAME)
+        try:
+            run_id = flower_run.submit(r["id"], app_dir, superlink)
+        except (flower_run.SubmitError, OSError) as e:
+            c.post(f"/rounds/{r['id']}/cancel")
+            raise ClientError(f"{e}\n(round {r['id']} cancelled)") from None
+    console.print(f"submitted as Flower run {run_id}; follow it with `elmforest round status {r['id']}`")
+    print(r["id"])
+    if wait:
+        r = _follow_round(c, r, run_id)
+        _print_round(r)
+        if r["status"] not in ("succeeded", "partial", "empty"):
+            raise typer.Exit(1)
+
+
+def _follow_round(c: Client, r: dict, run_id: str) -> dict:
+    """Poll a submitted round until it ends, printing each change of its nodes."""
+    seen, submitted = None, time.monotonic()
+    while r["status"] in ACTIVE_ROUND:
+        time.sleep(3)
+        r = c.get(f"/rounds/{r['id']}")
+        if r["status"] == "pending" and time.monotonic() - submitted > 300:
+            raise ClientError(f"no ServerApp picked round {r['id']} up within 5 minutes; see `flwr log {run_id}` and "
+                              "the SuperLink's log (does it run with the coordinator's ELMFOREST_* settings?), then "
+                              f"`elmforest round cancel {r['id']}`")
+        key = (r["status"], tuple((n["node_id"], n["status"]) for n in r["nodes"]))
+        if key != seen:
+            seen = key
+            console.print(f"  {r['status']}: " + ", ".join(f"{n['domain'] or n['node_id']} {n['status']}" for n in r["nodes"]))
+    return r
+
+
+@round_app.command("status")
+def round_status(
+    round_id: Annotated[int | None, typer.Argument(help="A round (default: the recent ones).")] = None,
+    forest: Annotated[str | None, typer.Option(help="Only this forest's rounds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    url: Url = None,
+    token: Token = None,
+):
+    """A round's status and each node's part (or the recent rounds).
+
+    EXAMPLES
+      elmforest round status 3
+      elmforest round status --forest demo --json
+    """
+    c = client(url, token=token)
+    data = c.get(f"/rounds/{round_id}") if round_id is not None else c.get("/rounds", forest=forest)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    rows = [data] if round_id is not None else data
+    if not rows:
+        console.print("no rounds yet (`elmforest round start FOREST`)")
+    for r in rows:
+        _print_round(r)
+
+
+@round_app.command("cancel")
+def round_cancel(round_id: Annotated[int, typer.Argument()], url: Url = None, token: Token = None):
+    """Stop a pending or running round (ELMs already uploaded stay)."""
+    _print_round(client(url, token=token).post(f"/rounds/{round_id}/cancel"))
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
 def demo(
     port: Annotated[int, typer.Option(help="Port for the coordinator and its web pages.")] = 8000,
     workdir: Annotated[Path, typer.Option("--dir", help="Where the demo keeps everything (reused when run again).")] = Path("elmforest-demo"),
@@ -541,18 +694,12 @@ def demo(
         d.stop()
 
 
-def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
-    app.command("login")(login)
-    app.command("logout")(logout)
-    app.command("whoami")(whoami)
-    app.add_typer(domain_app, name="domain")
-    app.command("submit")(submit)
-    app.command("status")(status)
-    app.command("abandon")(abandon)
-    app.add_typer(token_app, name="token")
-    app.command("invite")(invite)
-    app.add_typer(download_app, name="download")
-    app.add_typer(review_app, name="review")
-    app.command("register-seed")(register_seed)
-    app.command("register-baseline")(register_baseline)
+def register(app: typer.Typer, panel: str) -> None:
+    """Add the commands of contributors and maintainers (over HTTP) to `app`, under `panel`."""
+    for name, fn in [("login", login), ("logout", logout), ("whoami", whoami), ("submit", submit),
+                     ("status", status), ("abandon", abandon), ("invite", invite), ("register-seed", register_seed),
+                     ("register-baseline", register_baseline)]:
+        app.command(name, rich_help_panel=panel)(fn)
+    for name, sub in [("domain", domain_app), ("token", token_app), ("download", download_app),
+                      ("review", review_app), ("round", round_app)]:
+        app.add_typer(sub, name=name, rich_help_panel=panel)

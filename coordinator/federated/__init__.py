@@ -8,7 +8,9 @@ ClientApp is `contributor_client.flower:app`. Modules:
   logic.py     the round's decisions as plain functions (which node trains, retries, status)
   server.py    the ServerApp: the round driver over a Flower Grid
   local.py     an in-process Grid that calls ClientApps directly (simulation on one machine, tests)
-  flwr_app.py  the Flower App definition handed to `flwr run`
+
+The Flower App handed to `flwr run` is written by the maintainer's client
+(contributor_client/flower_run.py).
 
 See docs/federated.md.
 """

@@ -201,3 +201,25 @@ def test_rounds_page_shows_each_node(fed):
     assert "Federated rounds" in page
     for word in ("python", "kjv_bible", "postgres_docs", "timed_out", "failed"):
         assert word in page, word
+
+
+def test_round_start_simulates_its_nodes_from_the_command_line(fed, tmp_path):
+    """`elmforest round start --node ...`: a maintainer runs a round with in-process nodes; the
+    command creates the round over HTTP and the simulation runs it to the end."""
+    import subprocess
+    import sys
+
+    maint = fed["maint"]
+    n = node(fed, "dave")
+    cfg = " ".join(f"{k}='{v}'" for k, v in n.items())
+    env = {**fed["coord"].env, "ELMFOREST_URL": fed["coord"].url, "ELMFOREST_TOKEN": maint.token,
+           "XDG_CONFIG_HOME": str(tmp_path), "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "elmforest_cli", "round", "start", fed["forest"], "--node", cfg,
+                        "--steps", "12", "--batch-size", "8", "--block-size", "64", "--lr", "3e-3",
+                        "--node-wait", "5", "--note", "from the command line"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "simulating 1 nodes" in r.stderr and "webster_dictionary" in r.stdout
+    last = maint.get("/rounds", forest=fed["forest"])[0]
+    assert last["note"] == "from the command line" and last["status"] == "succeeded", last
+    assert [(x["domain"], x["owner"], x["status"]) for x in last["nodes"]] == [("webster_dictionary", "dave", "submitted")]

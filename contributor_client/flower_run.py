@@ -1,8 +1,7 @@
 """The Flower App that `flwr run` submits to a SuperLink, and its submission.
 
 The App is a directory holding only a pyproject.toml: its components name the installed
-elmforest modules (`coordinator.federated.server:app` and the ClientApp the caller names),
-so the FAB that travels to the SuperLink and the SuperNodes carries no code. Each side runs
+elmforest modules (SERVER_APP and CLIENT_APP below, as import strings), so the FAB that travels to the SuperLink and the SuperNodes carries no code. Each side runs
 the elmforest it has installed, and SuperLink and SuperNodes run with runtime dependency
 installation disabled, so nothing is fetched or installed when a round starts.
 (Building the FAB from the repository's own pyproject.toml would bundle the repository.)
@@ -18,9 +17,13 @@ import sys
 from pathlib import Path
 
 APP_NAME = "elmforest-round"
+# Import strings, resolved by Flower on each side: the ServerApp runs next to the SuperLink
+# with the coordinator's settings, the ClientApp on every contributor's node.
+SERVER_APP = "coordinator.federated.server:app"
+CLIENT_APP = "contributor_client.flower:app"
 
 PYPROJECT = """\
-# A Flower App for elmforest's federated BTM rounds (written by coordinator/federated/flwr_app.py).
+# A Flower App for elmforest's federated BTM rounds (written by contributor_client/flower_run.py).
 # It carries no code: both components are modules of the elmforest package each side has
 # installed. Start rounds with `elmforest round start`; see docs/federated.md.
 [build-system]
@@ -38,7 +41,7 @@ dependencies = ["elmforest=={version}"]
 publisher = "elmforest"
 
 [tool.flwr.app.components]
-serverapp = "coordinator.federated.server:app"
+serverapp = "{server_app}"
 clientapp = "{client_app}"
 
 [tool.flwr.app.config]
@@ -55,12 +58,12 @@ def _version() -> str:
         return "0.1.0"
 
 
-def write_app(dest: Path, client_app: str) -> Path:
-    """Write the Flower App directory (its name must be a valid Flower project name);
-    `client_app` is the nodes' ClientApp, `module:attribute`."""
+def write_app(dest: Path) -> Path:
+    """Write the Flower App directory (its name must be a valid Flower project name)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "pyproject.toml").write_text(PYPROJECT.format(name=APP_NAME, version=_version(), client_app=client_app))
+    (dest / "pyproject.toml").write_text(PYPROJECT.format(name=APP_NAME, version=_version(), server_app=SERVER_APP,
+                                                        client_app=CLIENT_APP))
     return dest
 
 
