@@ -1,11 +1,15 @@
-"""Parameter averaging, streamed tensor by tensor.
+"""Parameter averaging, streamed chunk by chunk.
 
     theta = sum_j w_j theta_j      (w uniform, one-hot on the argmax, or the cached posterior)
 
-For each tensor name we read that tensor from every input (positional reads, no mmap),
-accumulate in fp32, and write it to its final place in the output file before moving to the
-next name. Peak memory is one output tensor plus one input tensor, whatever the number of
-inputs; the inputs' pages never pile up in this process.
+Each tensor is averaged in chunks of CHUNK_BYTES (of fp32): the chunk is read from every
+input in turn (positional reads into reused buffers, no mmap), accumulated in fp32 and
+written at its place in the output file, reads and writes overlapping the arithmetic. Peak
+memory is a few chunks (two fp32 accumulators and two read buffers, some 200 MiB) whatever
+the model's size or the number of inputs; only integer tensors (copied from the first input,
+not averaged) are read whole. The inputs' pages never pile up in this process.
+`average_in_memory`, the reference the streamed average is tested against, holds every
+input at once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from btm.errors import WeightsError
 from btm.family import Card, check_family, copy_aux_files, family_of, load_config, write_card
+from btm.model_files import CARD, CONFIG, WEIGHTS_GLOB
 from btm.safetensors_io import (
     DTYPES,
     ITEMSIZE,
@@ -168,7 +173,7 @@ def average_models(
     indexes = check_compatible(sources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "README.md").unlink(missing_ok=True)
+    (out / CARD).unlink(missing_ok=True)
     names = list(names) if names else [s.name for s in sources]
     card = card or Card(name=out.name, kind="average")
     card.parents = [{"name": n, "weight": float(x)} for n, x in zip(names, w, strict=True) if x > 0]
@@ -177,14 +182,14 @@ def average_models(
     from btm.family import family_id
 
     card.family = family_id(load_config(sources[0]), load_tokenizer(sources[0]))
-    for old in out.glob("model*.safetensors*"):
+    for old in out.glob(WEIGHTS_GLOB):
         old.unlink()
     copy_aux_files(sources[0], out)
     average_weights(indexes, w, out, {"elmforest": card.to_json()}, out_dtype, max_shard_bytes)
     if out_dtype:
-        cfg = json.loads((out / "config.json").read_text())
+        cfg = json.loads((out / CONFIG).read_text())
         cfg["dtype"] = str(DTYPES[out_dtype]).removeprefix("torch.")
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (out / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     write_card(out, card)
     return out
 

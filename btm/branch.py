@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from btm.average import average_files, average_models, method_weights
-from btm.data import encode_texts, eval_blocks, read_documents
+from btm.data import encode_texts, eval_blocks, read_documents, split_source
 from btm.errors import DataError
 from btm.family import Card, read_card, write_card
 from btm.forest import Forest, copy_model_dir
@@ -35,17 +35,8 @@ class BranchPlan:
 def sample_blocks(forest: Forest, sample: str | os.PathLike, block_size: int, max_blocks: int):
     """Blocks of a domain sample (a file or directory of documents), with the forest's tokenizer."""
     tok = load_tokenizer(forest.seed_dir)
-    path = Path(sample)
-    if path.is_dir() and any((path / f"{s}.jsonl").exists() or (path / f"{s}.txt").exists() for s in ("valid", "train")):
-        # a domain directory: its validation split, else its training split
-        for s in ("valid", "train"):
-            for ext in (".jsonl", ".txt"):
-                if (path / f"{s}{ext}").exists():
-                    path = path / f"{s}{ext}"
-                    break
-            if path.is_file():
-                break
-    tokens = encode_texts(tok, read_documents(path))
+    # a domain directory: its validation split, else its training split
+    tokens = encode_texts(tok, read_documents(split_source(sample, ("valid", "train"))))
     if len(tokens) == 0:
         raise DataError(f"{sample}: the sample holds no text")
     bs = min(block_size, max(8, len(tokens) - 1))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from btm import atomic
 from btm.errors import DataError
 from btm.hashing import sha256_file
 from btm.tokenizer import bos_id, tokenizer_sha256
@@ -136,6 +137,19 @@ class Domain:
         return read_documents(self.split_path(split))
 
 
+def split_source(path: str | os.PathLike, splits: Sequence[str] = ("valid", "train")) -> Path:
+    """The documents a data source stands for: a domain directory's first split of `splits`
+    that it has (`<split>.jsonl`, `<split>.txt` or a `<split>/` directory), else the path as
+    given (a file, or a directory of documents)."""
+    path = Path(path)
+    if path.is_dir():
+        dom = Domain(path.name, path)
+        for split in splits:
+            if dom.has_split(split):
+                return dom.split_path(split)
+    return path
+
+
 class Corpus:
     """A directory of domains. Roles (train/eval) come from `roles.json` ({domain: role}) or
     from a markdown table in the README with `| train | name |` rows, when either is present."""
@@ -244,10 +258,9 @@ def tokenize_file(source: str | os.PathLike, tok, cache_dir: str | os.PathLike |
     dt = token_dtype(len(tok))
     if not out.exists() or not meta_path.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         h = hashlib.sha256()
         n_tokens = n_docs = 0
-        try:
+        with atomic.replacing(out, f"{out.name}.{os.getpid()}.tmp") as tmp:
             with open(tmp, "wb") as f:
                 for arr in encode_documents(tok, read_documents(source)):
                     b = arr.tobytes()
@@ -259,9 +272,6 @@ def tokenize_file(source: str | os.PathLike, tok, cache_dir: str | os.PathLike |
                 os.fsync(f.fileno())
             if n_tokens == 0:
                 raise DataError(f"{source}: no text in this split (the file is empty)")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
         meta = {
             "format": CACHE_FORMAT,
             "source": str(source),
@@ -271,9 +281,7 @@ def tokenize_file(source: str | os.PathLike, tok, cache_dir: str | os.PathLike |
             "n_documents": n_docs,
             "sha256": h.hexdigest(),
         }
-        tmpm = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
-        tmpm.write_text(json.dumps(meta, indent=1))
-        os.replace(tmpm, meta_path)
+        atomic.write_text(meta_path, json.dumps(meta, indent=1), f"{meta_path.name}.{os.getpid()}.tmp")
     return load_token_file(out)
 
 

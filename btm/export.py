@@ -16,11 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
+from btm import atomic
 from btm.errors import ForestError
 from btm.forest import MANIFEST, Forest, copy_model_dir, model_files
-from btm.safetensors_io import atomic_write_text
+from btm.model_files import CARD, FOREST_HUB_PATTERNS, PICKLE_SUFFIXES
 
-PICKLED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
+PICKLED = [f"*{s}" for s in PICKLE_SUFFIXES]
 
 
 def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | None = None) -> Path:
@@ -36,7 +37,7 @@ def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | N
     for name, src in (averages or {}).items():
         copy_model_dir(Path(src), out / "averages" / name)
         m["averages"].append({"name": name, "path": f"averages/{name}", "files": model_files(out / "averages" / name)})
-    atomic_write_text(out / MANIFEST, json.dumps(m, indent=2))
+    atomic.write_text(out / MANIFEST, json.dumps(m, indent=2))
     from btm.family import load_config
     from btm.forest_model import ForestConfig, max_positions
 
@@ -44,7 +45,7 @@ def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | N
     ForestConfig(experts=[e["path"] for e in m["elms"]], names=[e["name"] for e in m["elms"]],
                  vocab_size=ref.vocab_size, max_position_embeddings=max_positions(ref),
                  bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id).save_pretrained(str(out))
-    atomic_write_text(out / "README.md", card(m))
+    atomic.write_text(out / CARD, card(m))
     return out
 
 
@@ -111,20 +112,18 @@ def import_(src: str | os.PathLike, out: str | os.PathLike, revision: str | None
         from btm.hub import _download
 
         repo, rev = split(str(src), revision)
-        path = _download(repo, rev, ["*.json", "*.md", "*.txt", "*.safetensors", "*.model"])
+        path = _download(repo, rev, FOREST_HUB_PATTERNS)
         source = {"hub": repo, "revision": path.name, "requested": rev}
     elif not (path / MANIFEST).exists():
         raise ForestError(f"{src}: no {MANIFEST}; give an exported forest (a directory or a Hub id)")
-    tmp = out.with_name(out.name + ".importing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(path, tmp, symlinks=False, ignore=shutil.ignore_patterns(*PICKLED, ".git*", ".cache"))
-    f = Forest.load(tmp)
-    problems = f.verify()
-    if problems:
+    with atomic.replacing(out, out.name + ".importing") as tmp:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ForestError(f"{src}: files differ from its manifest ({'; '.join(problems[:3])}); nothing imported")
-    if source:
-        f.manifest["imported_from"] = source
-        atomic_write_text(tmp / MANIFEST, json.dumps(f.manifest, indent=2))
-    os.replace(tmp, out)
+        shutil.copytree(path, tmp, symlinks=False, ignore=shutil.ignore_patterns(*PICKLED, ".git*", ".cache"))
+        f = Forest.load(tmp)
+        problems = f.verify()
+        if problems:
+            raise ForestError(f"{src}: files differ from its manifest ({'; '.join(problems[:3])}); nothing imported")
+        if source:
+            f.manifest["imported_from"] = source
+            atomic.write_text(tmp / MANIFEST, json.dumps(f.manifest, indent=2))
     return Forest.load(out)

@@ -23,8 +23,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from btm import atomic
 from btm.errors import FamilyError
-from btm.safetensors_io import DTYPE_NAMES, DTYPES, atomic_write_text, open_weights, save_state_dict
+from btm.model_files import CARD, CONFIG, TOKENIZER_FILES, WEIGHTS_GLOB, is_aux_file
+from btm.safetensors_io import DTYPE_NAMES, DTYPES, open_weights, save_state_dict
 from btm.tokenizer import bos_id, load_tokenizer, tokenizer_sha256
 
 hf_logging.disable_progress_bar()  # one bar per loaded ELM drowns the output of forest-wide work
@@ -110,7 +112,7 @@ def _tokenizer_id(model_dir: Path) -> str:
     """tokenizer_sha256 of a directory's tokenizer, loaded once per distinct set of files: the
     ELMs of a forest carry copies of one tokenizer, and loading a large one takes seconds."""
     h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         p = model_dir / name
         h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
     key = h.hexdigest()
@@ -200,7 +202,7 @@ def new_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / CONFIG).exists():
         raise FamilyError(f"{path}: no config.json; not a model directory")
     open_weights(path)  # clear error for missing/corrupt weights before transformers tries
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
@@ -233,7 +235,7 @@ def reuse_or_load(shell: torch.nn.Module | None, path: str | os.PathLike, device
 
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / CONFIG).exists():
         raise FamilyError(f"{path}: no config.json; not a model directory")
     return AutoConfig.from_pretrained(str(path))
 
@@ -246,7 +248,7 @@ class Card:
     """What an ELM is and where it came from; written to README.md and safetensors metadata."""
 
     name: str
-    kind: str = "elm"  # seed | elm | branch-init | average | dense
+    kind: str = "elm"  # seed | elm | branch-init | average | dense | external (no card: see read_card)
     domain: str | None = None
     parents: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "weight", "sha256"?}]
     data: dict[str, Any] = field(default_factory=dict)
@@ -325,7 +327,7 @@ class Card:
 def read_card(path: str | os.PathLike) -> Card:
     """The card of a model directory: its README's front matter, else the weights' metadata
     (a copied init keeps its parent's weights and metadata but has a README of its own)."""
-    readme = Path(path) / "README.md"
+    readme = Path(path) / CARD
     if readme.exists():
         for line in readme.read_text(errors="replace").splitlines()[:10]:
             if line.startswith("elmforest: "):
@@ -360,11 +362,13 @@ def save_elm(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write a loadable HF directory. Each file is written to a temp name and renamed, and
-    the README (the card) goes last, so a crash never leaves a directory that looks done."""
+    """Write a loadable HF directory: config, weights, tokenizer and card. The old card is
+    removed first and the new one written last; the config, the weights and the card go to a
+    temp name and are renamed (the tokenizer's files are written in place by save_pretrained),
+    so a crash never leaves a directory that looks done."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "README.md").unlink(missing_ok=True)
+    (out / CARD).unlink(missing_ok=True)
     config = model.config
     card.family = family_id(config, tokenizer)
     state = _dedup_tied(model.state_dict())
@@ -373,29 +377,26 @@ def save_elm(
     cfg = config.to_dict()
     cfg["architectures"] = [type(model).__name__]
     cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
-    for old in out.glob("model*.safetensors*"):
+    atomic.write_text(out / CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
+    for old in out.glob(WEIGHTS_GLOB):
         old.unlink()
     save_state_dict(state, out, {"elmforest": card.to_json()}, max_shard_bytes)
     tokenizer.save_pretrained(str(out))
-    atomic_write_text(out / "README.md", card.markdown())
+    atomic.write_text(out / CARD, card.markdown())
     return out
 
 
 def write_card(out_dir: str | os.PathLike, card: Card) -> None:
-    atomic_write_text(Path(out_dir) / "README.md", card.markdown())
+    atomic.write_text(Path(out_dir) / CARD, card.markdown())
 
 
 def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """config and tokenizer files of src into dst (for models whose weights we write)."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and (f.name == "config.json" or f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config"))):
-            shutil.copyfile(f, dst / (f.name + ".tmp"))
-            os.replace(dst / (f.name + ".tmp"), dst / f.name)
+        if f.is_file() and is_aux_file(f.name):
+            atomic.copy_file(f, dst / f.name)
 
 
 def load_family(path: str | os.PathLike):

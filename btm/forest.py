@@ -2,7 +2,7 @@
 
     forest/
       forest.json          the current manifest
-      versions/<n>.json    every earlier manifest, never rewritten
+      versions/<n>.json    every version's manifest (the current one too), each written once
       seed/                the seed LM (an HF directory)
       elms/<name>/         one HF directory per ELM
 
@@ -23,16 +23,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from btm import atomic
 from btm.errors import ForestError
 from btm.family import Card, check_family, family_id, load_config, read_card
 from btm.hashing import sha256_file
-from btm.safetensors_io import atomic_write_text
+from btm.model_files import is_model_file
 from btm.tokenizer import load_tokenizer, tokenizer_sha256
 
 FORMAT = "elmforest.forest/1"
 MANIFEST = "forest.json"
-# Files of a model directory that belong to the published model (not training state).
-SKIP = {"checkpoint", "checkpoint.tmp", "checkpoint.old", "metrics.jsonl", "optimizer.safetensors"}
 
 
 def now() -> str:
@@ -43,22 +42,21 @@ def model_files(model_dir: Path) -> dict[str, str]:
     """{file name: sha256} of the files that make up a model directory."""
     out = {}
     for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.name not in SKIP and not f.name.endswith(".tmp"):
+        if f.is_file() and is_model_file(f.name):
             out[f.name] = sha256_file(f)
     return out
 
 
 def copy_model_dir(src: Path, dst: Path) -> None:
     """Copy a model directory (without training state) to dst, atomically."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name not in SKIP and not f.name.endswith(".tmp"):
-            shutil.copyfile(f, tmp / f.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    with atomic.replacing(dst) as tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and is_model_file(f.name):
+                shutil.copyfile(f, tmp / f.name)
+        if dst.exists():
+            shutil.rmtree(dst)
 
 
 # an ELM branched from another with at least this share of its weights is its descendant
@@ -163,12 +161,6 @@ class Forest:
             f"{self.root}: no ELM named {name!r}; ELMs: {', '.join(self.names()) or '(none)'}"
         )
 
-    def by_domain(self, domain: str) -> Elm | None:
-        for e in self.elms:
-            if e.domain == domain:
-                return e
-        return None
-
     # ------------------------------------------------------------------ changes
 
     def check_family(self, model_dir: str | os.PathLike, what: str | None = None) -> None:
@@ -266,12 +258,6 @@ class Forest:
                 shutil.rmtree(path, ignore_errors=True)
         return gone
 
-    def set_metrics(self, name: str, metrics: dict[str, Any]) -> None:
-        for e in self.manifest["elms"]:
-            if e["name"] == name:
-                e.setdefault("metrics", {}).update(metrics)
-        self._write_manifest()
-
     def verify(self) -> list[str]:
         """Problems found: missing files or hashes that differ from the manifest."""
         problems = []
@@ -296,11 +282,8 @@ class Forest:
     def _commit(self) -> None:
         (self.root / "versions").mkdir(exist_ok=True)
         text = json.dumps(self.manifest, indent=2)
-        atomic_write_text(self.root / "versions" / f"{self.version}.json", text)
-        atomic_write_text(self.root / MANIFEST, text)
-
-    def _write_manifest(self) -> None:
-        atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=2))
+        atomic.write_text(self.root / "versions" / f"{self.version}.json", text)
+        atomic.write_text(self.root / MANIFEST, text)
 
 
 def _who() -> str:

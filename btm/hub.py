@@ -14,13 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from btm.errors import BTMError
+from btm.model_files import HUB_PATTERNS, PICKLE_SUFFIXES, WEIGHTS_SUFFIX
 
-# what a model directory needs; weights only as safetensors
-MODEL_FILES = [
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
-    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "README.md",
-]
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -51,7 +46,7 @@ def resolve(spec: str | os.PathLike, revision: str | None = None, files: list[st
     if not HUB_ID.match(str(spec)):
         raise BTMError(f"{spec}: no such directory, and not a Hugging Face Hub id (org/name or org/name@revision)")
     repo, rev = split(str(spec), revision)
-    path = _download(repo, rev, files or MODEL_FILES)
+    path = _download(repo, rev, files or HUB_PATTERNS)
     if files is None:
         _require_safetensors(path, repo, rev)
     from btm.hashing import sha256_file
@@ -128,9 +123,9 @@ def _download(repo: str, rev: str, patterns: list[str]) -> Path:
 
 
 def _require_safetensors(path: Path, repo: str, rev: str) -> None:
-    if any(path.glob("*.safetensors")):
+    if any(path.glob(f"*{WEIGHTS_SUFFIX}")):
         return
-    pickled = [f for f in _repo_files(repo, path.name, path) if f.endswith(PICKLED)]
+    pickled = [f for f in _repo_files(repo, path.name, path) if f.endswith(PICKLE_SUFFIXES)]
     if pickled:
         raise BTMError(
             f"{repo}@{rev} has its weights only as pickles ({', '.join(sorted(pickled)[:3])}): elmforest never loads "

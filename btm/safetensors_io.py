@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from btm import atomic
 from btm.errors import WeightsError
+from btm.model_files import WEIGHTS_FILE, WEIGHTS_INDEX
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -45,8 +47,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = WEIGHTS_FILE
+INDEX_FILE = WEIGHTS_INDEX
 
 
 @dataclass(frozen=True)
@@ -370,7 +372,7 @@ class ShardedWriter:
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {n: self.names[w[0]] for n, w in self._where.items()},
             }
-            atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2))
+            atomic.write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2))
         return self.names
 
     def abort(self) -> None:
@@ -413,13 +415,3 @@ def iter_tensors(index: WeightsIndex) -> Iterator[tuple[str, torch.Tensor]]:
     finally:
         for fd in fds.values():
             os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -227,7 +227,8 @@ def token_create(
     name: Annotated[str, typer.Argument(help="What it is for.")],
     scope: Annotated[list[str] | None, typer.Option("--scope", help="read, contribute or maintain (repeatable; "
                                                     "default: those of your current token).")] = None,
-    days: Annotated[int, typer.Option(help="Days until it expires.")] = 365,
+    days: Annotated[int | None, typer.Option(help="Days until it expires (default: the coordinator's token "
+                                             "lifetime, ELMFOREST_TOKEN_TTL_DAYS).", show_default=False)] = None,
     url: Url = None,
 ):
     """A new token with at most your current token's scopes; printed once.

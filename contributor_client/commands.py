@@ -1,6 +1,9 @@
 """The contributor's workflow as functions over the HTTP client and btm: request a branch
-init (with a sample, or privately), train from it, submit the ELM, follow it, download
-forests and averaged models. The CLI is a thin layer over these."""
+init (with a sample, or privately: the posterior computed here) and download it, submit a
+trained ELM (resumable upload) and follow it, download forests and averaged models; for
+maintainers, register a seed or a baseline and import an existing checkpoint. Training
+itself is btm's (`elmforest train`). The CLI, the demo and the Flower ClientApp are thin
+layers over these."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from btm.model_files import CONFIG, TOKENIZER_PREFIX, is_upload_file
 from contributor_client.http import Client, ClientError, sha256_file
 
 Log = Callable[[str], None]
@@ -24,15 +28,9 @@ def _quiet(msg: str) -> None:
 
 def sample_file(data: Path, max_bytes: int, out: Path) -> Path:
     """A small JSONL sample of a data directory or file (its validation split if it has one)."""
-    from btm.data import Domain, read_documents
+    from btm.data import read_documents, split_source
 
-    src = data
-    if data.is_dir():
-        dom = Domain(data.name, data)
-        for split in ("valid", "train"):
-            if dom.has_split(split):
-                src = dom.split_path(split)
-                break
+    src = split_source(data, ("valid", "train"))
     n = 0
     with open(out, "w") as f:
         for doc in read_documents(src):
@@ -81,7 +79,7 @@ def private_posterior(client: Client, forest: str, data: Path, work: Path, block
     down one at a time (memory and disk of one ELM) and only the weights go back."""
     import numpy as np
 
-    from btm.data import encode_texts, eval_blocks, read_documents
+    from btm.data import encode_texts, eval_blocks, read_documents, split_source
     from btm.posterior import cached_prior, sequence_logliks
     from btm.tokenizer import load_tokenizer
 
@@ -90,16 +88,10 @@ def private_posterior(client: Client, forest: str, data: Path, work: Path, block
     if not m["elms"]:
         return {}, m["version"]
     seed = m["seed"]
-    tok_files = {k: v for k, v in seed["files"].items() if k.startswith("tokenizer") or k == "config.json"}
+    tok_files = {k: v for k, v in seed["files"].items() if k.startswith(TOKENIZER_PREFIX) or k == CONFIG}
     tok_dir = download_files(client, tok_files, {k: d["files"][f"seed/{k}"] for k in tok_files}, work / "tokenizer", log)
     tok = load_tokenizer(tok_dir)
-    src = data
-    if data.is_dir():
-        from btm.data import Domain
-
-        dom = Domain(data.name, data)
-        src = next((dom.split_path(s) for s in ("valid", "train") if dom.has_split(s)), data)
-    tokens = encode_texts(tok, read_documents(src))
+    tokens = encode_texts(tok, read_documents(split_source(data, ("valid", "train"))))
     blocks = eval_blocks(tokens, min(block_size, max(8, len(tokens) - 1)), max_blocks)
     cols = []
     for e in m["elms"]:
@@ -114,8 +106,7 @@ def private_posterior(client: Client, forest: str, data: Path, work: Path, block
 
 
 def local_files(model_dir: Path) -> dict[str, str]:
-    return {f.name: sha256_file(f) for f in sorted(Path(model_dir).iterdir())
-            if f.is_file() and (f.suffix in (".json", ".safetensors") or f.name == "README.md") and not f.name.startswith(".")}
+    return {f.name: sha256_file(f) for f in sorted(Path(model_dir).iterdir()) if f.is_file() and is_upload_file(f.name)}
 
 
 def register_seed(client: Client, name: str, seed_dir: Path, description: str = "", progress=None) -> tuple[dict, bool]:

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from btm import atomic
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -43,11 +45,10 @@ def load() -> Credentials:
 def save(url: str, token: str, username: str) -> Path:
     p = credentials_path()
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"url": url.rstrip("/"), "token": token, "username": username}, f, indent=1)
-    os.replace(tmp, p)
+    with atomic.replacing(p) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": url.rstrip("/"), "token": token, "username": username}, f, indent=1)
     os.chmod(p, 0o600)
     return p
 

@@ -111,13 +111,9 @@ def node_settings(context: Context) -> Node:
 
 def train_source(data: Path) -> Path:
     """The file (or directory) of training documents: a domain directory's train split."""
-    from btm.data import Domain
+    from btm.data import split_source
 
-    if data.is_dir():
-        dom = Domain(data.name, data)
-        if dom.has_split("train"):
-            return dom.split_path("train")
-    return data
+    return split_source(data, ("train",))
 
 
 def data_size(data: Path) -> tuple[int, int]:

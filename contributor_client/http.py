@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Any
 
 import httpx
 
+from btm import atomic
 from btm.hashing import sha256_file  # noqa: F401 - part of this module's API
+from btm.model_files import is_upload_file, is_weights_file
 
 CHUNK = 1 << 20
 
@@ -158,8 +159,8 @@ class Client:
         """Upload a model directory's files (not its training state); {filename: sha256}."""
         files = {}
         for f in sorted(Path(model_dir).iterdir()):
-            if f.is_file() and (f.suffix in (".json", ".safetensors") or f.name == "README.md") and not f.name.startswith("."):
-                purpose = "weights" if f.suffix == ".safetensors" else "model-file"
+            if f.is_file() and is_upload_file(f.name):
+                purpose = "weights" if is_weights_file(f.name) else "model-file"
                 files[f.name] = self.upload(f, purpose, progress=progress)["sha256"]
         return files
 
@@ -273,27 +274,24 @@ class Client:
     def download(self, url: str, dest: Path, sha256: str | None = None, progress: Callable[[int], None] | None = None) -> Path:
         """Stream a URL to dest (atomically), checking the sha256 when given."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
-        try:
-            with self.raw.stream("GET", url) as r:
-                if r.status_code >= 400:
-                    raise ClientError(f"download of {dest.name} failed ({r.status_code}): {r.read()[:300]!r}")
-                with open(tmp, "wb") as f:
-                    for b in r.iter_bytes(CHUNK):
-                        f.write(b)
-                        h.update(b)
-                        if progress:
-                            progress(len(b))
-        except httpx.ConnectError:
-            raise ClientError(f"cannot reach the store to download {dest.name}") from None
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == 28:
-                raise ClientError(f"the disk is full while writing {dest}: free some space and run the command again") from None
-            raise
-        if sha256 and h.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise ClientError(f"{dest.name} arrived corrupted (sha256 mismatch); run the command again")
-        os.replace(tmp, dest)
+        with atomic.replacing(dest, dest.name + ".part") as tmp:
+            try:
+                with self.raw.stream("GET", url) as r:
+                    if r.status_code >= 400:
+                        raise ClientError(f"download of {dest.name} failed ({r.status_code}): {r.read()[:300]!r}")
+                    with open(tmp, "wb") as f:
+                        for b in r.iter_bytes(CHUNK):
+                            f.write(b)
+                            h.update(b)
+                            if progress:
+                                progress(len(b))
+            except httpx.ConnectError:
+                raise ClientError(f"cannot reach the store to download {dest.name}") from None
+            except OSError as e:
+                if e.errno == 28:
+                    raise ClientError(f"the disk is full while writing {dest}: free some space and run the command again") from None
+                raise
+            if sha256 and h.hexdigest() != sha256:
+                raise ClientError(f"{dest.name} arrived corrupted (sha256 mismatch); run the command again")
         return dest

@@ -177,7 +177,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(IntegrityError)
     async def integrity_error(request: Request, exc: IntegrityError):
-        # two requests raced to create the same thing; the loser gets what a check would have said
+        # a constraint the database enforced that no check in the code caught first: in practice two
+        # requests racing to create the same thing (a unique name). The loser gets this generic 409,
+        # not the specific message the service's own check gives once the row is there.
         return err(409, "conflict", "that already exists (a concurrent request created it); fetch it or choose "
                    "another name")
 

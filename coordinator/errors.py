@@ -52,16 +52,6 @@ class TooMany(ServiceError):
         self.headers = {"Retry-After": str(max(1, int(retry_after)))}
 
 
-class Unavailable(ServiceError):
-    """Busy or briefly unable to serve (overload, a locked database): try again shortly."""
-
-    status, code = 503, "unavailable"
-
-    def __init__(self, message: str, retry_after: int = 2, **details):
-        super().__init__(message, **details)
-        self.headers = {"Retry-After": str(max(1, int(retry_after)))}
-
-
 _PATH = re.compile(r"(?<![\w.~:/-])(?:/[\w.@+~-]+){2,}/?")
 
 

@@ -1,8 +1,10 @@
 """Model directories and forests on local disk, assembled from content-addressed blobs.
 
 Jobs run btm code, which works on directories. Blobs are downloaded once into a cache
-(`work/blobs/<sha256>`) and hard-linked into directories, so a forest of n ELMs sharing one
-tokenizer stores that tokenizer once and re-assembling a directory costs no copy.
+(`<cache>/blobs/<first two hex digits>/<sha256>`, the cache being the jobs' work directory,
+data_dir/work) and hard-linked into directories (copied where a link is impossible), so a
+forest of n ELMs sharing one tokenizer stores that tokenizer once and re-assembling a
+directory costs no copy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from btm import atomic
 from coordinator.storage import Storage, blob_key
 
 
@@ -25,12 +28,7 @@ def blob(storage: Storage, cache: Path, sha256: str) -> Path:
 
 
 def _link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic.copy_file(src, dst, link=True, tmp_name=f"{dst.name}.{uuid.uuid4().hex[:6]}.tmp")
 
 
 def model_dir(storage: Storage, cache: Path, files: dict[str, str]) -> Path:

@@ -114,6 +114,11 @@ class User(Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
+    @property
+    def is_maintainer(self) -> bool:
+        """A maintainer or an admin: the roles that review, publish and see everyone's work."""
+        return self.role in (Role.maintainer, Role.admin)
+
 
 class ApiToken(Base):
     __tablename__ = "api_tokens"

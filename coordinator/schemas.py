@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coordinator.names import USERNAME_PATTERN
+
 DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
@@ -26,7 +28,7 @@ class Error(BaseModel):
 # ---- accounts
 
 class RegisterIn(BaseModel):
-    username: str = Field(min_length=2, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,63}$")
+    username: str = Field(min_length=2, max_length=64, pattern=USERNAME_PATTERN)
     password: str = Field(min_length=8, max_length=256)
     email: str | None = Field(default=None, max_length=254, pattern=r"^[^@\s]{1,64}@[^@\s]{1,189}$")
     invite: str | None = Field(default=None, max_length=100, description="An invitation code (invite-only registration).")
@@ -58,7 +60,8 @@ class UserOut(Orm):
 class TokenIn(BaseModel):
     name: str = Field(default="token", max_length=100)
     scopes: list[Literal["read", "contribute", "maintain"]] | None = None
-    expires_days: int | None = Field(default=365, ge=1, le=3650)
+    expires_days: int | None = Field(default=None, ge=1, le=3650, description="Days until it expires; default: "
+                                     "the coordinator's token lifetime (ELMFOREST_TOKEN_TTL_DAYS).")
 
 
 class TokenOut(Orm):
@@ -134,7 +137,8 @@ class UploadOut(BaseModel):
     sha256: str
     size: int
     part_size: int
-    status: str = Field(description="open, stored (weights awaiting validation), complete, rejected, expired or aborted")
+    status: str = Field(description="open (parts being sent), stored (weights awaiting validation) or complete; "
+                        "an upload that is refused, expires or is aborted is deleted (404 after)")
     expires_at: datetime | None = None
     parts: list[PartOut] = Field(default=[], description="Each part's URL takes exactly `length` bytes.")
     parts_done: list[int] = []

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     public_url: str = Field(default="http://127.0.0.1:8000", description="Where clients reach this API (for signed local URLs).")
     secret_key: str | None = Field(default=None, description="Signs session cookies and local URLs; default: generated into data_dir.")
 
-    # who may create an account: anyone, holders of an invitation (`elmforest user invite`), nobody
+    # who may create an account: anyone, holders of an invitation (`elmforest invite`), nobody
     registration: Literal["open", "invite", "closed"] = "open"
     registrations_per_hour: int = Field(default=10, description="Accounts one address may create per hour.")
     failed_logins_per_hour: int = Field(default=30, description="Wrong passwords one address may send per hour.")
@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=16, description="Threads serving API requests in one process (about the "
                              "database pool's size: more would only wait for a connection).")
     url_ttl_seconds: int = 3600
-    token_ttl_days: int = 365
+    token_ttl_days: int = Field(default=365, ge=1, description="Days an API token lives when its maker names no "
+                                "other lifetime (login, registration, `elmforest user create`, POST /tokens "
+                                "without expires_days).")
 
     # evaluation
     eval_block_size: int = 256

@@ -20,7 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlencode, urlparse
 
+from btm import atomic
+
 CHUNK = 8 * 1024 * 1024
+
+
+def _tmp_name(dest: Path) -> str:
+    """A temporary's name for an atomic write to `dest`: unique (concurrent writers of one
+    object do not collide) and ending in `.tmp`, which stale_temporaries looks for."""
+    return f"{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def blob_key(sha256: str) -> str:
@@ -97,14 +105,9 @@ class Storage(ABC):
 
     def get_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                for c in self.iter_chunks(key):
-                    f.write(c)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic.replacing(dest, _tmp_name(dest)) as tmp, open(tmp, "wb") as f:
+            for c in self.iter_chunks(key):
+                f.write(c)
 
     @contextmanager
     def local_copy(self, key: str, scratch: Path) -> Iterator[Path]:
@@ -115,9 +118,6 @@ class Storage(ABC):
             yield tmp
         finally:
             tmp.unlink(missing_ok=True)
-
-    def get_bytes(self, key: str) -> bytes:
-        return b"".join(self.iter_chunks(key))
 
     def sha256(self, key: str) -> tuple[str, int]:
         """Stream the object and hash it (the server-side check of a declared hash)."""
@@ -171,9 +171,6 @@ class Storage(ABC):
     def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
     @abstractmethod
-    def list_keys(self, prefix: str = "") -> Iterator[str]: ...
-
-    @abstractmethod
     def multipart_ids(self) -> list[tuple[str, str, float]]:
         """(key, upload id, started at as a Unix time) of every unfinished multipart upload."""
 
@@ -215,9 +212,7 @@ class LocalStorage(Storage):
     def put_file(self, key, path):
         dst = self.path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dst)
+        atomic.copy_file(path, dst, tmp_name=_tmp_name(dst))
 
     def iter_chunks(self, key, chunk=CHUNK):
         p = self.path(key)
@@ -229,9 +224,7 @@ class LocalStorage(Storage):
 
     def get_file(self, key, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        shutil.copyfile(self.path(key), tmp)
-        os.replace(tmp, dest)
+        atomic.copy_file(self.path(key), dest, tmp_name=_tmp_name(dest))
 
     def delete(self, key):
         p = self.path(key)
@@ -283,9 +276,9 @@ class LocalStorage(Storage):
             raise StorageError("no such upload (completed, expired or aborted); ask the coordinator for a new one")
         import anyio
 
-        tmp = d / f"part-{part_number:05d}.{uuid.uuid4().hex[:8]}.tmp"
+        part = d / f"part-{part_number:05d}"
         n = 0
-        try:
+        with atomic.replacing(part, _tmp_name(part)) as tmp:
             with open(tmp, "wb") as f:
                 async for chunk in body:
                     n += len(chunk)
@@ -295,9 +288,6 @@ class LocalStorage(Storage):
                     await anyio.to_thread.run_sync(f.write, chunk, limiter=_disk_writers())
             if n != length:
                 raise StorageError(f"part {part_number} has {n} bytes; it must have exactly {length}")
-            os.replace(tmp, d / f"part-{part_number:05d}")
-        finally:
-            tmp.unlink(missing_ok=True)
         return {"part_number": part_number, "etag": None, "size": n}
 
     def list_parts(self, key, upload_id):
@@ -353,13 +343,6 @@ class LocalStorage(Storage):
     def abort_multipart(self, key, upload_id):
         shutil.rmtree(self._mp_dir(upload_id), ignore_errors=True)
 
-    def list_keys(self, prefix=""):
-        for p in sorted(self.root.rglob("*")):
-            rel = p.relative_to(self.root).as_posix()
-            if (p.is_file() and not rel.startswith(".multipart/") and rel.startswith(prefix)
-                    and not rel.endswith((".tmp", ".assembling", ".lock"))):
-                yield rel
-
 
 # ----------------------------------------------------------------------------- S3
 
@@ -412,12 +395,8 @@ class S3Storage(Storage):
 
     def get_file(self, key, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic.replacing(dest, _tmp_name(dest)) as tmp:
             self.client.download_file(self.bucket, self.k(key), str(tmp))
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def delete(self, key):
         self.client.delete_object(Bucket=self.bucket, Key=self.k(key))
@@ -491,13 +470,6 @@ class S3Storage(Storage):
 
     def stale_temporaries(self, older_than: float) -> list:
         return []  # S3 writes are atomic: nothing half-written is left behind
-
-    def list_keys(self, prefix=""):
-        pag = self.client.get_paginator("list_objects_v2")
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        for page in pag.paginate(Bucket=self.bucket, Prefix=self.k(prefix)):
-            for o in page.get("Contents", []):
-                yield o["Key"][strip:]
 
 
 def make_storage(settings) -> Storage:

@@ -1,5 +1,8 @@
-"""The web pages. Every query goes through coordinator.services (the API's own logic);
-forms post back here with a CSRF token and a session cookie."""
+"""The web pages. Queries go through coordinator.services (the API's own logic), except a
+few plain reads made here: the session's user (`session_user`), an ELM's
+lineage and per-domain figures (`_elm_figures`), and the averaged models of a version
+(`download_page`, `average_page`). Forms post back here with a CSRF token and a session
+cookie."""
 
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def check_csrf(request: Request, token: str) -> None:
 
 def render(request: Request, name: str, user: User | None, status_code: int = 200, **ctx) -> HTMLResponse:
     ctx.update(user=user, csrf=csrf_token(request), flash=request.session.pop("flash", None),
-               is_maintainer=domains.is_maintainer(user))
+               is_maintainer=user is not None and user.is_maintainer)
     return templates.TemplateResponse(request, name, ctx, status_code=status_code)
 
 
@@ -75,8 +78,7 @@ def flash(request: Request, msg: str) -> None:
 def require_maintainer(request: Request, user: User | None) -> User:
     if user is None:
         raise _LoginRequired(request.url.path)
-    if not domains.is_maintainer(user):
-        raise Forbidden("only maintainers can review contributions")
+    users.require_maintainer(user, "only maintainers can review contributions")
     return user
 
 
@@ -114,7 +116,7 @@ def forest_page(request: Request, name: str, db: DB, user: WebUser):
     return render(request, "forest.html", user, title=f"{f.name} forest", forest=f, version=v,
                   versions=versions, elms=m["elms"], domains=doms,
                   history=list(reversed(m.get("history", [])))[:12],
-                  pending=len(contributions.list_(db, user, "evaluated")) if domains.is_maintainer(user) else 0,
+                  pending=len(contributions.list_(db, user, "evaluated")) if user is not None and user.is_maintainer else 0,
                   bars=svg.bars(bar_items, title="mean perplexity, best subjects"))
 
 

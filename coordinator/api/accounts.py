@@ -30,7 +30,7 @@ def register(body: RegisterIn, request: Request, db: DB, settings: SettingsDep):
     """Create a contributor account and a first API token (if registration is open, or with an
     invitation code when it is invite-only; limited per address)."""
     u = users.register(db, settings, body.username, body.password, body.email, body.invite, _address(request))
-    t, secret = users.create_token(db, u, "first token")
+    t, secret = users.create_token(db, u, "first token", settings=settings)
     return NewToken(token=secret, info=TokenOut.model_validate(t), user=UserOut.model_validate(u))
 
 
@@ -38,7 +38,7 @@ def register(body: RegisterIn, request: Request, db: DB, settings: SettingsDep):
 def login(body: LoginIn, request: Request, db: DB, settings: SettingsDep):
     """Exchange a username and password for a new API token (wrong passwords are limited per address)."""
     u = users.authenticate(db, body.username, body.password, _address(request), settings.failed_logins_per_hour)
-    t, secret = users.create_token(db, u, body.token_name)
+    t, secret = users.create_token(db, u, body.token_name, settings=settings)
     return NewToken(token=secret, info=TokenOut.model_validate(t), user=UserOut.model_validate(u))
 
 
@@ -64,10 +64,10 @@ def list_tokens(user: Reader, db: DB, username: str | None = Query(default=None,
 
 @router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=NewToken,
              responses={403: {"model": Error}})
-def create_token(body: TokenIn, request: Request, user: Reader, db: DB):
+def create_token(body: TokenIn, request: Request, user: Reader, db: DB, settings: SettingsDep):
     """A new token with at most the scopes of the token making this call."""
     t, secret = users.create_token(db, user, body.name, body.scopes, body.expires_days,
-                                   holder=sorted(request.state.scopes))
+                                   holder=sorted(request.state.scopes), settings=settings)
     return NewToken(token=secret, info=TokenOut.model_validate(t), user=UserOut.model_validate(user))
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db import get_sessionmaker
 from coordinator.errors import Forbidden, Unauthorized
-from coordinator.models import Role, User
+from coordinator.models import User
 from coordinator.services import users as users_svc
 from coordinator.settings import Settings
 from coordinator.storage import Storage
@@ -104,8 +104,8 @@ def _scoped(scope: str):
         release(db)
         if scope not in t.scopes:
             raise Forbidden(f"this token lacks the {scope!r} scope; create one with it (`elmforest token create`)")
-        if scope == "maintain" and user.role not in (Role.maintainer, Role.admin):
-            raise Forbidden("only maintainers may do this")
+        if scope == "maintain":
+            users_svc.require_maintainer(user)
         return user
 
     return dep

@@ -1,9 +1,10 @@
 """Federated rounds on one machine, without a SuperLink and without Ray: `LocalGrid` is a
-Flower `Grid` whose nodes are ClientApps called in this process (one thread per message),
-each with its own node config, as `flower-supernode --node-config` would give it.
+Flower `Grid` whose nodes are ClientApps called in this process (on a pool of `workers`
+threads), each with its own node config, as `flower-supernode --node-config` would give it.
 
-Nodes take turns (one message at a time, as on one machine with one accelerator; pass
-`workers` for more), so a phase's time-out covers every node's turn.
+With one worker, the default, nodes take turns (one message at a time, as on one machine
+with one accelerator; pass `workers` for more), so a phase's time-out covers every node's
+turn.
 
 Every message crosses a real serialisation boundary (Flower's protobuf form, both ways),
 so what a node receives and sends is exactly what a SuperLink would carry; `wire` keeps

@@ -13,9 +13,10 @@ what the nodes said and what the coordinator knows, and records what they decide
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from coordinator.names import SLUG
 
 # node states, in the order a node goes through them
 QUERIED, SKIPPED, BRANCHING, TRAINING, SUBMITTED, FAILED, TIMED_OUT = (
@@ -23,7 +24,6 @@ QUERIED, SKIPPED, BRANCHING, TRAINING, SUBMITTED, FAILED, TIMED_OUT = (
 NODE_STATES = (QUERIED, SKIPPED, BRANCHING, TRAINING, SUBMITTED, FAILED, TIMED_OUT)
 UNSUCCESSFUL = (FAILED, TIMED_OUT)
 
-DOMAIN = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
 MAX_TEXT = 2000  # characters kept of anything a node says (errors, names)
 
 
@@ -155,7 +155,7 @@ def node_report(node_id: str, reply: dict[str, dict[str, Any]] | str | None, tim
         return NodeReport(node_id, replied=False, error=o.error)
     v = o.values
     domain = v.get("domain")
-    domain = domain if isinstance(domain, str) and DOMAIN.match(domain) else None
+    domain = domain if isinstance(domain, str) and SLUG.match(domain) else None
     owner = v.get("owner")
     device = v.get("device")
     return NodeReport(node_id, domain=domain, documents=_int(v.get("documents")), data_bytes=_int(v.get("bytes")),

@@ -13,7 +13,7 @@ contributor client must not import the coordinator; tests/federated check that t
   train         server -> node  "init": {round-id, forest, branch-init-id, name, files, urls}
                                   (files: JSON {filename: sha256}; urls: JSON {filename: URL})
                                 "train": {steps, batch-size, block-size, lr, warmup, precision}
-                node -> server  "result": {ok, contribution-id, error}
+                node -> server  "result": {ok, contribution-id, state, name, error}
                                 "metrics": {loss, steps, tokens, seconds}
 """
 

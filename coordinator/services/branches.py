@@ -21,7 +21,7 @@ from coordinator.services import uploads
 
 def get(db: Session, user: User, init_id: int) -> BranchInit:
     b = db.get(BranchInit, init_id)
-    if b is None or (b.requested_by_id != user.id and not domains_svc.is_maintainer(user)):
+    if b is None or (b.requested_by_id != user.id and not user.is_maintainer):
         raise NotFound(f"no branch init {init_id} of yours")
     return b
 

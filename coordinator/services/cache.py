@@ -1,7 +1,10 @@
-"""Per-process caches of what a published version makes immutable (its manifest) or changes
-only when the version is evaluated again (its leaderboard): reads that would otherwise be
-recomputed on every request. Keys carry what invalidates them (the version's id and the time
-of its last evaluation), so processes need no coordination."""
+"""Per-process caches of reads that would otherwise be recomputed on every request:
+`manifests` holds published versions' manifests (immutable, keyed by version id); `boards`
+holds what is derived from a version's evaluations, which changes only when the version is
+evaluated again: leaderboard pages (and the API's JSON of them), the domain posteriors, and
+an ELM page's lineage and per-domain figures. Keys carry what invalidates them (the
+version's id, and for `boards` the time of its last evaluation), so processes need no
+coordination."""
 
 from __future__ import annotations
 
@@ -35,4 +38,4 @@ class LRU:
 
 
 manifests = LRU(256)  # version id -> manifest (immutable)
-boards = LRU(2048)  # (version id, evaluated at, query) -> a leaderboard page
+boards = LRU(2048)  # (version id, evaluated at, what) -> a leaderboard page, its JSON, posteriors, ELM figures

@@ -6,7 +6,6 @@ branch init on the domain's held-out data. Weights that are not accepted are del
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from btm.model_files import CARD, CONFIG, WEIGHTS_FILE, WEIGHTS_PREFIX
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from coordinator.models import (
     Artifact,
@@ -27,17 +27,17 @@ from coordinator.models import (
     Upload,
     User,
 )
+from coordinator.names import ELM
 from coordinator.services import domains as domains_svc
 from coordinator.services import forests as forests_svc
 from coordinator.services import uploads
 from coordinator.services.lifecycle import DISCARDED, FINAL, PUBLIC, transition
+from coordinator.services.users import require_maintainer
 from coordinator.storage import Storage, blob_key
-
-NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def visible(c: Contribution, user: User | None) -> bool:
-    return user is not None and (c.owner_id == user.id or domains_svc.is_maintainer(user))
+    return user is not None and (c.owner_id == user.id or user.is_maintainer)
 
 
 def get(db: Session, user: User | None, cid: int) -> Contribution:
@@ -56,7 +56,7 @@ def list_(db: Session, user: User | None, state: str | None = None, mine: bool =
         q = q.where(Contribution.forest_id == forests_svc.get(db, forest).id)
     if mine and user is not None:
         q = q.where(Contribution.owner_id == user.id)
-    elif not domains_svc.is_maintainer(user):
+    elif user is None or not user.is_maintainer:
         # others' contributions are public once merged; your own are always visible
         cond = Contribution.state.in_(PUBLIC)
         if user is not None:
@@ -71,7 +71,7 @@ def create(db: Session, storage: Storage, settings, user: User, forest: str, bra
     """Declare an ELM trained from a branch init and get the URLs to upload its weights."""
     f = forests_svc.get(db, forest)
     b = db.get(BranchInit, branch_init_id)
-    if b is None or (b.requested_by_id != user.id and not domains_svc.is_maintainer(user)):
+    if b is None or (b.requested_by_id != user.id and not user.is_maintainer):
         raise NotFound(f"no branch init {branch_init_id} of yours; request one first (`elmforest branch request`)")
     if b.forest_id != f.id:
         raise BadRequest(f"branch init {branch_init_id} belongs to forest {b.forest.name!r}, not {forest!r}; "
@@ -92,7 +92,7 @@ def create_import(db: Session, storage: Storage, settings, user: User, forest: s
     """A maintainer brings an existing checkpoint of the forest's family (a model from the
     Hub, one trained elsewhere) into the forest: no branch init; `source` says where it came
     from. It is validated like any upload and evaluated against the forest's seed."""
-    forests_svc.require_maintainer(user)
+    require_maintainer(user)
     f = forests_svc.get(db, forest)
     d = domains_svc.get(db, domain)
     where = source.get("hub") or source.get("path") or "a local directory"
@@ -125,7 +125,7 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
     if diffs:
         raise Unprocessable(f"the ELM's config is not of the forest's family ({'; '.join(diffs)})")
     name = name.lower()
-    if not NAME.match(name):
+    if not ELM.match(name):
         raise BadRequest("an ELM name is 1-64 lowercase letters, digits, '.', '_' or '-'")
     taken = db.scalar(select(Contribution).where(Contribution.forest_id == f.id, Contribution.name == name,
                                                 Contribution.state.not_in(FINAL)))
@@ -214,7 +214,7 @@ def discard_weights(db: Session, storage: Storage, settings, c: Contribution) ->
     if up is not None and up.status in (uploads.OPEN, uploads.STORED):
         c.upload_id = None
         uploads.delete(db, storage, up)
-    sha = (c.files or {}).get("model.safetensors")
+    sha = (c.files or {}).get(WEIGHTS_FILE)
     art = db.get(Artifact, sha) if sha else None
     if art is not None and art.origin == weights_origin(c):  # its own blob, which nothing else refers to
         storage.delete(blob_key(sha))
@@ -244,7 +244,7 @@ def sweep(db: Session, storage: Storage, settings, limit: int = 200) -> dict[str
 
 
 def decide(db: Session, storage: Storage, settings, user: User, cid: int, decision: str, reason: str) -> Contribution:
-    forests_svc.require_maintainer(user)
+    require_maintainer(user)
     c = db.get(Contribution, cid)
     if c is None:
         raise NotFound(f"no contribution {cid}")
@@ -423,10 +423,10 @@ def validate(db: Session, storage: Storage, settings, cid: int) -> dict:
                        f"{x.label} is byte for byte the same file as one accepted a moment ago")
     up.status = uploads.COMPLETE
     # the ELM directory: the forest's config and tokenizer files, the uploaded weights, a card
-    files = {k: v for k, v in c.forest.seed_files.items() if not k.startswith("model") and k != "README.md"}
-    files["config.json"] = uploads.put_small(db, storage, json.dumps(c.config, indent=2, sort_keys=True).encode(),
+    files = {k: v for k, v in c.forest.seed_files.items() if not k.startswith(WEIGHTS_PREFIX) and k != CARD}
+    files[CONFIG] = uploads.put_small(db, storage, json.dumps(c.config, indent=2, sort_keys=True).encode(),
                                              "file").sha256
-    files["model.safetensors"] = c.weights_sha256
+    files[WEIGHTS_FILE] = c.weights_sha256
     c.files = files
     report["ok"] = True
     c.validation = report

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound
-from coordinator.models import Domain, DomainRole, DomainStatus, Role, User
+from coordinator.models import Domain, DomainRole, DomainStatus, User
+from coordinator.names import SLUG
 from coordinator.services import uploads
-
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
-
-
-def is_maintainer(user: User | None) -> bool:
-    return user is not None and user.role in (Role.maintainer, Role.admin)
+from coordinator.services.users import require_maintainer
 
 
 def get(db: Session, name: str) -> Domain:
@@ -36,9 +30,9 @@ def list_(db: Session, role: str | None = None, include_retired: bool = False) -
 
 def create(db: Session, user: User, name: str, description: str = "", category: str = "", provenance: str = "",
            license: str = "", role: str = "train") -> Domain:
-    if not NAME.match(name):
+    if not SLUG.match(name):
         raise BadRequest("domain names are 2-64 lowercase letters, digits, '_' or '-' (e.g. python_stdlib)")
-    if role != "train" and not is_maintainer(user):
+    if role != "train" and not user.is_maintainer:
         raise Forbidden("only maintainers declare evaluation domains; contributors register train domains")
     if db.scalar(select(Domain).where(Domain.name == name)):
         raise Conflict(f"domain {name!r} already exists; pick another name or contribute to it")
@@ -52,8 +46,7 @@ def create(db: Session, user: User, name: str, description: str = "", category: 
 def update(db: Session, user: User, name: str, role: str | None = None, status: str | None = None,
            description: str | None = None) -> Domain:
     d = get(db, name)
-    if not is_maintainer(user):
-        raise Forbidden("only maintainers change a domain's role or retire it")
+    require_maintainer(user, "only maintainers change a domain's role or retire it")
     if role is not None:
         d.role = DomainRole(role)
     if status is not None:
@@ -93,7 +86,7 @@ def too_short(settings, d: Domain) -> str:
 
 def set_eval_data(db: Session, user: User, name: str, sha256: str) -> Domain:
     d = get(db, name)
-    if not (is_maintainer(user) or d.created_by_id == user.id):
+    if not (user.is_maintainer or d.created_by_id == user.id):
         raise Forbidden("only the domain's creator or a maintainer sets its held-out evaluation data")
     up = uploads.require_own(db, user, sha256, ("eval-data",), "evaluation data")
     d.eval_data_sha256 = sha256

@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from btm.forest import FORMAT
-from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from btm.model_files import CONFIG, WEIGHTS_PREFIX, is_weights_file
+from coordinator.errors import BadRequest, Conflict, NotFound, Unprocessable
 from coordinator.materialize import model_dir
 from coordinator.models import (
     Baseline,
     Contribution,
     Forest,
     ForestVersion,
-    Role,
     State,
     User,
     VersionMember,
 )
+from coordinator.names import SLUG
 from coordinator.services import cache, uploads
 from coordinator.services.lifecycle import transition
+from coordinator.services.users import require_maintainer
 from coordinator.storage import Storage, blob_key
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{1,63}$")
-REQUIRED_SEED_FILES = ("config.json", "tokenizer.json")
-
-
-def require_maintainer(user: User) -> None:
-    if user.role not in (Role.maintainer, Role.admin):
-        raise Forbidden("only maintainers may do this")
+REQUIRED_SEED_FILES = (CONFIG, "tokenizer.json")
 
 
 def get(db: Session, name: str) -> Forest:
@@ -81,12 +76,12 @@ def create(db: Session, storage: Storage, settings, user: User, name: str, files
            description: str = "") -> Forest:
     """Register a seed LM (its files already uploaded) as the root of a new forest."""
     require_maintainer(user)
-    if not NAME.match(name):
+    if not SLUG.match(name):
         raise BadRequest("forest names are 2-64 lowercase letters, digits, '_' or '-'")
     if db.scalar(select(Forest).where(Forest.name == name)):
         raise Conflict(f"forest {name!r} already exists")
     missing = [f for f in REQUIRED_SEED_FILES if f not in files]
-    if missing or not any(f.startswith("model") and f.endswith(".safetensors") for f in files):
+    if missing or not any(f.startswith(WEIGHTS_PREFIX) and is_weights_file(f) for f in files):
         raise BadRequest(f"a seed needs config.json, tokenizer.json and model.safetensors; missing {missing or ['model.safetensors']}")
     _require_model_files(db, user, files)
     from btm.family import family_id, load_config
@@ -119,7 +114,7 @@ def add_baseline(db: Session, storage: Storage, settings, user: User, forest: st
 
     require_maintainer(user)
     f = get(db, forest)
-    if not NAME.match(name) or name.startswith(("ensemble", "average")):
+    if not SLUG.match(name) or name.startswith(("ensemble", "average")):
         raise BadRequest("a baseline's name is 2-64 lowercase letters, digits, '_' or '-', not ensemble*/average*")
     old = db.scalar(select(Baseline).where(Baseline.forest_id == f.id, Baseline.name == name))
     if old is not None:
@@ -146,7 +141,7 @@ def _name_artifacts(db: Session, files: dict[str, str], what: str) -> None:
 
     for fname, sha in files.items():
         art = db.get(Artifact, sha)
-        if art is not None and fname.endswith(".safetensors"):
+        if art is not None and is_weights_file(fname):
             art.origin = what
 
 
@@ -157,7 +152,7 @@ def _require_model_files(db: Session, user: User, files: dict[str, str]) -> None
     for fname, sha in files.items():
         if "/" in fname or fname.startswith(".") or not fname:
             raise BadRequest(f"file name {fname!r}: plain names only, as in a model directory")
-        purposes = ("weights",) if fname.endswith(".safetensors") else ("model-file",)
+        purposes = ("weights",) if is_weights_file(fname) else ("model-file",)
         uploads.require_own(db, user, sha, purposes, fname)
 
 

@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -36,7 +35,6 @@ from coordinator.models import (
     ContributionEvent,
     Job,
     JobStatus,
-    Role,
     User,
     utcnow,
 )
@@ -105,7 +103,7 @@ def enqueue(db: Session, kind: str, key: str, payload: dict, owner: User | None 
 def get(db: Session, job_id: int, user: User | None = None) -> Job:
     """A job, as `user` may see it: their own, or any for maintainers (None: no check)."""
     j = db.get(Job, job_id)
-    if j is None or (user is not None and j.owner_id != user.id and user.role not in (Role.maintainer, Role.admin)):
+    if j is None or (user is not None and j.owner_id != user.id and not user.is_maintainer):
         raise NotFound(f"no job {job_id} of yours")
     return j
 
@@ -119,7 +117,7 @@ def list_(db: Session, user: User, status: str | None = None, limit: int = 100) 
     q = select(Job).order_by(Job.id.desc()).limit(limit)
     if status:
         q = q.where(Job.status == JobStatus(status))
-    if user.role not in (Role.maintainer, Role.admin):
+    if not user.is_maintainer:
         q = q.where(Job.owner_id == user.id)
     return list(db.scalars(q))
 
@@ -453,11 +451,3 @@ def _jsonable(x):
     import json
 
     return json.loads(json.dumps(x, default=str)) if x is not None else None
-
-
-def wait_idle(timeout: float) -> bool:
-    """Wait until this process runs no job (for a graceful stop); True if it got there."""
-    end = time.monotonic() + timeout
-    while _running and time.monotonic() < end:
-        time.sleep(0.1)
-    return not _running

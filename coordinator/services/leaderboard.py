@@ -32,7 +32,9 @@ class Board:
     forest: str
     version: int
     domains: list[tuple[str, str]]  # (name, role), in column order
-    subjects: list[dict]  # {subject, kind, method, mean_train, mean_eval, mean_all}, in row order
+    # {subject, kind, method, mean_train, mean_eval, mean_all, mean}, in row order; mean is over the
+    # domains shown (mean_all, or mean_train / mean_eval when the board shows one role)
+    subjects: list[dict]
     cells: dict[tuple[str, str], float]  # (subject, domain) -> perplexity
     total: int
     page: int

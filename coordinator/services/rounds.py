@@ -29,6 +29,7 @@ from coordinator.models import (
     User,
 )
 from coordinator.services import forests as forests_svc
+from coordinator.services.users import require_maintainer
 
 ACTIVE = (RoundStatus.pending, RoundStatus.running)
 # a contribution in one of these states means its domain needs no new ELM
@@ -44,7 +45,7 @@ def _now() -> datetime:
 
 def create(db: Session, user: User, forest: str, config: dict[str, Any] | None = None, note: str = "") -> Round:
     """A new pending round for `forest`; one active round per forest at a time."""
-    forests_svc.require_maintainer(user)
+    require_maintainer(user)
     f = forests_svc.get(db, forest)
     busy = db.scalar(select(Round).where(Round.forest_id == f.id, Round.status.in_(ACTIVE)))
     if busy is not None:
@@ -60,7 +61,7 @@ def create(db: Session, user: User, forest: str, config: dict[str, Any] | None =
 
 
 def get(db: Session, user: User, round_id: int) -> Round:
-    forests_svc.require_maintainer(user)
+    require_maintainer(user)
     r = db.get(Round, round_id)
     if r is None:
         raise NotFound(f"no round {round_id}")
@@ -68,7 +69,7 @@ def get(db: Session, user: User, round_id: int) -> Round:
 
 
 def list_(db: Session, user: User, forest: str | None = None, limit: int = 50) -> list[Round]:
-    forests_svc.require_maintainer(user)
+    require_maintainer(user)
     return _rounds(db, forest, limit)
 
 

@@ -24,8 +24,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from btm.model_files import is_weights_file
 from coordinator.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
-from coordinator.models import Artifact, Role, Upload, User, utcnow
+from coordinator.models import Artifact, Upload, User, utcnow
 from coordinator.services import limits
 from coordinator.storage import PartsMissing, Storage, StorageError, blob_key
 
@@ -64,15 +65,11 @@ def in_flight(db: Session, user: User) -> int:
                      .where(Upload.user_id == user.id, Upload.status.in_(IN_FLIGHT))) or 0
 
 
-def _trusted(user: User) -> bool:
-    return user.role in (Role.maintainer, Role.admin)
-
-
 def start(db: Session, storage: Storage, settings, user: User, purpose: str, filename: str, sha256: str,
           size: int) -> Upload:
     """A new upload of `size` bytes; every call sends its own bytes (nothing is shortcut by hash)."""
     check_declared(settings, purpose, sha256, size)
-    if not _trusted(user):
+    if not user.is_maintainer:
         used = in_flight(db, user)
         if used + size > settings.upload_quota_bytes:
             raise TooLarge(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 from datetime import UTC, datetime, timedelta
@@ -12,9 +11,14 @@ from sqlalchemy.orm import Session
 
 from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from coordinator.models import ApiToken, Invite, Role, User
+from coordinator.names import USERNAME
 from coordinator.security import SCOPES, hash_password, new_token, token_hash, verify_password
 
-USERNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,63}$")
+
+def require_maintainer(user: User, message: str = "only maintainers may do this") -> None:
+    """Forbidden (403, saying `message`) unless `user` is a maintainer or an admin."""
+    if not user.is_maintainer:
+        raise Forbidden(message)
 
 
 def create_user(db: Session, username: str, password: str, role: Role = Role.contributor, email: str | None = None) -> User:
@@ -72,8 +76,7 @@ def register(db: Session, settings, username: str, password: str, email: str | N
 
 def invite(db: Session, user: User, note: str = "", days: int = 7) -> tuple[Invite, str]:
     """A one-use invitation code (maintainers); the code is shown once and stored hashed."""
-    if user.role not in (Role.maintainer, Role.admin):
-        raise Forbidden("only maintainers invite")
+    require_maintainer(user, "only maintainers invite")
     code = "inv_" + secrets.token_urlsafe(18)
     inv = Invite(code_hash=token_hash(code), note=note, created_by_id=user.id,
                  expires_at=datetime.now(UTC) + timedelta(days=days))
@@ -83,13 +86,20 @@ def invite(db: Session, user: User, note: str = "", days: int = 7) -> tuple[Invi
 
 
 def allowed_scopes(user: User) -> list[str]:
-    return list(SCOPES) if user.role in (Role.maintainer, Role.admin) else ["read", "contribute"]
+    return list(SCOPES) if user.is_maintainer else ["read", "contribute"]
 
 
 def create_token(db: Session, user: User, name: str, scopes: list[str] | None = None,
-                 expires_days: int | None = 365, holder: list[str] | None = None) -> tuple[ApiToken, str]:
-    """A new API token. `holder`: the scopes of the token asking for it, when a token asks
-    (a token can only mint tokens with scopes it holds itself); None for a password login."""
+                 expires_days: int | None = None, holder: list[str] | None = None,
+                 settings=None) -> tuple[ApiToken, str]:
+    """A new API token, expiring after `expires_days` days (None: the coordinator's token
+    lifetime, ELMFOREST_TOKEN_TTL_DAYS, from `settings` or else this process's). `holder`: the
+    scopes of the token asking for it, when a token asks (a token can only mint tokens with
+    scopes it holds itself); None for a password login."""
+    if expires_days is None:
+        from coordinator.settings import get_settings
+
+        expires_days = (settings or get_settings()).token_ttl_days
     allowed = allowed_scopes(user)
     if holder is not None:
         allowed = [s for s in allowed if s in holder]
@@ -99,7 +109,7 @@ def create_token(db: Session, user: User, name: str, scopes: list[str] | None = 
         why = "the token you used holds" if holder is not None else f"a {user.role.value} may hold"
         raise Forbidden(f"cannot mint a token with scopes {bad}: {why} only {allowed}")
     secret = new_token()
-    expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
+    expires = datetime.now(UTC) + timedelta(days=expires_days)
     t = ApiToken(user_id=user.id, name=name[:100] or "token", prefix=secret[:12], token_hash=token_hash(secret),
                  scopes=scopes, expires_at=expires)
     db.add(t)

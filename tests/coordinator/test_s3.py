@@ -40,7 +40,8 @@ def test_presigned_multipart_upload_and_download(moto, tmp_path):
     assert httpx.get(s.download_url("blobs/y", "y.bin")).content == data
     s.get_file("blobs/y", tmp_path / "y")
     assert (tmp_path / "y").read_bytes() == data
-    assert list(s.list_keys("blobs/")) == ["blobs/y"]
+    listed = s.client.list_objects_v2(Bucket=s.bucket, Prefix="pre/fix/blobs/").get("Contents", [])
+    assert [o["Key"] for o in listed] == ["pre/fix/blobs/y"]  # under the storage's prefix
     s.delete("blobs/y")
     assert not s.exists("blobs/y")
 

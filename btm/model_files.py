@@ -1,0 +1,66 @@
+"""The files of a model directory, by name: what each one is, which of them make up the
+published model, and which are training state that stays where it was written.
+
+A model directory (a plain Hugging Face directory) holds the config (config.json), the
+weights (model.safetensors, or model-<i>-of-<n>.safetensors shards with an index), the
+tokenizer files and the model card (README.md). Training leaves its state there too
+(checkpoint/, metrics.jsonl; a branch init may carry optimizer.safetensors), and atomic
+writes leave `*.tmp` names while they run: neither is copied into a forest, hashed into its
+manifest or exported with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = "config.json"
+CARD = "README.md"  # the model card (front matter with the elmforest facts)
+
+WEIGHTS_SUFFIX = ".safetensors"
+WEIGHTS_PREFIX = "model"
+WEIGHTS_FILE = "model.safetensors"  # unsharded weights
+WEIGHTS_INDEX = "model.safetensors.index.json"  # the index of sharded weights
+WEIGHTS_GLOB = f"{WEIGHTS_PREFIX}*{WEIGHTS_SUFFIX}*"  # the weights and their index, single or sharded
+
+TOKENIZER_PREFIX = "tokenizer"
+# the files that decide a saved tokenizer (hashed together to recognise one seen before)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# names of the files that go with the config into a model whose weights are written anew
+AUX_PREFIXES = (TOKENIZER_PREFIX, "special_tokens", "vocab", "merges", "generation_config")
+
+OPTIMIZER = "optimizer.safetensors"  # optimizer state carried into a branch init
+# training state in a model directory: never part of the published model
+TRAINING_STATE = frozenset({"checkpoint", "checkpoint.tmp", "checkpoint.old", "metrics.jsonl", OPTIMIZER})
+TMP_SUFFIX = ".tmp"  # an atomic write in progress
+
+# what is fetched of a model repository on the Hub: weights only as safetensors
+HUB_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", CONFIG, "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", CARD,
+]
+# what is fetched of an exported forest on the Hub (its model directories included)
+FOREST_HUB_PATTERNS = ["*.json", "*.md", "*.txt", "*.safetensors", "*.model"]
+# weights files in pickle formats, never loaded (loading a pickle can run any code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def is_model_file(name: str) -> bool:
+    """A file of the published model (not training state, not a write in progress)."""
+    return name not in TRAINING_STATE and not name.endswith(TMP_SUFFIX)
+
+
+def is_aux_file(name: str) -> bool:
+    """The config, or a tokenizer or generation file: what a model whose weights are written
+    anew takes from its source."""
+    return name == CONFIG or name.startswith(AUX_PREFIXES)
+
+
+def is_weights_file(name: str) -> bool:
+    """A safetensors file (weights, or a carried optimizer state)."""
+    return Path(name).suffix == WEIGHTS_SUFFIX
+
+
+def is_upload_file(name: str) -> bool:
+    """A file the contributor client uploads of a model directory: JSON files (config,
+    tokenizer, index), safetensors files and the card; no hidden files."""
+    return not name.startswith(".") and (Path(name).suffix in (".json", WEIGHTS_SUFFIX) or name == CARD)
