@@ -3,6 +3,8 @@ average, generate. Thin wrappers over the library; every option has a default th
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated
@@ -16,19 +18,8 @@ console = Console(stderr=True)
 
 # ---------------------------------------------------------------------- shared options
 
-Steps = Annotated[int, typer.Option(help="Optimizer updates in this phase.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, in sequences (all processes together).")]
-MicroBatch = Annotated[int | None, typer.Option("--micro-batch-size", help="Sequences per forward pass per process; the rest is gradient accumulation.")]
-BlockSize = Annotated[int, typer.Option("--block-size", help="Tokens per training sequence.")]
-Lr = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then linear decay).")]
-Warmup = Annotated[float, typer.Option(help="Warm-up as a fraction of the schedule.")]
-ScheduleSteps = Annotated[int | None, typer.Option("--schedule-steps", help="Length of the LR schedule when this phase is only its first part (e.g. a seed that is the first half of a dense run).")]
-CkptEvery = Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N updates (0: only at the end).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (initialisation and data order).")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-Precision = Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]
 CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Where tokenised splits are cached (default ~/.cache/elmforest/tokens).")]
-NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar (metrics still go to metrics.jsonl).")]
 Revision = Annotated[str | None, typer.Option("--revision", help="With a Hub id: the branch, tag or commit (or write org/name@rev).")]
 
 
@@ -46,15 +37,53 @@ def _model(spec: str | Path | None, revision: str | None = None):
     return r
 
 
-def _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, schedule_steps, checkpoint_every,
-                  seed, compile, precision, no_progress, schedule_start=0):
-    from btm.train import TrainConfig
+# The training options of `seed` and `train`, in --help order: (parameter, type and option, default).
+# Each parameter is a TrainConfig field, except seed_ (--seed; `seed` would shadow the command)
+# and no_progress (progress=False).
+TRAINING_OPTIONS = [
+    ("steps", Annotated[int, typer.Option(help="Optimizer updates in this phase.")], None),  # per command
+    ("batch_size", Annotated[int, typer.Option("--batch-size", help="Global batch, in sequences (all processes together).")], 32),
+    ("micro_batch_size", Annotated[int | None, typer.Option("--micro-batch-size", help="Sequences per forward pass per process; the rest is gradient accumulation.")], None),
+    ("block_size", Annotated[int, typer.Option("--block-size", help="Tokens per training sequence.")], 256),
+    ("lr", Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then linear decay).")], 5e-4),
+    ("warmup", Annotated[float, typer.Option(help="Warm-up as a fraction of the schedule.")], 0.08),
+    ("schedule_steps", Annotated[int | None, typer.Option("--schedule-steps", help="Length of the LR schedule when this phase is only its first part (e.g. a seed that is the first half of a dense run).")], None),
+    ("checkpoint_every", Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N updates (0: only at the end).")], 0),
+    ("seed_", Seed, 0),
+    ("compile", Annotated[bool, typer.Option("--compile", help="torch.compile the model.")], False),
+    ("precision", Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")], "auto"),
+    ("no_progress", Annotated[bool, typer.Option("--no-progress", help="No progress bar (metrics still go to metrics.jsonl).")], False),
+]
 
-    return TrainConfig(
-        steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, block_size=block_size, lr=lr,
-        warmup=warmup, schedule_steps=schedule_steps, schedule_start=schedule_start,
-        checkpoint_every=checkpoint_every, seed=seed, compile=compile, precision=precision, progress=not no_progress,
-    )
+
+def training_options(steps: int):
+    """Give a command the TRAINING_OPTIONS (--steps defaulting to `steps`) and call it with the
+    TrainConfig they make as `cfg` (the command declares `cfg=None` last). Typer reads the
+    options from the wrapper's signature."""
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "cfg"]
+        options = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
+                                     default=steps if name == "steps" else default)
+                   for name, kind, default in TRAINING_OPTIONS]
+        sig = inspect.Signature(own + options)
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            from btm.train import TrainConfig
+
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = bound.arguments
+            o = {name: given.pop(name) for name, _, _ in TRAINING_OPTIONS}
+            cfg = TrainConfig(seed=o.pop("seed_"), progress=not o.pop("no_progress"), **o)
+            return command(**given, cfg=cfg)
+
+        run.__signature__ = sig
+        run.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+        return run
+
+    return decorate
 
 
 def _split_list(s: str | None) -> list[str] | None:
@@ -87,6 +116,7 @@ def tokenizer_train(
     console.print(f"tokenizer with {len(tok)} tokens saved to {out}")
 
 
+@training_options(steps=1000)
 def seed(
     corpus: Annotated[Path, typer.Option(help="Corpus directory; the seed trains on a balanced mixture of its train domains.")],
     out: Annotated[Path, typer.Option(help="Directory of the seed LM (a Hugging Face model directory).")],
@@ -98,19 +128,8 @@ def seed(
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory; default: train a byte-level BPE on the corpus.")] = None,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size when training one.")] = 8192,
     kind: Annotated[str, typer.Option(help="seed, or dense for the compute-matched dense baseline.")] = "seed",
-    steps: Steps = 1000,
-    batch_size: BatchSize = 32,
-    micro_batch_size: MicroBatch = None,
-    block_size: BlockSize = 256,
-    lr: Lr = 5e-4,
-    warmup: Warmup = 0.08,
-    schedule_steps: ScheduleSteps = None,
-    checkpoint_every: CkptEvery = 0,
-    seed_: Seed = 0,
-    compile: Compile = False,
-    precision: Precision = "auto",
     cache_dir: CacheDir = None,
-    no_progress: NoProgress = False,
+    cfg=None,
 ):
     """Train the seed LM on a balanced mixture of the corpus's domains.
 
@@ -149,27 +168,26 @@ def seed(
             dist.barrier()
         tok = load_tokenizer(tok_dir)
     streams = [tokenize_file(c[n].split_path("train"), tok, cache_dir) for n in names]
-    cfg = _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, schedule_steps,
-                        checkpoint_every, seed_, compile, precision, no_progress)
     if init is not None:
         model = load_model(init)
     elif config is not None:
         from transformers import AutoConfig
 
-        model = new_model(AutoConfig.from_pretrained(str(config)), seed_)
+        model = new_model(AutoConfig.from_pretrained(str(config)), cfg.seed)
     else:
-        model = new_model(preset_config(preset, tok), seed_)
-    if block_size > _max_positions(model.config):
-        raise BTMError(f"--block-size {block_size} exceeds the model's {_max_positions(model.config)} positions")
+        model = new_model(preset_config(preset, tok), cfg.seed)
+    if cfg.block_size > _max_positions(model.config):
+        raise BTMError(f"--block-size {cfg.block_size} exceeds the model's {_max_positions(model.config)} positions")
     card = Card(name=out.name, kind=kind, data={"corpus": str(corpus), "domains": names, "mixture": "balanced"},
                 source=start.source or {} if start else {},
-                recipe=f"elmforest seed --corpus {corpus} --out {out} --preset {preset} --steps {steps} "
-                f"--batch-size {batch_size} --block-size {block_size}")
-    train(model, tok, BlockSampler(streams, block_size, seed_), cfg, out, card, dist_info=d)
+                recipe=f"elmforest seed --corpus {corpus} --out {out} --preset {preset} --steps {cfg.steps} "
+                f"--batch-size {cfg.batch_size} --block-size {cfg.block_size}")
+    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card, dist_info=d)
     if d.main:
         console.print(f"[green]{kind} LM saved to {out}[/green]")
 
 
+@training_options(steps=500)
 def train_cmd(
     init: Annotated[Path, typer.Option(help="The branch initialisation (a model directory from `elmforest branch`).")],
     out: Annotated[Path, typer.Option(help="Directory of the trained ELM.")],
@@ -179,19 +197,8 @@ def train_cmd(
     mixture: Annotated[bool, typer.Option("--mixture", help="Train on a balanced mixture of all the corpus's train domains (the dense baseline).")] = False,
     continue_schedule: Annotated[bool, typer.Option("--continue-schedule", help="Continue the init's LR schedule where it stopped (compute-matched BTM).")] = False,
     fresh_optimizer: Annotated[bool, typer.Option("--fresh-optimizer", help="Ignore optimizer state that came with the init.")] = False,
-    steps: Steps = 500,
-    batch_size: BatchSize = 32,
-    micro_batch_size: MicroBatch = None,
-    block_size: BlockSize = 256,
-    lr: Lr = 5e-4,
-    warmup: Warmup = 0.08,
-    schedule_steps: ScheduleSteps = None,
-    checkpoint_every: CkptEvery = 0,
-    seed_: Seed = 0,
-    compile: Compile = False,
-    precision: Precision = "auto",
     cache_dir: CacheDir = None,
-    no_progress: NoProgress = False,
+    cfg=None,
 ):
     """Train an ELM from its branch init on its own domain (or the dense baseline on a mixture).
 
@@ -199,7 +206,7 @@ def train_cmd(
       elmforest train --init runs/init-python --corpus ../shared/corpus --domain python --out runs/python --steps 300
       elmforest train --init runs/init-mine --data ~/my-texts --domain my-notes --out runs/mine
     """
-    from btm.data import BlockSampler, Corpus, Domain, tokenize_file
+    from btm.data import BlockSampler, Corpus, split_source, tokenize_file
     from btm.family import Card, load_model, read_card
     from btm.tokenizer import load_tokenizer
     from btm.train import read_checkpoint_state, setup_distributed, train
@@ -219,22 +226,20 @@ def train_cmd(
         sources = [Corpus(corpus)[domain].split_path("train")]
         data_desc = {"corpus": str(corpus), "domain": domain}
     elif data is not None:
-        dom = Domain(data.name, data)
-        sources = [dom.split_path("train") if data.is_dir() and dom.has_split("train") else data]
+        sources = [split_source(data, ("train",))]
         data_desc = {"source": str(data)}
     else:
         raise DataError("say what to train on: --corpus DIR --domain NAME, or --data PATH")
     streams = [tokenize_file(s, tok, cache_dir) for s in sources]
-    start = 0
-    sched = schedule_steps
     if continue_schedule:
+        from dataclasses import replace
+
         st = read_checkpoint_state(init)
         if st is None:
             raise BTMError(f"{init}: no checkpoint/state.json to continue a schedule from")
         start = int(st["global_step"])
-        sched = schedule_steps or st["config"].get("schedule_steps") or start + steps
-    cfg = _train_config(steps, batch_size, micro_batch_size, block_size, lr, warmup, sched, checkpoint_every,
-                        seed_, compile, precision, no_progress, schedule_start=start)
+        cfg = replace(cfg, schedule_start=start,
+                      schedule_steps=cfg.schedule_steps or st["config"].get("schedule_steps") or start + cfg.steps)
     init_card = read_card(init)
     model = load_model(init)
     opt_state = None
@@ -245,9 +250,9 @@ def train_cmd(
     card = Card(name=out.name, kind="dense" if mixture else "elm", domain=None if mixture else (domain or init_card.domain),
                 parents=init_card.parents if init_card.kind == "branch-init" else [{"name": init_card.name, "weight": 1.0}],
                 origin=init_card.origin,
-                data=data_desc, recipe=f"elmforest train --init {init} --out {out} --steps {steps} "
-                f"--batch-size {batch_size} --block-size {block_size}")
-    train(model, tok, BlockSampler(streams, block_size, seed_), cfg, out, card, init_optimizer=opt_state, dist_info=d)
+                data=data_desc, recipe=f"elmforest train --init {init} --out {out} --steps {cfg.steps} "
+                f"--batch-size {cfg.batch_size} --block-size {cfg.block_size}")
+    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card, init_optimizer=opt_state, dist_info=d)
     if d.main:
         console.print(f"[green]ELM saved to {out}[/green]")
 
