@@ -83,29 +83,84 @@ def average_weights(
     one's arithmetic) and accumulated in fp32, then the chunk is written at its place in the
     output. Memory is a few chunks whatever the model's or the forest's size; every element
     sees exactly the operations of the in-memory average, so the results are identical."""
-    from concurrent.futures import ThreadPoolExecutor
-
     ref = indexes[0]
     layout = [(n, out_dtype or ref.info(n).dtype, ref.info(n).shape) for n in ref.names]
     live = [(idx, float(w)) for idx, w in zip(indexes, weights, strict=True) if w != 0.0]
-    elems = CHUNK_BYTES // 4
-    acc_bufs = [torch.empty(elems, dtype=torch.float32), torch.empty(elems, dtype=torch.float32)]
-    writes: list = [None, None]  # the pending write of each accumulator
-    read_bufs = [bytearray(CHUNK_BYTES * 2), bytearray(CHUNK_BYTES * 2)]  # up to 8-byte inputs
-    fds: dict[Path, int] = {}
+    stream = _ChunkedAverage(live)
+    try:
+        with ShardedWriter(out_dir, layout, metadata, max_shard_bytes) as w:
+            for name, dtype, shape in layout:
+                if DTYPES[ref.info(name).dtype].is_floating_point:
+                    stream.average_tensor(w, name, dtype, math.prod(shape))
+                else:
+                    # integer buffers (e.g. position ids) must agree; they are copied, not averaged.
+                    # Written from this thread: the writer thread's chunks must be done first, or
+                    # the two interleave their seeks and writes on the same file
+                    stream.wait_for_writes()
+                    w.write(name, stream.read_whole(ref, name).to(DTYPES[dtype]))
+            stream.wait_for_writes()  # every chunk on disk before the writer renames its files
+    finally:
+        stream.close()
+    return w.names
 
-    def fd(path: Path) -> int:
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-        return fds[path]
 
-    def read(j: int, name: str, e0: int, n: int, slot: int) -> torch.Tensor:
-        idx = live[j][0]
+class _ChunkedAverage:
+    """The machinery of one streamed average: two fp32 accumulators used in turn (one is
+    filled while the other's chunk is written), two read buffers used in turn (one is read
+    while the other is added), each input file opened once, and one thread each for reads
+    and writes so that both overlap the arithmetic."""
+
+    def __init__(self, live: list[tuple[WeightsIndex, float]]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.live = live  # (input, weight), zero weights left out
+        self.elems = CHUNK_BYTES // 4
+        self.accs = [torch.empty(self.elems, dtype=torch.float32), torch.empty(self.elems, dtype=torch.float32)]
+        self.writes: list = [None, None]  # the pending write of each accumulator
+        self.read_bufs = [bytearray(CHUNK_BYTES * 2), bytearray(CHUNK_BYTES * 2)]  # up to 8-byte inputs
+        self.fds: dict[Path, int] = {}
+        self.reader, self.writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self.slot = 0  # the accumulator the next chunk goes to
+
+    def average_tensor(self, out: ShardedWriter, name: str, dtype: str, total: int) -> None:
+        """Average one floating-point tensor chunk by chunk into `out` (an empty tensor is
+        one empty chunk, so the writer still marks it written)."""
+        for e0 in range(0, max(total, 1), self.elems):
+            n = min(self.elems, total - e0)
+            acc = self._free_accumulator(n)
+            self._weighted_sum(acc, name, e0, n)
+            self._write_chunk(out, name, e0, acc if dtype == "F32" else acc.to(DTYPES[dtype]))
+
+    def _free_accumulator(self, n: int) -> torch.Tensor:
+        if self.writes[self.slot] is not None:
+            self.writes[self.slot].result()  # this accumulator's last chunk is on disk
+        return self.accs[self.slot][:n]
+
+    def _weighted_sum(self, acc: torch.Tensor, name: str, e0: int, n: int) -> None:
+        """acc = sum_j w_j x_j over one chunk, in fp32 and in input order: the in-memory
+        average's operations, element for element."""
+        pending = self.reader.submit(self._read_chunk, 0, name, e0, n, 0)
+        for j in range(len(self.live)):
+            t = pending.result()
+            if j + 1 < len(self.live):  # read the next input while this one is added
+                pending = self.reader.submit(self._read_chunk, j + 1, name, e0, n, (j + 1) % 2)
+            wt = self.live[j][1]
+            if t.dtype != torch.float32:
+                t = t.float()
+            if j == 0:
+                torch.mul(t, wt, out=acc)
+            else:
+                acc.add_(t, alpha=wt)
+
+    def _read_chunk(self, j: int, name: str, e0: int, n: int, slot: int) -> torch.Tensor:
+        """Elements e0..e0+n of input j's tensor, read into read buffer `slot` (no mmap: the
+        inputs' pages never pile up in this process)."""
+        idx = self.live[j][0]
         info = idx.info(name)
         item = ITEMSIZE[info.dtype]
-        view = memoryview(read_bufs[slot])[: n * item]
+        view = memoryview(self.read_bufs[slot])[: n * item]
         got, off = 0, info.begin + e0 * item
-        f = fd(idx.path(name))
+        f = self._fd(idx.path(name))
         while got < len(view):
             k = os.preadv(f, [view[got:]], off + got)
             if k == 0:
@@ -113,46 +168,29 @@ def average_weights(
             got += k
         return torch.frombuffer(view, dtype=DTYPES[info.dtype]) if n else torch.empty(0, dtype=DTYPES[info.dtype])
 
-    pool, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # reads and writes overlap the arithmetic
-    slot = 0
-    try:
-        with ShardedWriter(out_dir, layout, metadata, max_shard_bytes) as w:
-            for name, dtype, shape in layout:
-                info = ref.info(name)
-                total = math.prod(shape)
-                if not DTYPES[info.dtype].is_floating_point:
-                    # integer buffers (e.g. position ids) must agree; they are copied, not averaged
-                    w.write(name, read_tensor(ref.path(name), info, fd(ref.path(name))).to(DTYPES[dtype]))
-                    continue
-                for e0 in range(0, max(total, 1), elems):
-                    n = min(elems, total - e0)
-                    if writes[slot] is not None:
-                        writes[slot].result()  # this accumulator's last chunk is on disk
-                    acc = acc_bufs[slot][:n]
-                    pending = pool.submit(read, 0, name, e0, n, 0)
-                    for j in range(len(live)):
-                        t = pending.result()
-                        if j + 1 < len(live):  # read the next input while this one is added
-                            pending = pool.submit(read, j + 1, name, e0, n, (j + 1) % 2)
-                        wt = live[j][1]
-                        if t.dtype != torch.float32:
-                            t = t.float()
-                        if j == 0:
-                            torch.mul(t, wt, out=acc)
-                        else:
-                            acc.add_(t, alpha=wt)
-                    out = acc if dtype == "F32" else acc.to(DTYPES[dtype])
-                    writes[slot] = writer.submit(w.write_range, name, e0, out)
-                    slot = 1 - slot
-            for f_ in writes:
-                if f_ is not None:
-                    f_.result()
-    finally:
-        pool.shutdown()
-        writer.shutdown()
-        for f in fds.values():
+    def _fd(self, path: Path) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def read_whole(self, idx: WeightsIndex, name: str) -> torch.Tensor:
+        """A whole tensor (the integer ones, which are copied, not averaged)."""
+        return read_tensor(idx.path(name), idx.info(name), self._fd(idx.path(name)))
+
+    def _write_chunk(self, out: ShardedWriter, name: str, e0: int, chunk: torch.Tensor) -> None:
+        self.writes[self.slot] = self.writer.submit(out.write_range, name, e0, chunk)
+        self.slot = 1 - self.slot
+
+    def wait_for_writes(self) -> None:
+        for f in self.writes:
+            if f is not None:
+                f.result()
+
+    def close(self) -> None:
+        self.reader.shutdown()
+        self.writer.shutdown()
+        for f in self.fds.values():
             os.close(f)
-    return w.names
 
 
 def average_models(

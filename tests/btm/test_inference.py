@@ -240,6 +240,52 @@ def test_all_pairs_of_top_k_are_consistent():
         assert all(prior[i] >= prior[j] for i, j in itertools.product(idx, set(range(4)) - set(idx)))
 
 
+def test_integer_tensors_wait_for_the_float_chunks_being_written(tmp_path, monkeypatch):
+    """An integer buffer is copied from the main thread while float chunks are written by the
+    writer thread into the same file: the copy must wait for those writes, or the two
+    interleave their seeks and writes (wrong bytes, or bytes past the end). Each chunk write
+    is slowed down here so that an overlap, if the code allows one, always happens."""
+    import threading
+    import time
+
+    import btm.average as avg
+    from btm.safetensors_io import ShardedWriter, save_state_dict
+
+    monkeypatch.setattr(avg, "CHUNK_BYTES", 4096)
+    chunk_writing = threading.Event()
+    overlaps = []
+    write_range, write = ShardedWriter.write_range, ShardedWriter.write
+
+    def slow_write_range(self, *a):
+        chunk_writing.set()
+        time.sleep(0.005)
+        write_range(self, *a)
+        chunk_writing.clear()
+
+    def checked_write(self, name, t):
+        if not t.is_floating_point():
+            overlaps.append(chunk_writing.is_set())
+        write(self, name, t)
+
+    g = torch.Generator().manual_seed(0)
+    srcs = []
+    for i in range(3):
+        state = {"a.weight": torch.randn(3000, generator=g), "b.position_ids": torch.arange(700),
+                 "c.weight": torch.randn(3000, generator=g), "d.count": torch.arange(90, dtype=torch.int32)}
+        save_state_dict(state, tmp_path / f"in{i}")
+        srcs.append(tmp_path / f"in{i}")
+    monkeypatch.setattr(ShardedWriter, "write_range", slow_write_range)
+    monkeypatch.setattr(ShardedWriter, "write", checked_write)
+    out = avg.average_weights([open_weights(s) for s in srcs], [0.5, 0.2, 0.3], tmp_path / "out")
+    assert overlaps == [False, False]  # both integer tensors, each written with no chunk in flight
+    want = average_in_memory(srcs, [0.5, 0.2, 0.3])
+    want.update({n: t for n, t in iter_tensors(open_weights(srcs[0])) if not t.is_floating_point()})  # copied
+    got = dict(iter_tensors(open_weights(tmp_path / "out")))
+    assert out and got.keys() == want.keys()
+    for name, t in got.items():
+        assert torch.equal(t, want[name]), name
+
+
 def test_chunked_streamed_average_is_exact_and_converts_dtypes(tmp_path, forest_dir, monkeypatch):
     """Tensors larger than a chunk are averaged chunk by chunk with the same result, and
     half-precision inputs are accumulated in fp32."""
