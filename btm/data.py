@@ -41,39 +41,63 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     """Documents of one split: a .jsonl file, a .txt file, or a directory of .txt/.jsonl files."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if not files:
-            raise DataError(f"{path}: directory holds no .txt or .jsonl files")
-        for f in files:
-            yield from read_documents(f)
+        yield from _read_directory(path)
         return
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    kind = path.suffix
-    if kind == "":  # a content-addressed blob: JSON lines if it starts like one, else plain text
-        with open(path, "rb") as f:
-            kind = ".jsonl" if f.read(64).lstrip().startswith(b"{") else ".txt"
+    kind = path.suffix or _sniff_blob_kind(path)
     if kind == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(
-                        f"{path}:{lineno}: expected a JSON object with a \"text\" field per line"
-                    ) from None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: \"text\" must be a string")
-                if text:
-                    yield text
+        yield from _read_jsonl(path)
     elif kind == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text:
-            yield text
+        yield from _read_txt(path)
     else:
         raise DataError(f"{path}: unsupported file type (use .jsonl with {{\"text\"}} or .txt)")
+
+
+def _read_directory(path: Path) -> Iterator[str]:
+    """The documents of every .txt/.jsonl file under `path`, in sorted path order."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    if not files:
+        raise DataError(f"{path}: directory holds no .txt or .jsonl files")
+    for f in files:
+        yield from read_documents(f)
+
+
+def _sniff_blob_kind(path: Path) -> str:
+    """A content-addressed blob has no suffix: JSON lines if it starts like one, else plain text."""
+    with open(path, "rb") as f:
+        return ".jsonl" if f.read(64).lstrip().startswith(b"{") else ".txt"
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    """The non-empty "text" of each line; blank lines are skipped."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            text = _jsonl_text(path, lineno, line)
+            if text:
+                yield text
+
+
+def _jsonl_text(path: Path, lineno: int, line: str) -> str:
+    """The "text" string of one JSON line; errors name the file and line."""
+    try:
+        text = json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # TypeError: a list, string, number or null
+        raise DataError(
+            f"{path}:{lineno}: expected a JSON object with a \"text\" field per line"
+        ) from None
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: \"text\" must be a string")
+    return text
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    """The whole file as one document (none if empty); bad bytes are replaced, not fatal."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text:
+        yield text
 
 
 def check_text_file(path: str | os.PathLike, name: str | None = None, documents: bool = True) -> int:
@@ -83,32 +107,49 @@ def check_text_file(path: str | os.PathLike, name: str | None = None, documents:
     path = Path(path)
     label = name or str(path)
     n = 0
-    kind = None
+    kind = None  # "jsonl" or "text", decided by the first non-blank line
     try:
+        # strict: bytes that are not UTF-8 mean a binary file (reported below)
         with open(path, encoding="utf-8", errors="strict", newline="") as f:
             for lineno, line in enumerate(f, 1):
-                if "\x00" in line:
-                    raise DataError(f"{label}:{lineno}: a NUL byte; this is a binary file, not text")
-                if not documents:
+                _reject_nul(label, lineno, line)
+                if not documents or not line.strip():
                     continue
-                if kind is None and line.strip():
+                if kind is None:
                     kind = "jsonl" if line.lstrip().startswith("{") else "text"
-                if kind == "jsonl" and line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise DataError(f"{label}:{lineno}: not valid JSON; JSON lines need one "
-                                        '{"text": ...} object per line') from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f'{label}:{lineno}: expected a JSON object with a "text" string')
-                    n += bool(obj["text"])
+                if kind == "jsonl":
+                    n += _jsonl_line_has_text(label, lineno, line)
     except UnicodeDecodeError as e:
         raise DataError(f"{label}: not UTF-8 text (byte {e.start} of a line cannot be decoded); a binary file?") from None
-    if documents and kind is None:
-        raise DataError(f"{label}: the file holds no text")
-    if documents and kind == "jsonl" and n == 0:
-        raise DataError(f'{label}: every "text" is empty')
+    if documents:
+        _require_documents(label, kind, n)
     return n if kind == "jsonl" else int(documents)
+
+
+def _reject_nul(label: str, lineno: int, line: str) -> None:
+    """A NUL byte is valid UTF-8 but never occurs in text: the file is binary."""
+    if "\x00" in line:
+        raise DataError(f"{label}:{lineno}: a NUL byte; this is a binary file, not text")
+
+
+def _jsonl_line_has_text(label: str, lineno: int, line: str) -> bool:
+    """Check one line of JSON lines is a {"text": str} object; True if its text is non-empty."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        raise DataError(f"{label}:{lineno}: not valid JSON; JSON lines need one "
+                        '{"text": ...} object per line') from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise DataError(f'{label}:{lineno}: expected a JSON object with a "text" string')
+    return bool(obj["text"])
+
+
+def _require_documents(label: str, kind: str | None, n: int) -> None:
+    """A documents file must hold some text, and JSON lines at least one non-empty "text"."""
+    if kind is None:
+        raise DataError(f"{label}: the file holds no text")
+    if kind == "jsonl" and n == 0:
+        raise DataError(f'{label}: every "text" is empty')
 
 
 @dataclass(frozen=True)

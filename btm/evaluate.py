@@ -22,7 +22,7 @@ from btm.average import average_models, method_weights
 from btm.data import Corpus, eval_blocks, tokenize_file
 from btm.ensemble import mix_logprobs
 from btm.family import Card
-from btm.forest import Forest
+from btm.forest import Elm, Forest
 from btm.posterior import cached_prior, token_logprobs
 from btm.weights import select_top_k
 
@@ -111,50 +111,81 @@ def evaluate_forest(
         scores.add_model(e.name, e.path, domains, batch_size)
     rows: list[dict] = []
     priors: dict[str, dict[str, float]] = {}
-
-    def row(subject, kind, method, d, ppl):
-        rows.append({"subject": subject, "kind": kind, "method": method, "domain": d.name, "role": d.role,
-                     "ppl": ppl, "tokens": d.tokens})
-
     for d in domains:
-        for e in elms:
-            row(e.name, "elm", "elm", d, scores.ppl(e.name, d.name))
+        rows += [_row(n, "elm", "elm", d, scores.ppl(n, d.name)) for n in names]
         if not elms:
             continue
         prior = scores.prior(names, d.name)
         priors[d.name] = {n: float(p) for n, p in zip(names, prior, strict=True)}
-        row("ensemble", "ensemble", "ensemble", d, scores.ensemble_ppl(names, d.name, None, prior))
-        for k in top_ks:
-            if k < len(names):
-                row(f"ensemble/top{k}", "ensemble", f"top{k}", d, scores.ensemble_ppl(names, d.name, k, prior))
+        rows += _ensemble_rows(scores, names, d, prior, top_ks)
     work = Path(work_dir)
     if elms and "uniform" in averages:
-        step("building the uniform average")
-        out = average_models([e.path for e in elms], method_weights("uniform", None, len(elms)),
-                             work / "average-uniform", Card(name="average-uniform", kind="average"), names=names)
-        scores.add_model("average/uniform", out, domains, batch_size, dev_too=False)
-        for d in domains:
-            row("average/uniform", "average", "uniform", d, scores.ppl("average/uniform", d.name))
+        rows += _uniform_average_rows(scores, elms, domains, work, batch_size, step)
     for d in domains if elms else []:
-        p = [priors[d.name][n] for n in names]
-        if "argmax" in averages:
-            best = names[int(np.argmax(p))]
-            row("average/argmax", "average", "argmax", d, scores.ppl(best, d.name))
-        if "posterior" in averages:
-            step(f"building the posterior average for {d.name}")
-            out = average_models([e.path for e in elms], p, work / f"average-posterior-{d.name}",
-                                 Card(name=f"average-posterior-{d.name}", kind="average", domain=d.name), names=names)
-            key = f"average/posterior/{d.name}"
-            scores.add_model(key, out, [d], batch_size, dev_too=False)
-            row("average/posterior", "average", "posterior", d, scores.ppl(key, d.name))
+        rows += _prior_average_rows(scores, elms, d, priors[d.name], averages, work, batch_size, step)
     for name, path in (extra_models or {}).items():
-        step(f"scoring {name}")
-        scores.add_model(name, path, domains, batch_size, dev_too=False)
-        for d in domains:
-            row(name, "model", "model", d, scores.ppl(name, d.name))
+        rows += _model_rows(scores, name, path, domains, batch_size, step)
     return {"forest_version": forest.version, "rows": rows, "priors": priors,
             "domains": [{"name": d.name, "role": d.role, "tokens": d.tokens} for d in domains],
             "summary": summarise(rows)}
+
+
+def _row(subject: str, kind: str, method: str, d: DomainBlocks, ppl: float) -> dict:
+    return {"subject": subject, "kind": kind, "method": method, "domain": d.name, "role": d.role,
+            "ppl": ppl, "tokens": d.tokens}
+
+
+def _ensemble_rows(scores: Scores, names: Sequence[str], d: DomainBlocks, prior: np.ndarray,
+                   top_ks: Sequence[int]) -> list[dict]:
+    """The ensemble of every ELM, then each top-k ensemble smaller than the forest (a top-k
+    of the whole forest is the full ensemble again)."""
+    rows = [_row("ensemble", "ensemble", "ensemble", d, scores.ensemble_ppl(names, d.name, None, prior))]
+    for k in top_ks:
+        if k < len(names):
+            ppl = scores.ensemble_ppl(names, d.name, k, prior)
+            rows.append(_row(f"ensemble/top{k}", "ensemble", f"top{k}", d, ppl))
+    return rows
+
+
+def _uniform_average_rows(scores: Scores, elms: Sequence[Elm], domains: Sequence[DomainBlocks], work: Path,
+                          batch_size: int, step) -> list[dict]:
+    """The uniform average of every ELM: one model, built once and scored on every domain."""
+    step("building the uniform average")
+    names = [e.name for e in elms]
+    out = average_models([e.path for e in elms], method_weights("uniform", None, len(elms)),
+                         work / "average-uniform", Card(name="average-uniform", kind="average"), names=names)
+    scores.add_model("average/uniform", out, domains, batch_size, dev_too=False)
+    return [_row("average/uniform", "average", "uniform", d, scores.ppl("average/uniform", d.name))
+            for d in domains]
+
+
+def _prior_average_rows(scores: Scores, elms: Sequence[Elm], d: DomainBlocks, prior: dict[str, float],
+                        averages: Sequence[str], work: Path, batch_size: int, step) -> list[dict]:
+    """The averages weighted by one domain's cached prior: argmax (all weight on the top ELM,
+    so it is that ELM and needs no new model) and posterior (built for, and scored on, that
+    domain only)."""
+    names = [e.name for e in elms]
+    p = [prior[n] for n in names]
+    rows = []
+    if "argmax" in averages:
+        best = names[int(np.argmax(p))]
+        rows.append(_row("average/argmax", "average", "argmax", d, scores.ppl(best, d.name)))
+    if "posterior" in averages:
+        step(f"building the posterior average for {d.name}")
+        out = average_models([e.path for e in elms], p, work / f"average-posterior-{d.name}",
+                             Card(name=f"average-posterior-{d.name}", kind="average", domain=d.name), names=names)
+        key = f"average/posterior/{d.name}"
+        scores.add_model(key, out, [d], batch_size, dev_too=False)
+        rows.append(_row("average/posterior", "average", "posterior", d, scores.ppl(key, d.name)))
+    return rows
+
+
+def _model_rows(scores: Scores, name: str, path: str | os.PathLike, domains: Sequence[DomainBlocks],
+                batch_size: int, step) -> list[dict]:
+    """A model from outside the forest (e.g. the seed or a dense baseline), on every domain."""
+    step(f"scoring {name}")
+    scores.add_model(name, path, domains, batch_size, dev_too=False)
+    return [_row(name, "model", "model", d, scores.ppl(name, d.name)) for d in domains]
 
 
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, float]]:

@@ -65,9 +65,31 @@ def bars(items: list[tuple[str, float, str]], width: int = 560, bar: int = 22, t
     return "".join(out)
 
 
+# lineage layout: node box width and height, gaps between columns and between rows
+_NODE_W, _NODE_H, _GAP_X, _GAP_Y = 150, 44, 70, 18
+
+
 def lineage(nodes: dict[str, dict], edges: list[tuple[str, str, float]], target: str, href=None) -> str:
     """A left-to-right graph: the seed, then each generation of parents, then the ELM.
     nodes: {id: {"label", "sub"}}, edges: (parent, child, weight)."""
+    cols = _lineage_columns(nodes, edges)
+    w, h = _lineage_size(cols)
+    pos = _lineage_positions(cols, h)
+    out = [f'<svg class="lineage" viewBox="0 0 {w} {h:.0f}" width="{w}" height="{h:.0f}" role="img" '
+           f'aria-label="lineage of {escape(target)}" xmlns="http://www.w3.org/2000/svg">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" markerHeight="9" '
+           'markerUnits="userSpaceOnUse" orient="auto"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>']
+    # edges first so that the node boxes are drawn over their ends
+    out += [_lineage_edge(p, c, wt, pos) for p, c, wt in edges if p in pos and c in pos]
+    out += [_lineage_node(n, nodes[n], x, y, target, href) for n, (x, y) in pos.items()]
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _lineage_depths(nodes: dict[str, dict], edges: list[tuple[str, str, float]]) -> dict[str, int]:
+    """Each node's generation: 0 without parents, else one more than its deepest parent.
+    A cycle is cut where it would revisit a node on the current path; depths are memoised,
+    so within a cycle they depend on the order of `nodes`."""
     parents: dict[str, list[str]] = {}
     for p, c, _ in edges:
         parents.setdefault(c, []).append(p)
@@ -81,40 +103,52 @@ def lineage(nodes: dict[str, dict], edges: list[tuple[str, str, float]], target:
 
     for n in nodes:
         d(n)
+    return depth
+
+
+def _lineage_columns(nodes: dict[str, dict], edges: list[tuple[str, str, float]]) -> dict[int, list[str]]:
+    """{generation: node ids}, each column sorted by label."""
+    depth = _lineage_depths(nodes, edges)
     cols: dict[int, list[str]] = {}
     for n in sorted(nodes, key=lambda n: (depth[n], nodes[n]["label"])):
         cols.setdefault(depth[n], []).append(n)
-    bw, bh, gx, gy = 150, 44, 70, 18
+    return cols
+
+
+def _lineage_size(cols: dict[int, list[str]]) -> tuple[int, int]:
+    """Width and height of the drawing: a 10px margin around the widest and tallest column."""
     ncol = max(cols) + 1 if cols else 1
     nrow = max(len(v) for v in cols.values()) if cols else 1
-    w, h = ncol * (bw + gx) - gx + 20, nrow * (bh + gy) - gy + 20
+    return ncol * (_NODE_W + _GAP_X) - _GAP_X + 20, nrow * (_NODE_H + _GAP_Y) - _GAP_Y + 20
+
+
+def _lineage_positions(cols: dict[int, list[str]], h: int) -> dict[str, tuple[int, float]]:
+    """Top-left corner of each node's box; every column is centred vertically."""
     pos = {}
     for ci, ns in cols.items():
-        off = (h - 20 - (len(ns) * (bh + gy) - gy)) / 2
+        off = (h - 20 - (len(ns) * (_NODE_H + _GAP_Y) - _GAP_Y)) / 2
         for ri, n in enumerate(ns):
-            pos[n] = (10 + ci * (bw + gx), 10 + off + ri * (bh + gy))
-    out = [f'<svg class="lineage" viewBox="0 0 {w} {h:.0f}" width="{w}" height="{h:.0f}" role="img" '
-           f'aria-label="lineage of {escape(target)}" xmlns="http://www.w3.org/2000/svg">',
-           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" markerHeight="9" '
-           'markerUnits="userSpaceOnUse" orient="auto"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>']
-    for p, c, wt in edges:
-        if p not in pos or c not in pos:
-            continue
-        x1, y1 = pos[p][0] + bw, pos[p][1] + bh / 2
-        x2, y2 = pos[c][0], pos[c][1] + bh / 2
-        mx = (x1 + x2) / 2
-        sw = 1 + 4 * wt
-        out.append(f'<path d="M{x1:.1f},{y1:.1f} C{mx:.1f},{y1:.1f} {mx:.1f},{y2:.1f} {x2 - 2:.1f},{y2:.1f}" '
-                   f'class="edge" stroke-width="{sw:.1f}" marker-end="url(#arrow)"><title>{escape(p)} → {escape(c)}: '
-                   f'{wt:.3f}</title></path>')
-        out.append(f'<text x="{mx:.1f}" y="{(y1 + y2) / 2 - 4:.1f}" text-anchor="middle" class="ew">{wt:.2f}</text>')
-    for n, (x, y) in pos.items():
-        info = nodes[n]
-        cls = "node target" if n == target else ("node seed" if info.get("seed") else "node")
-        link = href(n) if href and not info.get("seed") else None
-        box = (f'<rect x="{x}" y="{y:.1f}" width="{bw}" height="{bh}" rx="8" class="{cls}"/>'
-               f'<text x="{x + bw / 2}" y="{y + 18:.1f}" text-anchor="middle" class="nl">{escape(info["label"][:20])}</text>'
-               f'<text x="{x + bw / 2}" y="{y + 34:.1f}" text-anchor="middle" class="ns">{escape(info.get("sub", "")[:24])}</text>')
-        out.append(f'<a href="{escape(link)}">{box}</a>' if link else box)
-    out.append("</svg>")
-    return "".join(out)
+            pos[n] = (10 + ci * (_NODE_W + _GAP_X), 10 + off + ri * (_NODE_H + _GAP_Y))
+    return pos
+
+
+def _lineage_edge(p: str, c: str, wt: float, pos: dict[str, tuple[int, float]]) -> str:
+    """A curve from the parent's right side to the child's left side, as thick as its weight."""
+    x1, y1 = pos[p][0] + _NODE_W, pos[p][1] + _NODE_H / 2
+    x2, y2 = pos[c][0], pos[c][1] + _NODE_H / 2
+    mx = (x1 + x2) / 2
+    sw = 1 + 4 * wt
+    return (f'<path d="M{x1:.1f},{y1:.1f} C{mx:.1f},{y1:.1f} {mx:.1f},{y2:.1f} {x2 - 2:.1f},{y2:.1f}" '
+            f'class="edge" stroke-width="{sw:.1f}" marker-end="url(#arrow)"><title>{escape(p)} → {escape(c)}: '
+            f'{wt:.3f}</title></path>'
+            f'<text x="{mx:.1f}" y="{(y1 + y2) / 2 - 4:.1f}" text-anchor="middle" class="ew">{wt:.2f}</text>')
+
+
+def _lineage_node(n: str, info: dict, x: int, y: float, target: str, href) -> str:
+    """A node's box with its label and subtitle; a link to its page unless it is the seed."""
+    cls = "node target" if n == target else ("node seed" if info.get("seed") else "node")
+    link = href(n) if href and not info.get("seed") else None
+    box = (f'<rect x="{x}" y="{y:.1f}" width="{_NODE_W}" height="{_NODE_H}" rx="8" class="{cls}"/>'
+           f'<text x="{x + _NODE_W / 2}" y="{y + 18:.1f}" text-anchor="middle" class="nl">{escape(info["label"][:20])}</text>'
+           f'<text x="{x + _NODE_W / 2}" y="{y + 34:.1f}" text-anchor="middle" class="ns">{escape(info.get("sub", "")[:24])}</text>')
+    return f'<a href="{escape(link)}">{box}</a>' if link else box

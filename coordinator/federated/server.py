@@ -110,7 +110,6 @@ def run_round(grid: Grid, round_id: int, settings, flower_run_id: str | None = N
     from coordinator.storage import make_storage
 
     url = settings.db_url
-    storage = make_storage(settings)
     with session_scope(url) as db:
         r = rounds.start(db, round_id, flower_run_id)
         cfg = logic.RoundConfig.from_dict(r.config)
@@ -121,94 +120,113 @@ def run_round(grid: Grid, round_id: int, settings, flower_run_id: str | None = N
         with session_scope(url) as db:
             return rounds.is_cancelled(db, round_id)
 
+    def ask(kind: str, recs: dict[int, dict[str, dict[str, Any]]], timeout: float):
+        """One message per node, the replies, and whether the round was cancelled meanwhile."""
+        replies = exchange(grid, {n: message(n, kind, rec, round_id, timeout) for n, rec in recs.items()},
+                           timeout, stop, poll)
+        return replies, stop()
+
     error = None
     try:
         # 1. who is there, and what do they hold?
         node_ids = wait_for_nodes(grid, cfg, stop)
         if not node_ids:
             raise RuntimeError(f"no Flower node connected within {cfg.node_wait_s:g} s")
-        ask = {n: message(n, p.QUERY, {p.ROUND: {"round-id": round_id, "forest": forest}}, round_id,
-                          cfg.query_timeout_s) for n in node_ids}
-        replies = exchange(grid, ask, cfg.query_timeout_s, stop, poll)
+        replies, _ = ask(p.QUERY, {n: {p.ROUND: {"round-id": round_id, "forest": forest}} for n in node_ids},
+                         cfg.query_timeout_s)
         reports = [logic.node_report(str(n), replies[n], cfg.query_timeout_s) for n in node_ids]
 
         # 2. who trains?
-        with session_scope(url) as db:
-            r = db.get(Round, round_id)
-            decisions = logic.plan(reports, rounds.domain_history(db, r), rounds.trainable_domains(db),
-                                   cfg.max_attempts)
-            rounds.record_plan(db, r, reports, decisions)
-            chosen = {int(d.node_id): next(x.domain for x in reports if x.node_id == d.node_id)
-                      for d in decisions.values() if d.trains}
-            for n in chosen:
-                rounds.set_status(db, r, str(n), logic.BRANCHING, "computing its domain posterior, requesting a branch init")
+        chosen = _plan(url, round_id, reports, cfg)
         log.info("round %s: %d nodes, %d asked to train", round_id, len(node_ids), len(chosen))
         if not chosen or stop():
             return _finish(url, round_id, None)
 
         # 3. each node requests its own branch init (its posterior computed locally)
-        ask = {n: message(n, p.BRANCH, {p.BRANCH_REC: {"round-id": round_id, "forest": forest, "domain": d}},
-                          round_id, cfg.branch_timeout_s) for n, d in chosen.items()}
-        replies = exchange(grid, ask, cfg.branch_timeout_s, stop, poll)
-        cancelled = stop()
-        inits: dict[int, int] = {}
-        with session_scope(url) as db:
-            r = db.get(Round, round_id)
-            for n, reply in replies.items():
-                o = logic.outcome(reply, p.BRANCH_REC, cfg.branch_timeout_s)
-                if reply is None and cancelled:
-                    o = logic.Outcome("failed", error="the round was cancelled")
-                init_id = logic.branch_init_id(o)
-                if init_id is None:
-                    _fail(db, r, n, o, "requesting its branch init")
-                    continue
-                try:
-                    rounds.claim_init(db, r, str(n), init_id)
-                    inits[n] = init_id
-                except ServiceError as e:
-                    rounds.set_status(db, r, str(n), logic.FAILED, f"its branch init was refused: {e}")
+        replies, cancelled = ask(p.BRANCH, {n: {p.BRANCH_REC: {"round-id": round_id, "forest": forest, "domain": d}}
+                                            for n, d in chosen.items()}, cfg.branch_timeout_s)
+        inits = _collect(url, round_id, replies, cancelled, p.BRANCH_REC, cfg.branch_timeout_s,
+                         logic.branch_init_id, "requesting its branch init", "the round was cancelled",
+                         lambda db, r, n, init_id, reply: rounds.claim_init(db, r, str(n), init_id),
+                         "its branch init was refused")
 
         # 4. wait for the coordinator to compute the inits, then one train message per node
         ready = _wait_inits(url, round_id, inits, cfg.init_timeout_s, stop, poll)
         if not ready or stop():
             return _finish(url, round_id, None)
-        ask = {}
-        with session_scope(url) as db:
-            r = db.get(Round, round_id)
-            taken = rounds.taken_names(db, r)
-            for n, b in ready.items():
-                name = logic.elm_name(chosen[n], round_id, taken)
-                taken.add(name)
-                urls = forests_svc.file_urls(storage, b["files"])
-                ask[n] = message(n, p.TRAIN, {
-                    p.INIT: {"round-id": round_id, "forest": forest, "branch-init-id": b["id"], "name": name,
-                             "files": json.dumps(b["files"], sort_keys=True), "urls": json.dumps(urls, sort_keys=True)},
-                    p.TRAIN_REC: cfg.train_record(),
-                }, round_id, cfg.train_timeout_s)
-                rounds.set_status(db, r, str(n), logic.TRAINING, f"training {name!r} from branch init {b['id']}")
-        log.info("round %s: training on %d nodes", round_id, len(ask))
+        recs = _train_records(url, round_id, forest, cfg, chosen, ready, make_storage(settings))
+        log.info("round %s: training on %d nodes", round_id, len(recs))
 
         # 5. collect the ELMs (uploaded by the nodes as contributions of their owners)
-        replies = exchange(grid, ask, cfg.train_timeout_s, stop, poll)
-        cancelled = stop()
-        with session_scope(url) as db:
-            r = db.get(Round, round_id)
-            for n, reply in replies.items():
-                o = logic.outcome(reply, p.RESULT, cfg.train_timeout_s)
-                if reply is None and cancelled:
-                    o = logic.Outcome("failed", error="the round was cancelled (an ELM it still uploads is kept)")
-                cid = logic.contribution_id(o)
-                if cid is None:
-                    _fail(db, r, n, o, "training or uploading")
-                    continue
-                try:
-                    rounds.claim_contribution(db, r, str(n), cid, logic.train_metrics(reply))
-                except ServiceError as e:
-                    rounds.set_status(db, r, str(n), logic.FAILED, f"its contribution was refused: {e}")
+        replies, cancelled = ask(p.TRAIN, recs, cfg.train_timeout_s)
+        _collect(url, round_id, replies, cancelled, p.RESULT, cfg.train_timeout_s, logic.contribution_id,
+                 "training or uploading", "the round was cancelled (an ELM it still uploads is kept)",
+                 lambda db, r, n, cid, reply: rounds.claim_contribution(db, r, str(n), cid, logic.train_metrics(reply)),
+                 "its contribution was refused")
     except Exception as e:
         log.exception("round %s failed", round_id)
         error = f"{type(e).__name__}: {e}"
+    # 6. finish
     return _finish(url, round_id, error)
+
+
+def _plan(url: str, round_id: int, reports: list, cfg: logic.RoundConfig) -> dict[int, str]:
+    """Decide and record who trains: {node id: its domain}; those are now branching."""
+    with session_scope(url) as db:
+        r = db.get(Round, round_id)
+        decisions = logic.plan(reports, rounds.domain_history(db, r), rounds.trainable_domains(db), cfg.max_attempts)
+        rounds.record_plan(db, r, reports, decisions)
+        chosen = {int(d.node_id): next(x.domain for x in reports if x.node_id == d.node_id)
+                  for d in decisions.values() if d.trains}
+        for n in chosen:
+            rounds.set_status(db, r, str(n), logic.BRANCHING, "computing its domain posterior, requesting a branch init")
+    return chosen
+
+
+def _collect(url: str, round_id: int, replies: dict, cancelled: bool, record: str, timeout: float,
+             extract: Callable[[logic.Outcome], int | None], doing: str, cancelled_why: str,
+             claim: Callable[..., None], refused_why: str) -> dict[int, int]:
+    """Read each node's reply to a phase: the id it names (a branch init, a contribution) is
+    checked and tied to the round by `claim`; a node that failed, stayed silent or named an
+    id the coordinator refuses is marked. Returns {node id: the id it named} of those kept."""
+    kept: dict[int, int] = {}
+    with session_scope(url) as db:
+        r = db.get(Round, round_id)
+        for n, reply in replies.items():
+            o = logic.outcome(reply, record, timeout)
+            if reply is None and cancelled:
+                o = logic.Outcome("failed", error=cancelled_why)
+            got = extract(o)
+            if got is None:
+                _fail(db, r, n, o, doing)
+                continue
+            try:
+                claim(db, r, n, got, reply)
+                kept[n] = got
+            except ServiceError as e:
+                rounds.set_status(db, r, str(n), logic.FAILED, f"{refused_why}: {e}")
+    return kept
+
+
+def _train_records(url: str, round_id: int, forest: str, cfg: logic.RoundConfig, chosen: dict[int, str],
+                   ready: dict[int, dict], storage) -> dict[int, dict[str, dict[str, Any]]]:
+    """Each node's train message: its init by reference (signed URLs + sha256), the ELM's
+    name and the training settings; the nodes are marked as training."""
+    recs = {}
+    with session_scope(url) as db:
+        r = db.get(Round, round_id)
+        taken = rounds.taken_names(db, r)
+        for n, b in ready.items():
+            name = logic.elm_name(chosen[n], round_id, taken)
+            taken.add(name)
+            urls = forests_svc.file_urls(storage, b["files"])
+            recs[n] = {
+                p.INIT: {"round-id": round_id, "forest": forest, "branch-init-id": b["id"], "name": name,
+                         "files": json.dumps(b["files"], sort_keys=True), "urls": json.dumps(urls, sort_keys=True)},
+                p.TRAIN_REC: cfg.train_record(),
+            }
+            rounds.set_status(db, r, str(n), logic.TRAINING, f"training {name!r} from branch init {b['id']}")
+    return recs
 
 
 def _fail(db, r, node_id: int, o: logic.Outcome, doing: str) -> None:
