@@ -67,6 +67,20 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
 
+    # What travels with a federated round's train message, by its wire name (Flower config
+    # records use hyphens): the coordinator writes it from a round's settings, the node reads
+    # its TrainConfig back from it.
+    RECORD = {"steps": int, "batch_size": int, "block_size": int, "lr": float, "warmup": float, "precision": str}
+
+    def to_record(self) -> dict[str, int | float | str]:
+        return {k.replace("_", "-"): cast(getattr(self, k)) for k, cast in self.RECORD.items()}
+
+    @classmethod
+    def from_record(cls, record: dict, **overrides) -> TrainConfig:
+        fields = {k: cast(record[k.replace("_", "-")]) for k, cast in cls.RECORD.items()
+                  if k.replace("_", "-") in record}
+        return cls(**{**fields, **overrides})
+
     @property
     def total_schedule(self) -> int:
         return self.schedule_steps or (self.schedule_start + self.steps)

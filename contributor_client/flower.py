@@ -224,10 +224,7 @@ def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any])
     steps = int(settings["steps"])
     if node.max_steps:
         steps = min(steps, node.max_steps)
-    block = int(settings["block-size"])
-    cfg = TrainConfig(steps=steps, batch_size=int(settings["batch-size"]), block_size=block,
-                      lr=float(settings["lr"]), warmup=float(settings["warmup"]),
-                      precision=str(settings.get("precision", "auto")), progress=False)
+    cfg = TrainConfig.from_record(settings, steps=steps, progress=False)
     tok = load_tokenizer(init_dir)
     stream = tokenize_file(train_source(node.data), tok, node.cache_dir)
     init_card = read_card(init_dir)
@@ -236,7 +233,7 @@ def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any])
     t0 = time.perf_counter()
     with _MODELS:
         model = load_model(init_dir)
-    out = btm_train(model, tok, BlockSampler([stream], block), cfg, work / "elm", card,
+    out = btm_train(model, tok, BlockSampler([stream], cfg.block_size), cfg, work / "elm", card,
                     init_optimizer=checkpoint_optimizer(init_dir))
     seconds = time.perf_counter() - t0
     c = commands.submit(client, out, forest=forest, branch_init_id=init_id, name=name, log=log.info)

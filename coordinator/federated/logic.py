@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from btm.train import TrainConfig
 from coordinator.names import SLUG
 
 # node states, in the order a node goes through them
@@ -38,12 +39,13 @@ class RoundConfig:
     init_timeout_s: float = 1800.0  # the coordinator computes the branch inits (a job)
     train_timeout_s: float = 6 * 3600.0  # train and upload; the round's main time-out
     max_attempts: int = 3  # rounds in a row a domain may fail before it is no longer asked
+    # how each node trains: the fields of TrainConfig.RECORD, with TrainConfig's defaults
     steps: int = 500
-    batch_size: int = 32
-    block_size: int = 256
-    lr: float = 5e-4
-    warmup: float = 0.08
-    precision: str = "auto"
+    batch_size: int = TrainConfig.batch_size
+    block_size: int = TrainConfig.block_size
+    lr: float = TrainConfig.lr
+    warmup: float = TrainConfig.warmup
+    precision: str = TrainConfig.precision
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RoundConfig:
@@ -53,10 +55,12 @@ class RoundConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def training(self) -> TrainConfig:
+        return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.RECORD})
+
     def train_record(self) -> dict[str, Any]:
         """The "train" record of a train message (protocol.TRAIN_KEYS)."""
-        return {"steps": int(self.steps), "batch-size": int(self.batch_size), "block-size": int(self.block_size),
-                "lr": float(self.lr), "warmup": float(self.warmup), "precision": str(self.precision)}
+        return self.training().to_record()
 
 
 @dataclass

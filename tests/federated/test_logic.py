@@ -80,6 +80,14 @@ def test_config_round_trip_and_train_record():
     from coordinator.federated.protocol import TRAIN_KEYS
 
     assert tuple(c.train_record()) == TRAIN_KEYS
+    # the node reads back the TrainConfig the coordinator meant: one object on both sides
+    from btm.train import TrainConfig
+
+    sent = logic.RoundConfig.from_dict({"steps": 40, "batch_size": 8, "block_size": 64, "lr": 1e-3}).train_record()
+    got = TrainConfig.from_record(sent, progress=False)
+    assert (got.steps, got.batch_size, got.block_size, got.lr, got.warmup, got.precision) == (
+        40, 8, 64, 1e-3, TrainConfig.warmup, "auto")
+    assert TrainConfig.from_record({"steps": "5", "lr": "0.01"}) == TrainConfig(steps=5, lr=0.01)  # wire strings cast
 
 
 def test_client_and_server_speak_the_same_protocol():
