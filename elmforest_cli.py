@@ -66,10 +66,11 @@ _register()
 def main() -> None:
     from btm.errors import BTMError
     from contributor_client.http import ClientError
+    from coordinator.errors import ServiceError
 
     try:
         app()
-    except (BTMError, ClientError) as e:
+    except (BTMError, ClientError, ServiceError) as e:  # bad input: the message says what to do
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(1)
 

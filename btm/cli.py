@@ -422,7 +422,11 @@ def forest_remove(
 
 @forest_app.command("list")
 def forest_list(forest: Annotated[Path, typer.Argument(help="The forest directory.")]):
-    """List the ELMs of a forest."""
+    """List the ELMs of a forest.
+
+    EXAMPLES
+      elmforest forest list runs/forest
+    """
     from rich.table import Table
 
     from btm.forest import Forest
@@ -443,7 +447,11 @@ def forest_show(
     forest: Annotated[Path, typer.Argument(help="The forest directory.")],
     name: Annotated[str | None, typer.Argument(help="An ELM (default: the whole manifest).")] = None,
 ):
-    """Print the manifest, or one ELM's entry, as JSON."""
+    """Print the manifest, or one ELM's entry, as JSON.
+
+    EXAMPLES
+      elmforest forest show runs/forest python
+    """
     from btm.forest import Forest
 
     f = Forest.load(forest)
@@ -507,7 +515,11 @@ def forest_import(
 
 @forest_app.command("verify")
 def forest_verify(forest: Annotated[Path, typer.Argument(help="The forest directory.")]):
-    """Check every file against the sha256 in the manifest."""
+    """Check every file against the sha256 in the manifest.
+
+    EXAMPLES
+      elmforest forest verify runs/forest
+    """
     from btm.forest import Forest
 
     problems = Forest.load(forest).verify()

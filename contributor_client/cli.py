@@ -69,13 +69,22 @@ def login(
 
 
 def logout():
-    """Forget the stored token."""
+    """Forget the stored token.
+
+    EXAMPLES
+      elmforest logout
+    """
     config.forget()
     console.print("logged out")
 
 
 def whoami(url: Url = None):
-    """Show who you are logged in as."""
+    """Show who you are logged in as.
+
+    EXAMPLES
+      elmforest whoami
+      elmforest whoami --url https://forest.example.org
+    """
     me = client(url).me()
     out.print(f"{me['username']} ({me['role']}) at {url if url else config.load().url}")
 
@@ -112,7 +121,11 @@ def domain_register(
 @domain_app.command("eval-data")
 def domain_eval_data(name: str, file: Annotated[Path, typer.Argument(help="A .jsonl or .txt file of held-out documents.")],
                      url: Url = None):
-    """Upload a domain's held-out evaluation data."""
+    """Upload a domain's held-out evaluation data.
+
+    EXAMPLES
+      elmforest domain eval-data legal held-out/legal.jsonl
+    """
     if not file.exists():
         raise ClientError(f"{file}: file not found")
     client(url).set_eval_data(name, file)
@@ -121,7 +134,11 @@ def domain_eval_data(name: str, file: Annotated[Path, typer.Argument(help="A .js
 
 @domain_app.command("list")
 def domain_list(url: Url = None):
-    """List the coordinator's domains."""
+    """List the coordinator's domains.
+
+    EXAMPLES
+      elmforest domain list
+    """
     t = Table()
     for col in ("name", "role", "category", "held-out data", "provenance"):
         t.add_column(col)
@@ -212,7 +229,12 @@ token_app = typer.Typer(help="Your API tokens: list, create (with fewer scopes),
 
 @token_app.command("list")
 def token_list(user: Annotated[str | None, typer.Option(help="Another user's tokens (admins).")] = None, url: Url = None):
-    """Your tokens (their secrets are never shown again)."""
+    """Your tokens (their secrets are never shown again).
+
+    EXAMPLES
+      elmforest token list
+      elmforest token list --user mallory     (admins)
+    """
     t = Table()
     for col in ("id", "name", "prefix", "scopes", "expires", "last used", "revoked"):
         t.add_column(col)
@@ -243,7 +265,11 @@ def token_create(
 
 @token_app.command("revoke")
 def token_revoke(token_id: Annotated[int, typer.Argument(help="The token's id (`elmforest token list`).")], url: Url = None):
-    """Revoke a token (yours; admins: anyone's)."""
+    """Revoke a token (yours; admins: anyone's).
+
+    EXAMPLES
+      elmforest token revoke 4
+    """
     x = client(url).request("DELETE", f"/tokens/{token_id}")
     console.print(f"token {x['id']} ({x['name']}) revoked")
 
@@ -335,7 +361,11 @@ def download_forest(
 
 @download_app.command("elm")
 def download_elm(cid: int, out_dir: Annotated[Path, typer.Option("--out")], url: Url = None):
-    """One ELM (a contribution) as a Hugging Face model directory."""
+    """One ELM (a contribution) as a Hugging Face model directory.
+
+    EXAMPLES
+      elmforest download elm 12 --out elms/legal
+    """
     c = client(url, need_login=False)
     d = c.get(f"/contributions/{cid}/download")
     x = c.get(f"/contributions/{cid}")
@@ -371,7 +401,12 @@ review_app = typer.Typer(help="For maintainers: the review queue (list), jobs, r
 
 @review_app.command("list")
 def review_list(state: str = "evaluated", url: Url = None):
-    """Contributions waiting for a decision (default: evaluated)."""
+    """Contributions waiting for a decision (default: evaluated).
+
+    EXAMPLES
+      elmforest review list
+      elmforest review list --state validated
+    """
     c = client(url)
     t = Table()
     for col in ("id", "name", "owner", "domain", "ppl", "init ppl", "forest ppl"):
@@ -389,7 +424,11 @@ def review_list(state: str = "evaluated", url: Url = None):
 
 @review_app.command("jobs")
 def review_jobs(url: Url = None):
-    """Jobs that failed, with the reason (retry one with `elmforest review retry JOB`)."""
+    """Jobs that failed, with the reason (retry one with `elmforest review retry JOB`).
+
+    EXAMPLES
+      elmforest review jobs
+    """
     t = Table()
     for col in ("job", "kind", "on", "why"):
         t.add_column(col)
@@ -443,19 +482,33 @@ def review_import(
 
 @review_app.command("approve")
 def review_approve(cid: int, reason: str = "", url: Url = None):
+    """Approve an evaluated contribution: it is merged at the next publish.
+
+    EXAMPLES
+      elmforest review approve 12 --reason "beats its init on legal"
+    """
     x = client(url).post(f"/contributions/{cid}/approve", {"reason": reason})
     console.print(f"contribution {cid} is {x['state']}")
 
 
 @review_app.command("decline")
 def review_decline(cid: int, reason: Annotated[str, typer.Option(help="Why (recorded).")], url: Url = None):
+    """Decline a contribution; the owner reads why, and its weights are deleted.
+
+    EXAMPLES
+      elmforest review decline 13 --reason "trained on the held-out split"
+    """
     x = client(url).post(f"/contributions/{cid}/decline", {"reason": reason})
     console.print(f"contribution {cid} is {x['state']}")
 
 
 @review_app.command("publish")
 def review_publish(forest: str, note: str = "", url: Url = None):
-    """Merge every approved contribution into a new version of FOREST."""
+    """Merge every approved contribution into a new version of FOREST.
+
+    EXAMPLES
+      elmforest review publish debian --note "adds legal"
+    """
     c = client(url)
     job = c.finish(c.post(f"/forests/{forest}/publish", {"note": note}), "publishing")
     console.print(f"{forest} v{job['result']['version']} published")
@@ -463,7 +516,11 @@ def review_publish(forest: str, note: str = "", url: Url = None):
 
 @review_app.command("remove")
 def review_remove(cid: int, reason: Annotated[str, typer.Option(help="Why (recorded in the version).")], url: Url = None):
-    """Forget a merged ELM: a new version without it."""
+    """Forget a merged ELM: a new version without it.
+
+    EXAMPLES
+      elmforest review remove 7 --reason "license withdrawn"
+    """
     c = client(url)
     job = c.finish(c.post(f"/contributions/{cid}/remove", {"reason": reason}), "removal")
     console.print(f"removed; forest is now v{job['result']['version']}")
@@ -649,7 +706,11 @@ def round_status(
 
 @round_app.command("cancel")
 def round_cancel(round_id: Annotated[int, typer.Argument()], url: Url = None, token: Token = None):
-    """Stop a pending or running round (ELMs already uploaded stay)."""
+    """Stop a pending or running round (ELMs already uploaded stay).
+
+    EXAMPLES
+      elmforest round cancel 3
+    """
     _print_round(client(url, token=token).post(f"/rounds/{round_id}/cancel"))
 
 

@@ -86,7 +86,12 @@ def worker(
 
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head"):
-    """Apply migrations up to REVISION (default: the latest)."""
+    """Apply migrations up to REVISION (default: the latest).
+
+    EXAMPLES
+      elmforest db upgrade
+      elmforest db upgrade 0004
+    """
     from coordinator import migrate
     from coordinator.settings import get_settings
 
@@ -96,7 +101,11 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head"):
 
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument()]):
-    """Revert migrations down to REVISION."""
+    """Revert migrations down to REVISION.
+
+    EXAMPLES
+      elmforest db downgrade 0005
+    """
     from coordinator import migrate
     from coordinator.settings import get_settings
 
@@ -105,11 +114,25 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]):
 
 @db_app.command("current")
 def db_current():
-    """Print the database's revision and the code's."""
+    """Print the database's revision and the code's.
+
+    EXAMPLES
+      elmforest db current
+    """
     from coordinator import migrate
     from coordinator.settings import get_settings
 
     print(f"database: {migrate.current(get_settings().db_url)}  code: {migrate.head()}")
+
+
+def _role(name: str):
+    from coordinator.errors import BadRequest
+    from coordinator.models import Role
+
+    try:
+        return Role(name)
+    except ValueError:
+        raise BadRequest(f"unknown role {name!r}; a role is one of {', '.join(r.value for r in Role)}") from None
 
 
 @user_app.command("create")
@@ -124,12 +147,11 @@ def user_create(
       elmforest user create alice --role maintainer
     """
     from coordinator.db import session_scope
-    from coordinator.models import Role
     from coordinator.services import users
     from coordinator.settings import get_settings
 
     with session_scope(get_settings().db_url) as db:
-        u = users.create_user(db, username, password, Role(role))
+        u = users.create_user(db, username, password, _role(role))
         _, secret = users.create_token(db, u, "created by admin")
     console.print(f"created {role} {username!r}; API token (shown once):")
     print(secret)
@@ -137,14 +159,17 @@ def user_create(
 
 @user_app.command("set-role")
 def user_set_role(username: str, role: str):
-    """Change an account's role (contributor, maintainer, admin)."""
+    """Change an account's role (contributor, maintainer, admin).
+
+    EXAMPLES
+      elmforest user set-role alice maintainer
+    """
     from coordinator.db import session_scope
-    from coordinator.models import Role
     from coordinator.services import users
     from coordinator.settings import get_settings
 
     with session_scope(get_settings().db_url) as db:
-        users.set_role(db, username, Role(role))
+        users.set_role(db, username, _role(role))
     console.print(f"{username} is now {role}")
 
 

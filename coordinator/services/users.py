@@ -213,6 +213,6 @@ def revoke_token(db: Session, user: User, token_id: int) -> ApiToken:
 def set_role(db: Session, username: str, role: Role) -> User:
     u = db.scalar(select(User).where(User.username == username))
     if u is None:
-        raise NotFound(f"no user {username!r}")
+        raise NotFound(f"no user {username!r} on this coordinator; create it with `elmforest user create {username}`")
     u.role = role
     return u
