@@ -104,3 +104,22 @@ def test_the_check_sees_an_arrow_running_back_and_a_cycle():
     src = ROOT / "coordinator" / "app.py"
     assert "btm.errors" in imports("coordinator.app", src, known)
     assert not any(m.startswith("web") for m in imports("coordinator.app", src, known))
+
+
+def test_every_command_shows_examples():
+    """A newcomer's first stop is `--help`: every command of `elmforest` ends it with EXAMPLES."""
+    import click
+    import typer
+
+    from elmforest_cli import app
+
+    def leaves(c, path=()):
+        if isinstance(c, click.Group):
+            for name, sub in c.commands.items():
+                yield from leaves(sub, (*path, name))
+        else:
+            yield " ".join(path), c.help or ""
+
+    commands = dict(leaves(typer.main.get_command(app)))
+    assert len(commands) > 50
+    assert [name for name, text in commands.items() if "EXAMPLES" not in text] == []
