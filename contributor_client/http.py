@@ -53,26 +53,38 @@ class Client:
     BUSY_WAIT_CAP = 60.0
 
     def request(self, method: str, path: str, **kw) -> Any:
+        """One API call: sent again while the coordinator says it is busy (429/503, as long as
+        its Retry-After asks, BUSY_RETRIES times at most) or closed a kept-alive connection
+        under a request that is safe to repeat; its JSON answer, or a ClientError saying what
+        to do."""
         for attempt in range(self.BUSY_RETRIES + 1):
-            try:
-                r = self.http.request(method, path, **kw)
-            except httpx.ConnectError:
-                raise ClientError(f"cannot reach the coordinator at {self.url}: is it running, and is the URL right? "
-                                  "(set it with `elmforest login --url URL` or ELMFOREST_URL)") from None
-            except httpx.TimeoutException:
-                raise ClientError(f"the coordinator at {self.url} did not answer in time; try again") from None
-            except httpx.TransportError as e:
-                # RemoteProtocolError: a kept-alive connection the server closed just as this
-                # request went out. No answer came, so a request that changes nothing (or the
-                # same thing twice) is sent again on a new connection, as browsers do.
-                if (isinstance(e, httpx.RemoteProtocolError) and method.upper() in IDEMPOTENT
-                        and attempt < self.BUSY_RETRIES):
-                    continue
-                raise ClientError(f"the connection to the coordinator at {self.url} broke ({type(e).__name__}); "
-                                  "run the command again (uploads resume where they stopped)") from None
+            r = self._send(method, path, attempt, **kw)
+            if r is None:  # the connection closed under a safe request: send it again
+                continue
             if r.status_code not in (429, 503) or attempt == self.BUSY_RETRIES:
                 break
             time.sleep(self._retry_after(r, attempt))
+        return self._answer(r)
+
+    def _send(self, method: str, path: str, attempt: int, **kw) -> httpx.Response | None:
+        try:
+            return self.http.request(method, path, **kw)
+        except httpx.ConnectError:
+            raise ClientError(f"cannot reach the coordinator at {self.url}: is it running, and is the URL right? "
+                              "(set it with `elmforest login --url URL` or ELMFOREST_URL)") from None
+        except httpx.TimeoutException:
+            raise ClientError(f"the coordinator at {self.url} did not answer in time; try again") from None
+        except httpx.TransportError as e:
+            # RemoteProtocolError: a kept-alive connection the server closed just as this
+            # request went out. No answer came, so a request that changes nothing (or the
+            # same thing twice) is sent again on a new connection, as browsers do.
+            if (isinstance(e, httpx.RemoteProtocolError) and method.upper() in IDEMPOTENT
+                    and attempt < self.BUSY_RETRIES):
+                return None
+            raise ClientError(f"the connection to the coordinator at {self.url} broke ({type(e).__name__}); "
+                              "run the command again (uploads resume where they stopped)") from None
+
+    def _answer(self, r: httpx.Response) -> Any:
         if r.status_code in (429, 503):
             raise ClientError(f"the coordinator is busy or limiting requests (HTTP {r.status_code}: "
                               f"{self._message(r)}); gave up after {self.BUSY_RETRIES} retries: try again later",
@@ -229,7 +241,6 @@ class Client:
 
     def put_parts(self, path: Path, info: dict, progress: Callable[[int, int], None] | None = None) -> list[dict]:
         """PUT every part not yet done, streaming from the file (never the whole file in memory)."""
-        part_size = info["part_size"]
         done = set(info.get("parts_done", []))
         total = info["size"]
         if Path(path).stat().st_size != total:
@@ -241,35 +252,40 @@ class Client:
         out = []
         with open(path, "rb") as f:
             for p in info["parts"]:
-                n, length = p["part_number"], p["length"]
-                if n in done:
+                if p["part_number"] in done:
                     continue
-
-                def body(offset=(n - 1) * part_size, length=length):
-                    f.seek(offset)
-                    left = length
-                    while left:
-                        b = f.read(min(CHUNK, left))
-                        if not b:
-                            break
-                        left -= len(b)
-                        yield b
-
-                for attempt in range(4):
-                    try:
-                        r = self.raw.put(p["url"], content=body(), headers={"content-length": str(length)})
-                        break
-                    except httpx.TransportError as e:
-                        if attempt == 3:
-                            raise ClientError(f"uploading part {n} failed: {e}; run the command again to resume") from None
-                        time.sleep(2**attempt)
-                if r.status_code >= 400:
-                    raise ClientError(f"the store refused part {n} ({r.status_code}): {r.text[:300]}")
-                out.append({"part_number": n, "etag": r.headers.get("etag")})
-                sent += length
+                r = self._put_part(f, (p["part_number"] - 1) * info["part_size"], p)
+                out.append({"part_number": p["part_number"], "etag": r.headers.get("etag")})
+                sent += p["length"]
                 if progress:
                     progress(sent, total)
         return out
+
+    def _put_part(self, f, offset: int, part: dict, attempts: int = 4) -> httpx.Response:
+        """PUT one part's bytes of the open file `f` to its URL, again after a broken connection."""
+        n, length = part["part_number"], part["length"]
+
+        def body():
+            f.seek(offset)
+            left = length
+            while left:
+                b = f.read(min(CHUNK, left))
+                if not b:
+                    break
+                left -= len(b)
+                yield b
+
+        for attempt in range(attempts):
+            try:
+                r = self.raw.put(part["url"], content=body(), headers={"content-length": str(length)})
+                break
+            except httpx.TransportError as e:
+                if attempt == attempts - 1:
+                    raise ClientError(f"uploading part {n} failed: {e}; run the command again to resume") from None
+                time.sleep(2**attempt)
+        if r.status_code >= 400:
+            raise ClientError(f"the store refused part {n} ({r.status_code}): {r.text[:300]}")
+        return r
 
     def download(self, url: str, dest: Path, sha256: str | None = None, progress: Callable[[int], None] | None = None) -> Path:
         """Stream a URL to dest (atomically), checking the sha256 when given."""
