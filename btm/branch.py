@@ -16,6 +16,7 @@ from btm.data import encode_texts, eval_blocks, read_documents, split_source
 from btm.errors import DataError
 from btm.family import Card, read_card, write_card
 from btm.forest import Forest, copy_model_dir
+from btm.model_files import OPTIMIZER
 from btm.posterior import domain_prior
 from btm.tokenizer import load_tokenizer
 from btm.train import checkpoint_optimizer
@@ -94,7 +95,7 @@ def write_branch_init(forest: Forest, plan: BranchPlan, out_dir: str | os.PathLi
         opts = [(checkpoint_optimizer(s), w) for _, s, w in live]
         if all(p is not None for p, _ in opts):
             average_files([p for p, _ in opts], [w for _, w in opts], out / "_opt")
-            os.replace(out / "_opt" / "model.safetensors", out / "optimizer.safetensors")
+            os.replace(out / "_opt" / "model.safetensors", out / OPTIMIZER)
             (out / "_opt").rmdir()
     return out
 
@@ -110,4 +111,27 @@ def branch(forest: Forest, out_dir, sample=None, method: str = "posterior", doma
     return out, plan
 
 
-__all__ = ["BRANCH_METHODS", "BranchPlan", "branch", "plan_branch", "sample_blocks", "write_branch_init"]
+def branch_from_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, domain: str | None = None,
+                      carry_optimizer: bool = False, name: str | None = None, source: dict | None = None) -> Card:
+    """A new ELM's initialisation copied from one model (the seed, an ELM, a Hub model):
+    its files, its optimizer state if asked, and a card naming it the one parent (`name`,
+    default the model's own card name; `source`: where a Hub model came from). Returns the
+    parent's card."""
+    import shutil
+
+    out = Path(out_dir)
+    parent = read_card(model_dir)
+    copy_model_dir(model_dir, out)
+    if carry_optimizer:
+        opt = checkpoint_optimizer(model_dir)
+        if opt is None:
+            raise DataError(f"{model_dir}: no optimizer state saved with this model to carry")
+        shutil.copyfile(opt, out / OPTIMIZER)
+    write_card(out, Card(name=out.name, kind="branch-init", domain=domain,
+                         parents=[{"name": name or parent.name, "weight": 1.0}], data={"branch_method": "copy"},
+                         family=parent.family, source=source or {}))
+    return parent
+
+
+__all__ = ["BRANCH_METHODS", "BranchPlan", "branch", "branch_from_model", "plan_branch", "sample_blocks",
+           "write_branch_init"]

@@ -287,30 +287,16 @@ def branch_cmd(
     if out is None:
         raise BTMError("--out is required: the directory to write the new ELM's initialisation to")
     from btm.branch import branch as do_branch
-    from btm.family import Card, read_card, write_card
-    from btm.forest import Forest, copy_model_dir
-    from btm.train import checkpoint_optimizer
+    from btm.branch import branch_from_model
+    from btm.forest import Forest
 
     if (from_ is None) == (forest is None):
         raise BTMError("give exactly one of --from MODEL_DIR or --forest FOREST_DIR")
     if from_ is not None:
         start = _model(from_, revision)
-        from_ = start.path
-        parent = read_card(from_)
-        if start.source:
-            parent.name = start.source["hub"]
-        copy_model_dir(from_, out)
-        if carry_optimizer:
-            opt = checkpoint_optimizer(from_)
-            if opt is None:
-                raise BTMError(f"{from_}: no optimizer state saved with this model to carry")
-            import shutil
-
-            shutil.copyfile(opt, out / "optimizer.safetensors")
-        write_card(out, Card(name=out.name, kind="branch-init", domain=domain,
-                             parents=[{"name": parent.name, "weight": 1.0}], data={"branch_method": "copy"},
-                             family=parent.family, source=start.source or {}))
-        console.print(f"branch init for {domain or out.name} from {parent.name} saved to {out}")
+        hub = start.source["hub"] if start.source else None
+        parent = branch_from_model(start.path, out, domain, carry_optimizer, name=hub, source=start.source)
+        console.print(f"branch init for {domain or out.name} from {hub or parent.name} saved to {out}")
         return
     f = Forest.load(forest)
     if method in ("posterior", "argmax") and sample is None and len(f):
