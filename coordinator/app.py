@@ -152,52 +152,58 @@ def admitted(settings: Settings) -> int:
 def add_error_handlers(app: FastAPI) -> None:
     """Every error is JSON {"error": {"code", "message"}} with a message that says what to do
     and never a server path."""
+    for exc, handler in ((ServiceError, _service_error), (BTMError, _btm_error),
+                         (StarletteHTTPException, _http_error), (IntegrityError, _integrity_error),
+                         (PoolTimeout, _pool_timeout), (OperationalError, _operational_error),
+                         (RequestValidationError, _validation_error)):
+        app.add_exception_handler(exc, handler)
 
-    def err(status: int, code: str, message: str, headers: dict | None = None, **details) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": public(message), **details}}, status_code=status,
-                            headers=headers)
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
-        return err(exc.status, exc.code, exc.message, getattr(exc, "headers", None), **exc.details)
+def _err(status: int, code: str, message: str, headers: dict | None = None, **details) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": public(message), **details}}, status_code=status,
+                        headers=headers)
 
-    @app.exception_handler(BTMError)
-    async def btm_error(request: Request, exc: BTMError):
-        return err(422, "unprocessable", str(exc))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        # e.g. a body that is not JSON at all: the same error shape as everything else
-        headers = dict(getattr(exc, "headers", None) or {})
-        if exc.status_code == 405:
-            headers["Allow"] = ", ".join(allowed_methods(request))
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status_code, "error")
-        return err(exc.status_code, code, str(exc.detail), headers or None)
+async def _service_error(request: Request, exc: ServiceError):
+    return _err(exc.status, exc.code, exc.message, getattr(exc, "headers", None), **exc.details)
 
-    @app.exception_handler(IntegrityError)
-    async def integrity_error(request: Request, exc: IntegrityError):
-        # a constraint the database enforced that no check in the code caught first: in practice two
-        # requests racing to create the same thing (a unique name). The loser gets this generic 409,
-        # not the specific message the service's own check gives once the row is there.
-        return err(409, "conflict", "that already exists (a concurrent request created it); fetch it or choose "
-                   "another name")
 
-    @app.exception_handler(PoolTimeout)
-    async def pool_timeout(request: Request, exc: PoolTimeout):
-        return err(503, "unavailable", "the coordinator is busy; try again shortly", {"Retry-After": "2"})
+async def _btm_error(request: Request, exc: BTMError):
+    return _err(422, "unprocessable", str(exc))
 
-    @app.exception_handler(OperationalError)
-    async def operational_error(request: Request, exc: OperationalError):
-        if "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower():
-            return err(503, "unavailable", "the database is busy; try again shortly", {"Retry-After": "1"})
-        log.error("database error on %s %s: %s", request.method, request.url.path, exc)
-        return err(503, "unavailable", "the database cannot be reached; try again shortly", {"Retry-After": "5"})
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return err(422, "validation_error", "; ".join(problems)[:2000])
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    # e.g. a body that is not JSON at all: the same error shape as everything else
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+        exc.status_code, "error")
+    return _err(exc.status_code, code, str(exc.detail), headers or None)
+
+
+async def _integrity_error(request: Request, exc: IntegrityError):
+    # a constraint the database enforced that no check in the code caught first: in practice two
+    # requests racing to create the same thing (a unique name). The loser gets this generic 409,
+    # not the specific message the service's own check gives once the row is there.
+    return _err(409, "conflict", "that already exists (a concurrent request created it); fetch it or choose "
+                "another name")
+
+
+async def _pool_timeout(request: Request, exc: PoolTimeout):
+    return _err(503, "unavailable", "the coordinator is busy; try again shortly", {"Retry-After": "2"})
+
+
+async def _operational_error(request: Request, exc: OperationalError):
+    if "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower():
+        return _err(503, "unavailable", "the database is busy; try again shortly", {"Retry-After": "1"})
+    log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+    return _err(503, "unavailable", "the database cannot be reached; try again shortly", {"Retry-After": "5"})
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return _err(422, "validation_error", "; ".join(problems)[:2000])
 
 
 def allowed_methods(request: Request) -> list[str]:

@@ -200,25 +200,9 @@ def plan(reports: list[NodeReport], history: dict[str, DomainHistory], domains: 
     out: dict[str, Decision] = {}
     candidates: dict[str, list[NodeReport]] = {}
     for r in reports:
-        if not r.replied:
-            out[r.node_id] = Decision(r.node_id, TIMED_OUT, r.error or "no answer to the query")
-        elif r.error:
-            # a node that names its domain and fails counts as an attempt at that domain
-            attempt = history.get(r.domain, DomainHistory()).failures + 1 if r.domain else 0
-            out[r.node_id] = Decision(r.node_id, FAILED, f"the node reported: {r.error}", attempt=attempt)
-        elif r.domain is None:
-            out[r.node_id] = Decision(r.node_id, FAILED, "the node named no valid domain; set `domain` in its "
-                                      "node config (--node-config \"domain='name' data-dir='...'\")")
-        elif r.domain not in domains:
-            out[r.node_id] = Decision(r.node_id, SKIPPED, f"domain {r.domain!r} is not registered at the coordinator "
-                                      f"(`elmforest domain register {r.domain}`)")
-        elif domains[r.domain]:
-            out[r.node_id] = Decision(r.node_id, SKIPPED, f"domain {r.domain!r}: {domains[r.domain]}")
-        elif (h := history.get(r.domain, DomainHistory())).done:
-            out[r.node_id] = Decision(r.node_id, SKIPPED, f"domain {r.domain!r} needs no new ELM: {h.done}")
-        elif h.failures >= max_attempts:
-            out[r.node_id] = Decision(r.node_id, SKIPPED, f"domain {r.domain!r} failed {h.failures} rounds in a row; "
-                                      "not asked again (start a round with a higher max_attempts to retry)")
+        no = _why_not(r, history, domains, max_attempts)
+        if no is not None:
+            out[r.node_id] = no
         else:
             candidates.setdefault(r.domain, []).append(r)
     for domain, nodes in candidates.items():
@@ -232,6 +216,32 @@ def plan(reports: list[NodeReport], history: dict[str, DomainHistory], domains: 
             out[r.node_id] = Decision(r.node_id, SKIPPED, f"domain {domain!r} is trained by node {first.node_id} "
                                       "in this round (it has more data)")
     return out
+
+
+def _why_not(r: NodeReport, history: dict[str, DomainHistory], domains: dict[str, str | None],
+             max_attempts: int) -> Decision | None:
+    """Why a node may not train in this round (its decision), or None if it may."""
+    if not r.replied:
+        return Decision(r.node_id, TIMED_OUT, r.error or "no answer to the query")
+    if r.error:
+        # a node that names its domain and fails counts as an attempt at that domain
+        attempt = history.get(r.domain, DomainHistory()).failures + 1 if r.domain else 0
+        return Decision(r.node_id, FAILED, f"the node reported: {r.error}", attempt=attempt)
+    if r.domain is None:
+        return Decision(r.node_id, FAILED, "the node named no valid domain; set `domain` in its "
+                        "node config (--node-config \"domain='name' data-dir='...'\")")
+    if r.domain not in domains:
+        return Decision(r.node_id, SKIPPED, f"domain {r.domain!r} is not registered at the coordinator "
+                        f"(`elmforest domain register {r.domain}`)")
+    if domains[r.domain]:
+        return Decision(r.node_id, SKIPPED, f"domain {r.domain!r}: {domains[r.domain]}")
+    h = history.get(r.domain, DomainHistory())
+    if h.done:
+        return Decision(r.node_id, SKIPPED, f"domain {r.domain!r} needs no new ELM: {h.done}")
+    if h.failures >= max_attempts:
+        return Decision(r.node_id, SKIPPED, f"domain {r.domain!r} failed {h.failures} rounds in a row; "
+                        "not asked again (start a round with a higher max_attempts to retry)")
+    return None
 
 
 def elm_name(domain: str, round_id: int, taken: set[str]) -> str:

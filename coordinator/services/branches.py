@@ -30,14 +30,7 @@ def request(db: Session, user: User, forest_name: str, domain_name: str, method:
             sample_sha256: str | None = None, posterior: dict[str, float] | None = None) -> tuple[BranchInit, bool]:
     """Returns (branch init, needs_job). Reuses the files of an identical earlier request."""
     f = forests_svc.get(db, forest_name)
-    d = domains_svc.get(db, domain_name)
-    if d.status != DomainStatus.active:
-        raise BadRequest(f"domain {domain_name!r} is retired; it takes no new ELMs")
-    if d.eval_data_sha256 is None:
-        raise BadRequest(
-            f"domain {domain_name!r} has no held-out evaluation data yet, so no ELM for it could be evaluated; "
-            f"upload some first (`elmforest domain eval-data {domain_name} FILE`)"
-        )
+    d = _open_domain(db, domain_name)
     if method not in BRANCH_METHODS:
         raise BadRequest(f"unknown method {method!r}; one of {', '.join(BRANCH_METHODS)}")
     v = forests_svc.version(db, f)
@@ -46,15 +39,7 @@ def request(db: Session, user: User, forest_name: str, domain_name: str, method:
     if posterior is not None:
         if sample_sha256:
             raise BadRequest("send either a sample or a posterior, not both")
-        unknown = sorted(set(posterior) - set(elm_names))
-        if unknown:
-            raise BadRequest(f"the posterior names ELMs {unknown} that are not in {f.name} v{v.number} "
-                             f"(its ELMs: {elm_names}); request the init against the current version")
-        vals = [float(posterior.get(n, 0.0)) for n in elm_names]
-        if any(not math.isfinite(x) or x < 0 for x in vals) or (elm_names and sum(vals) <= 0):
-            raise BadRequest("posterior weights must be finite, non-negative and not all zero")
-        s = sum(vals) or 1.0
-        posterior = {n: x / s for n, x in zip(elm_names, vals, strict=True)}
+        posterior = _normalised(posterior, elm_names, f"{f.name} v{v.number}")
         weights_key = hashlib.sha256(json.dumps(posterior, sort_keys=True).encode()).hexdigest()
     elif sample_sha256:
         uploads.require_own(db, user, sample_sha256, ("sample",), "sample")
@@ -62,15 +47,46 @@ def request(db: Session, user: User, forest_name: str, domain_name: str, method:
         raise BadRequest(f"method {method!r} needs a sample of the domain's text or a privately computed posterior")
     b = BranchInit(forest_id=f.id, version_id=v.id, domain_id=d.id, requested_by_id=user.id, method=method,
                    sample_sha256=sample_sha256, weights_key=weights_key, posterior=posterior)
-    same = [BranchInit.version_id == v.id, BranchInit.method == method, BranchInit.status == BranchStatus.ready]
-    for col, val in ((BranchInit.sample_sha256, sample_sha256), (BranchInit.weights_key, weights_key)):
-        same.append(col.is_(None) if val is None else col == val)
-    cached = db.scalar(select(BranchInit).where(*same).order_by(BranchInit.id))
+    cached = _same_request(db, b)
     if cached is not None:
         b.posterior, b.parents, b.files, b.status = cached.posterior, cached.parents, cached.files, BranchStatus.ready
     db.add(b)
     db.flush()
     return b, cached is None
+
+
+def _open_domain(db: Session, name: str):
+    """The domain a new ELM is for: active, and with held-out data to evaluate the ELM on."""
+    d = domains_svc.get(db, name)
+    if d.status != DomainStatus.active:
+        raise BadRequest(f"domain {name!r} is retired; it takes no new ELMs")
+    if d.eval_data_sha256 is None:
+        raise BadRequest(
+            f"domain {name!r} has no held-out evaluation data yet, so no ELM for it could be evaluated; "
+            f"upload some first (`elmforest domain eval-data {name} FILE`)"
+        )
+    return d
+
+
+def _normalised(posterior: dict[str, float], elm_names: list[str], version: str) -> dict[str, float]:
+    """A privately computed posterior over the version's ELMs, checked and summing to one."""
+    unknown = sorted(set(posterior) - set(elm_names))
+    if unknown:
+        raise BadRequest(f"the posterior names ELMs {unknown} that are not in {version} "
+                         f"(its ELMs: {elm_names}); request the init against the current version")
+    vals = [float(posterior.get(n, 0.0)) for n in elm_names]
+    if any(not math.isfinite(x) or x < 0 for x in vals) or (elm_names and sum(vals) <= 0):
+        raise BadRequest("posterior weights must be finite, non-negative and not all zero")
+    s = sum(vals) or 1.0
+    return {n: x / s for n, x in zip(elm_names, vals, strict=True)}
+
+
+def _same_request(db: Session, b: BranchInit) -> BranchInit | None:
+    """A ready init of the same version, method and sample (or posterior): its files serve."""
+    same = [BranchInit.version_id == b.version_id, BranchInit.method == b.method, BranchInit.status == BranchStatus.ready]
+    for col, val in ((BranchInit.sample_sha256, b.sample_sha256), (BranchInit.weights_key, b.weights_key)):
+        same.append(col.is_(None) if val is None else col == val)
+    return db.scalar(select(BranchInit).where(*same).order_by(BranchInit.id))
 
 
 def compute(db: Session, storage, settings, init_id: int) -> dict:

@@ -217,14 +217,7 @@ def publish(db: Session, storage: Storage, f: Forest, actor: User | None, add: l
     unknown = [i for i in remove if i not in {c.id for c in now}]
     if unknown:
         raise BadRequest(f"contributions {unknown} are not in version {current.number} of {f.name!r}")
-    if add is None:
-        add_c = list(db.scalars(select(Contribution).where(Contribution.forest_id == f.id,
-                                                          Contribution.state == State.approved).order_by(Contribution.id)))
-    else:
-        add_c = [db.get(Contribution, i) for i in add]
-        bad = [i for i, c in zip(add, add_c, strict=True) if c is None or c.forest_id != f.id or c.state != State.approved]
-        if bad:
-            raise BadRequest(f"contributions {bad} are not approved contributions of {f.name!r}")
+    add_c = _approved(db, f, add)
     if not add_c and not remove:
         raise BadRequest("nothing to publish: no approved contributions and nothing to remove")
     names = {c.name for c in now if c.id not in remove}
@@ -248,6 +241,19 @@ def publish(db: Session, storage: Storage, f: Forest, actor: User | None, add: l
     f.current_version = number
     db.flush()
     return v
+
+
+def _approved(db: Session, f: Forest, ids: list[int] | None) -> list[Contribution]:
+    """The contributions a publish adds: `ids` (each must be an approved contribution of
+    `f`), or every approved one of `f`."""
+    if ids is None:
+        return list(db.scalars(select(Contribution).where(Contribution.forest_id == f.id,
+                                                         Contribution.state == State.approved).order_by(Contribution.id)))
+    found = [db.get(Contribution, i) for i in ids]
+    bad = [i for i, c in zip(ids, found, strict=True) if c is None or c.forest_id != f.id or c.state != State.approved]
+    if bad:
+        raise BadRequest(f"contributions {bad} are not approved contributions of {f.name!r}")
+    return found
 
 
 def file_urls(storage: Storage, files: dict[str, str]) -> dict[str, str]:
