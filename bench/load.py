@@ -92,6 +92,21 @@ async def request(http: httpx.AsyncClient, stats: Stats, kind: str, method: str,
     return r
 
 
+def _read_request(kind: str, ctx: dict, rng: random.Random) -> tuple[str, dict | None, bool]:
+    """One read of the mix: (path, query parameters, whether it carries the client's token)."""
+    f, elm = ctx["forest"], rng.choice(ctx["elms"])
+    if kind == "leaderboard":
+        return f"/api/v1/forests/{f}/leaderboard", {"sort": rng.choice(["mean", "mean_eval", ctx["domains"][0]])}, False
+    if kind == "job":  # a contributor polling the jobs working on their contributions
+        return "/api/v1/jobs", {"limit": 5}, True
+    if kind == "download":
+        return rng.choice(ctx["small_files"]), None, False
+    paths = {"forest": f"/api/v1/forests/{f}", "manifest": f"/api/v1/forests/{f}/versions/{ctx['version']}",
+             "page-forest": f"/forests/{f}", "page-elm": f"/forests/{f}/elms/{elm}",
+             "page-leaderboard": f"/forests/{f}/leaderboard", "me": "/api/v1/me", "domains": "/api/v1/domains"}
+    return paths[kind], None, kind == "me"
+
+
 async def reader(i: int, base: str, token: str, ctx: dict, stats: Stats, until: float,
                  think: tuple[float, float]) -> None:
     rng = random.Random(i)
@@ -102,28 +117,8 @@ async def reader(i: int, base: str, token: str, ctx: dict, stats: Stats, until: 
         await asyncio.sleep(rng.random() * 2)  # clients arrive over two seconds
         while time.monotonic() < until:
             kind = rng.choices(kinds, weights)[0]
-            f, elm = ctx["forest"], rng.choice(ctx["elms"])
-            if kind == "leaderboard":
-                sort = rng.choice(["mean", "mean_eval", ctx["domains"][0]])
-                await request(http, stats, kind, "GET", f"/api/v1/forests/{f}/leaderboard", params={"sort": sort})
-            elif kind == "forest":
-                await request(http, stats, kind, "GET", f"/api/v1/forests/{f}")
-            elif kind == "manifest":
-                await request(http, stats, kind, "GET", f"/api/v1/forests/{f}/versions/{ctx['version']}")
-            elif kind == "page-forest":
-                await request(http, stats, kind, "GET", f"/forests/{f}")
-            elif kind == "page-elm":
-                await request(http, stats, kind, "GET", f"/forests/{f}/elms/{elm}")
-            elif kind == "page-leaderboard":
-                await request(http, stats, kind, "GET", f"/forests/{f}/leaderboard")
-            elif kind == "job":  # a contributor polling the jobs working on their contributions
-                await request(http, stats, kind, "GET", "/api/v1/jobs", params={"limit": 5}, headers=headers)
-            elif kind == "me":
-                await request(http, stats, kind, "GET", "/api/v1/me", headers=headers)
-            elif kind == "domains":
-                await request(http, stats, kind, "GET", "/api/v1/domains")
-            elif kind == "download":
-                await request(http, stats, kind, "GET", rng.choice(ctx["small_files"]))
+            path, params, auth = _read_request(kind, ctx, rng)
+            await request(http, stats, kind, "GET", path, params=params, **({"headers": headers} if auth else {}))
             await asyncio.sleep(think[0] + (think[1] - think[0]) * rng.random())
 
 
