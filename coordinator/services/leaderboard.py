@@ -57,6 +57,11 @@ def board(db: Session, v: ForestVersion, role: str | None = None, kind: str | No
     if kind not in (None, *KINDS):
         raise BadRequest(f"kind is one of {', '.join(KINDS)}")
     page, per_page = max(1, page), max(1, min(per_page, 500))
+    if v.evaluated_at is None:
+        # not evaluated yet (as of this request's look at the version): an empty board. Its
+        # rows are read by several statements, each of which may see the evaluation commit;
+        # building one now could mix the two states (rows without their domains' columns)
+        return Board(v.forest.name, v.number, [], [], {}, 0, page, per_page, role, kind, sort, desc)
     key = (v.id, v.evaluated_at, role, kind, sort, desc, page, per_page)
     return cache.boards.get(key, lambda: _board(db, v, role, kind, sort, desc, page, per_page))
 
@@ -139,6 +144,8 @@ def posteriors(db: Session, v: ForestVersion) -> dict[str, dict[str, float]]:
             Posterior.version_id == v.id)
         return {name: w for w, name in db.execute(q)}
 
+    if v.evaluated_at is None:
+        return {}  # not evaluated yet (see board)
     return cache.boards.get((v.id, v.evaluated_at, "posteriors"), load)
 
 
