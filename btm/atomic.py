@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,12 @@ def temp_path(dst: str | os.PathLike, tmp_name: str | None = None) -> Path:
     """Where the temporary for `dst` goes."""
     dst = Path(dst)
     return dst.with_name(tmp_name or dst.name + ".tmp")
+
+
+def unique_tmp_name(dst: str | os.PathLike) -> str:
+    """A temporary's name for `dst` that no concurrent writer of `dst` shares, ending in
+    `.tmp` (what a sweeper of leftovers looks for)."""
+    return f"{Path(dst).name}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def _remove(p: Path) -> None:

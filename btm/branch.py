@@ -16,7 +16,7 @@ from btm.data import encode_texts, eval_blocks, read_documents, split_source
 from btm.errors import DataError
 from btm.family import Card, read_card, write_card
 from btm.forest import Forest, copy_model_dir
-from btm.model_files import OPTIMIZER
+from btm.model_files import OPTIMIZER, WEIGHTS_FILE
 from btm.posterior import domain_prior
 from btm.tokenizer import load_tokenizer
 from btm.train import checkpoint_optimizer
@@ -95,7 +95,7 @@ def write_branch_init(forest: Forest, plan: BranchPlan, out_dir: str | os.PathLi
         opts = [(checkpoint_optimizer(s), w) for _, s, w in live]
         if all(p is not None for p, _ in opts):
             average_files([p for p, _ in opts], [w for _, w in opts], out / "_opt")
-            os.replace(out / "_opt" / "model.safetensors", out / OPTIMIZER)
+            os.replace(out / "_opt" / WEIGHTS_FILE, out / OPTIMIZER)
             (out / "_opt").rmdir()
     return out
 

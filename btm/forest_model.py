@@ -36,6 +36,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from btm.errors import BTMError
+from btm.model_files import CONFIG
 
 
 class ForestConfig(PretrainedConfig):
@@ -149,7 +150,7 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
         """A forest directory (forest.json) or a directory whose config.json is a ForestConfig
         naming its experts' directories (relative to it), e.g. an exported forest."""
         path = Path(path)
-        if (path / "forest.json").exists() and not (path / "config.json").exists():
+        if (path / "forest.json").exists() and not (path / CONFIG).exists():
             return cls.from_forest(path, top_k=top_k)
         config = ForestConfig.from_pretrained(str(path))
         experts = [e if Path(e).is_absolute() else path / e for e in config.experts]

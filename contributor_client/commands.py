@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from btm.model_files import CONFIG, TOKENIZER_PREFIX, is_upload_file
+from btm.model_files import CONFIG, TOKENIZER_PREFIX, WEIGHTS_FILE, is_upload_file
 from contributor_client.http import Client, ClientError, sha256_file
 
 Log = Callable[[str], None]
@@ -169,7 +169,7 @@ def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init
     from btm.tokenizer import load_tokenizer, tokenizer_sha256
 
     elm_dir = Path(elm_dir)
-    weights = elm_dir / "model.safetensors"
+    weights = elm_dir / WEIGHTS_FILE
     if not weights.exists():
         raise ClientError(f"{elm_dir}: no model.safetensors; train the ELM first (`elmforest train`)")
     card = read_card(elm_dir)
@@ -182,7 +182,7 @@ def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init
     body = {
         "forest": forest, "branch_init_id": branch_init_id, "forest_version": info.get("version"),
         "name": name, "sha256": sha, "size": weights.stat().st_size,
-        "config": json.loads((elm_dir / "config.json").read_text()),
+        "config": json.loads((elm_dir / CONFIG).read_text()),
         "tokenizer_sha256": tokenizer_sha256(load_tokenizer(elm_dir)),
         "training": {**card.training, "data": card.data},
     }
@@ -200,7 +200,7 @@ def import_checkpoint(client: Client, forest: str, source: str, domain: str, nam
     from btm.tokenizer import load_tokenizer, tokenizer_sha256
 
     r = resolve(source, revision)
-    weights = r.path / "model.safetensors"
+    weights = r.path / WEIGHTS_FILE
     if not weights.exists():
         raise ClientError(f"{source}: no single model.safetensors (sharded or missing weights); an import uploads "
                           "one file: save the model with save_pretrained(..., max_shard_size='1000GB') first")
@@ -208,8 +208,8 @@ def import_checkpoint(client: Client, forest: str, source: str, domain: str, nam
                          "files": {f.name: sha256_file(f) for f in sorted(r.path.iterdir()) if f.is_file()}}
     card = read_card(r.path)
     body = {
-        "domain": domain, "name": name, "sha256": where["files"]["model.safetensors"], "size": weights.stat().st_size,
-        "config": json.loads((r.path / "config.json").read_text()),
+        "domain": domain, "name": name, "sha256": where["files"][WEIGHTS_FILE], "size": weights.stat().st_size,
+        "config": json.loads((r.path / CONFIG).read_text()),
         "tokenizer_sha256": tokenizer_sha256(load_tokenizer(r.path)),
         "source": {k: where[k] for k in ("hub", "revision", "requested", "path", "files") if k in where},
         "training": {**card.training, "data": card.data} if card.training or card.data else {},

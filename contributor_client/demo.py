@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from btm.model_files import CARD
 from contributor_client import commands
 from contributor_client.http import Client, ClientError
 
@@ -53,7 +54,7 @@ class Demo:
 
     def seed(self) -> Path:
         out = self.work / "seed"
-        if (out / "README.md").exists() and (out / "checkpoint" / "state.json").exists():
+        if (out / CARD).exists() and (out / "checkpoint" / "state.json").exists():
             self.say("seed LM already trained")
             return out
         from btm.data import BlockSampler, Corpus, tokenize_file

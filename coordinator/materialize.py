@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from btm import atomic
@@ -28,7 +27,7 @@ def blob(storage: Storage, cache: Path, sha256: str) -> Path:
 
 
 def _link(src: Path, dst: Path) -> None:
-    atomic.copy_file(src, dst, link=True, tmp_name=f"{dst.name}.{uuid.uuid4().hex[:6]}.tmp")
+    atomic.copy_file(src, dst, link=True, tmp_name=atomic.unique_tmp_name(dst))
 
 
 def model_dir(storage: Storage, cache: Path, files: dict[str, str]) -> Path:
@@ -53,7 +52,7 @@ def forest_dir(storage: Storage, cache: Path, manifest: dict) -> Path:
     root = cache / "forests" / key
     if (root / "forest.json").exists():
         return root
-    tmp = cache / "forests" / f"{key}.{uuid.uuid4().hex[:6]}.tmp"
+    tmp = cache / "forests" / atomic.unique_tmp_name(root)
     tmp.mkdir(parents=True)
     for entry in [manifest["seed"], *manifest["elms"]]:
         d = tmp / entry["path"]

@@ -25,12 +25,6 @@ from btm import atomic
 CHUNK = 8 * 1024 * 1024
 
 
-def _tmp_name(dest: Path) -> str:
-    """A temporary's name for an atomic write to `dest`: unique (concurrent writers of one
-    object do not collide) and ending in `.tmp`, which stale_temporaries looks for."""
-    return f"{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-
-
 def blob_key(sha256: str) -> str:
     return f"blobs/sha256/{sha256[:2]}/{sha256}"
 
@@ -105,7 +99,7 @@ class Storage(ABC):
 
     def get_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.replacing(dest, _tmp_name(dest)) as tmp, open(tmp, "wb") as f:
+        with atomic.replacing(dest, atomic.unique_tmp_name(dest)) as tmp, open(tmp, "wb") as f:
             for c in self.iter_chunks(key):
                 f.write(c)
 
@@ -212,7 +206,7 @@ class LocalStorage(Storage):
     def put_file(self, key, path):
         dst = self.path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        atomic.copy_file(path, dst, tmp_name=_tmp_name(dst))
+        atomic.copy_file(path, dst, tmp_name=atomic.unique_tmp_name(dst))
 
     def iter_chunks(self, key, chunk=CHUNK):
         p = self.path(key)
@@ -224,7 +218,7 @@ class LocalStorage(Storage):
 
     def get_file(self, key, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic.copy_file(self.path(key), dest, tmp_name=_tmp_name(dest))
+        atomic.copy_file(self.path(key), dest, tmp_name=atomic.unique_tmp_name(dest))
 
     def delete(self, key):
         p = self.path(key)
@@ -278,7 +272,7 @@ class LocalStorage(Storage):
 
         part = d / f"part-{part_number:05d}"
         n = 0
-        with atomic.replacing(part, _tmp_name(part)) as tmp:
+        with atomic.replacing(part, atomic.unique_tmp_name(part)) as tmp:
             with open(tmp, "wb") as f:
                 async for chunk in body:
                     n += len(chunk)
@@ -395,7 +389,7 @@ class S3Storage(Storage):
 
     def get_file(self, key, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.replacing(dest, _tmp_name(dest)) as tmp:
+        with atomic.replacing(dest, atomic.unique_tmp_name(dest)) as tmp:
             self.client.download_file(self.bucket, self.k(key), str(tmp))
 
     def delete(self, key):

@@ -134,7 +134,7 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
     c = Contribution(name=name, owner_id=user.id, forest_id=f.id, domain_id=d.id, branch_init_id=b.id if b else None,
                      source=source, weights_sha256=sha256, weights_size=size, config=config,
                      tokenizer_sha256=tokenizer_sha256, training=training or {})
-    up = uploads.start(db, storage, settings, user, "weights", "model.safetensors", sha256, size)
+    up = uploads.start(db, storage, settings, user, "weights", WEIGHTS_FILE, sha256, size)
     c.upload_id = up.id
     db.add(c)
     db.flush()
@@ -163,7 +163,7 @@ def upload_info(db: Session, storage: Storage, settings, user: User, cid: int) -
             return uploads.resume(db, storage, user, up.id)
         except Conflict:  # it expired just now
             pass
-    up = uploads.start(db, storage, settings, user, "weights", "model.safetensors", c.weights_sha256, c.weights_size)
+    up = uploads.start(db, storage, settings, user, "weights", WEIGHTS_FILE, c.weights_sha256, c.weights_size)
     c.upload_id = up.id
     return uploads.describe(storage, up)
 
