@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from btm.errors import BTMError, DataError
+from btm.train_config import TrainConfig
 
 console = Console(stderr=True)
 
@@ -37,23 +38,31 @@ def _model(spec: str | Path | None, revision: str | None = None):
     return r
 
 
-# The training options of `seed` and `train`, in --help order: (parameter, type and option, default).
-# Each parameter is a TrainConfig field, except seed_ (--seed; `seed` would shadow the command)
-# and no_progress (progress=False).
+# The training options of `seed` and `train`, in --help order, with TrainConfig's defaults
+# (--steps: each command's own). Each is a TrainConfig field, except seed_ (--seed; `seed`
+# would shadow the command) and no_progress (progress=False).
 TRAINING_OPTIONS = [
-    ("steps", Annotated[int, typer.Option(help="Optimizer updates in this phase.")], None),  # per command
-    ("batch_size", Annotated[int, typer.Option("--batch-size", help="Global batch, in sequences (all processes together).")], 32),
-    ("micro_batch_size", Annotated[int | None, typer.Option("--micro-batch-size", help="Sequences per forward pass per process; the rest is gradient accumulation.")], None),
-    ("block_size", Annotated[int, typer.Option("--block-size", help="Tokens per training sequence.")], 256),
-    ("lr", Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then linear decay).")], 5e-4),
-    ("warmup", Annotated[float, typer.Option(help="Warm-up as a fraction of the schedule.")], 0.08),
-    ("schedule_steps", Annotated[int | None, typer.Option("--schedule-steps", help="Length of the LR schedule when this phase is only its first part (e.g. a seed that is the first half of a dense run).")], None),
-    ("checkpoint_every", Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N updates (0: only at the end).")], 0),
-    ("seed_", Seed, 0),
-    ("compile", Annotated[bool, typer.Option("--compile", help="torch.compile the model.")], False),
-    ("precision", Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")], "auto"),
-    ("no_progress", Annotated[bool, typer.Option("--no-progress", help="No progress bar (metrics still go to metrics.jsonl).")], False),
+    ("steps", Annotated[int, typer.Option(help="Optimizer updates in this phase.")]),
+    ("batch_size", Annotated[int, typer.Option("--batch-size", help="Global batch, in sequences (all processes together).")]),
+    ("micro_batch_size", Annotated[int | None, typer.Option("--micro-batch-size", help="Sequences per forward pass per process; the rest is gradient accumulation.")]),
+    ("block_size", Annotated[int, typer.Option("--block-size", help="Tokens per training sequence.")]),
+    ("lr", Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then linear decay).")]),
+    ("warmup", Annotated[float, typer.Option(help="Warm-up as a fraction of the schedule.")]),
+    ("schedule_steps", Annotated[int | None, typer.Option("--schedule-steps", help="Length of the LR schedule when this phase is only its first part (e.g. a seed that is the first half of a dense run).")]),
+    ("checkpoint_every", Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N updates (0: only at the end).")]),
+    ("seed_", Seed),
+    ("compile", Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]),
+    ("precision", Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]),
+    ("no_progress", Annotated[bool, typer.Option("--no-progress", help="No progress bar (metrics still go to metrics.jsonl).")]),
 ]
+
+
+def _option_default(name: str, steps: int):
+    if name == "steps":
+        return steps
+    if name == "no_progress":
+        return not TrainConfig.progress
+    return getattr(TrainConfig, name.rstrip("_"))
 
 
 def training_options(steps: int):
@@ -64,18 +73,16 @@ def training_options(steps: int):
     def decorate(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "cfg"]
         options = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
-                                     default=steps if name == "steps" else default)
-                   for name, kind, default in TRAINING_OPTIONS]
+                                     default=_option_default(name, steps))
+                   for name, kind in TRAINING_OPTIONS]
         sig = inspect.Signature(own + options)
 
         @functools.wraps(command)
         def run(*args, **kwargs):
-            from btm.train import TrainConfig
-
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             given = bound.arguments
-            o = {name: given.pop(name) for name, _, _ in TRAINING_OPTIONS}
+            o = {name: given.pop(name) for name, _ in TRAINING_OPTIONS}
             cfg = TrainConfig(seed=o.pop("seed_"), progress=not o.pop("no_progress"), **o)
             return command(**given, cfg=cfg)
 

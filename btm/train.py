@@ -31,67 +31,18 @@ from btm import atomic
 from btm.data import BlockSampler
 from btm.errors import BTMError
 from btm.family import Card, save_elm
+from btm.model_files import CARD, OPTIMIZER, WEIGHTS_FILE
 from btm.safetensors_io import (
     DTYPE_NAMES,
     read_header,
     read_tensor,
     save_state_dict,
 )
+from btm.train_config import TrainConfig
 
 CHECKPOINT = "checkpoint"
-OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_FILE = OPTIMIZER
 STATE_FILE = "state.json"
-
-
-@dataclass
-class TrainConfig:
-    steps: int  # optimizer updates in this phase
-    batch_size: int = 32  # global batch, in sequences
-    micro_batch_size: int | None = None  # per process per forward; default: as large as allowed
-    block_size: int = 256
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup: float = 0.08  # fraction of the schedule
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    # The LR schedule this phase runs in: steps [schedule_start, schedule_start + steps) of a
-    # schedule `schedule_steps` long (default: just this phase).
-    schedule_start: int = 0
-    schedule_steps: int | None = None
-    checkpoint_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
-    progress: bool = True
-
-    # What travels with a federated round's train message, by its wire name (Flower config
-    # records use hyphens): the coordinator writes it from a round's settings, the node reads
-    # its TrainConfig back from it.
-    RECORD = {"steps": int, "batch_size": int, "block_size": int, "lr": float, "warmup": float, "precision": str}
-
-    def to_record(self) -> dict[str, int | float | str]:
-        return {k.replace("_", "-"): cast(getattr(self, k)) for k, cast in self.RECORD.items()}
-
-    @classmethod
-    def from_record(cls, record: dict, **overrides) -> TrainConfig:
-        fields = {k: cast(record[k.replace("_", "-")]) for k, cast in cls.RECORD.items()
-                  if k.replace("_", "-") in record}
-        return cls(**{**fields, **overrides})
-
-    @property
-    def total_schedule(self) -> int:
-        return self.schedule_steps or (self.schedule_start + self.steps)
-
-    def lr_at(self, global_step: int) -> float:
-        total = self.total_schedule
-        warm = max(1, round(self.warmup * total)) if self.warmup > 0 else 0
-        if global_step < warm:
-            return self.lr * (global_step + 1) / warm
-        frac = (global_step - warm) / max(1, total - warm)
-        return self.min_lr + (self.lr - self.min_lr) * max(0.0, 1.0 - frac)
 
 
 @dataclass
@@ -188,13 +139,13 @@ def save_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig, step: int, extr
     tmp.mkdir(parents=True)
     save_state_dict(_dedup_tied(model.state_dict()), tmp)
     save_state_dict(optimizer_state_tensors(model, opt), tmp / "opt")
-    os.replace(tmp / "opt" / "model.safetensors", tmp / OPTIMIZER_FILE)
+    os.replace(tmp / "opt" / WEIGHTS_FILE, tmp / OPTIMIZER_FILE)
     (tmp / "opt").rmdir()
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_state_dict(rng, tmp / "rng")
-    os.replace(tmp / "rng" / "model.safetensors", tmp / "rng.safetensors")
+    os.replace(tmp / "rng" / WEIGHTS_FILE, tmp / "rng.safetensors")
     (tmp / "rng").rmdir()
     state = {"step": step, "global_step": cfg.schedule_start + step, "config": asdict(cfg), **extra}
     atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
@@ -330,7 +281,7 @@ def _resume(out: Path, model, opt, cfg: TrainConfig, init_optimizer) -> tuple[in
         torch.cuda.set_rng_state(read_tensor(rh.path, rh.tensors["cuda"]))
     start = int(state["step"])
     # finished only once the ELM itself was saved too (its README.md is written last)
-    finished = bool(state.get("finished")) and start == cfg.steps and (out / "README.md").exists()
+    finished = bool(state.get("finished")) and start == cfg.steps and (out / CARD).exists()
     return start, float(state.get("loss", float("nan"))), finished
 
 

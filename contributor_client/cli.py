@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from btm.train_config import TrainConfig
 from contributor_client import commands, config
 from contributor_client.http import Client, ClientError
 
@@ -599,9 +600,9 @@ def round_start(
                                                    "node per --node, given as its node config, e.g. \"domain='python' "
                                                    "data-dir='/data/py' token-file='~/.tok'\" (needs the database).")] = None,
     steps: Annotated[int, typer.Option(help="Training updates per node.")] = 500,
-    batch_size: Annotated[int, typer.Option(help="Sequences per update.")] = 32,
-    block_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per update.")] = TrainConfig.batch_size,
+    block_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = TrainConfig.block_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
     min_nodes: Annotated[int, typer.Option(help="Start once this many nodes are connected...")] = 1,
     node_wait: Annotated[float, typer.Option(help="...or after this many seconds with at least one.")] = 60,
     query_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to say their domain and data size.")] = 120,

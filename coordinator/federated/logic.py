@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from btm.train import TrainConfig
+from btm.train_config import TrainConfig
 from coordinator.names import SLUG
 
 # node states, in the order a node goes through them
