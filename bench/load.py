@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
@@ -226,6 +226,7 @@ async def run_load(base: str, tokens: list[str], ctx: dict, seconds: float, uplo
         "by_kind_ms_p50_p99": {k: [round(pct(v, 0.5), 1), round(pct(v, 0.99), 1), len(v)] for k, v in sorted(stats.lat.items())},
         "errors_by_kind": dict(stats.errors), "timeouts_by_kind": dict(stats.timeouts), "error_samples": stats.samples,
         "slow_answers_by_second": _by_second(stats.slow),
+        "slow_answers_by_kind": dict(Counter(kind for _, kind, _ in stats.slow)),
         "slowest_reads": sorted((x for x in stats.slow if not x[1].startswith("upload")), key=lambda x: -x[2])[:10],
     }
 
