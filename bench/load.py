@@ -233,10 +233,7 @@ async def run_load(base: str, tokens: list[str], ctx: dict, seconds: float, uplo
 
 def _by_second(slow: list[tuple[float, str, float]]) -> dict[int, int]:
     """How many answers took over 200 ms, by the second of the run they were asked in."""
-    out: dict[int, int] = defaultdict(int)
-    for when, _, _ in slow:
-        out[int(when)] += 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(int(when) for when, _, _ in slow).items()))
 
 
 # ----------------------------------------------------------------------------- a coordinator to load
