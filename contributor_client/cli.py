@@ -157,7 +157,7 @@ def branch_request(
     domain: Annotated[str, typer.Option(help="Your domain (registered on the coordinator).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to put the init (a model directory to train from).")],
     data: Annotated[Path | None, typer.Option(help="Your domain's text: a directory (train/valid splits) or a file.")] = None,
-    private: Annotated[bool, typer.Option("--private", help="Compute the posterior here; only the weight vector is sent, no text.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Compute the posterior and the routing vector here; only those numbers are sent, no text.")] = False,
     method: Annotated[str, typer.Option(help="posterior (default), argmax, uniform or seed.")] = "posterior",
     url: Url = None,
 ):
@@ -165,7 +165,8 @@ def branch_request(
 
     With --data a small sample of your text is uploaded so the coordinator can weigh the
     forest's ELMs; with --private the ELMs come down one at a time, the posterior is
-    computed on this machine and only the weights go up.
+    computed on this machine and only the weights go up (the seed comes down too: the ELM's
+    routing vector is computed here, kept in the init and sent by `submit`).
 
     EXAMPLES
       elmforest branch request --forest demo --domain mine --data ~/mytexts --out runs/init

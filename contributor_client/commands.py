@@ -1,9 +1,9 @@
 """The contributor's workflow as functions over the HTTP client and btm: request a branch
-init (with a sample, or privately: the posterior computed here) and download it, submit a
-trained ELM (resumable upload) and follow it, download forests and averaged models; for
-maintainers, register a seed or a baseline and import an existing checkpoint. Training
-itself is btm's (`elmforest train`). The CLI, the demo and the Flower ClientApp are thin
-layers over these."""
+init (with a sample, or privately: the posterior and the routing vector computed here) and
+download it, submit a trained ELM (resumable upload) and follow it, download forests and
+averaged models; for maintainers, register a seed or a baseline and import an existing
+checkpoint. Training itself is btm's (`elmforest train`). The CLI, the demo and the Flower
+ClientApp are thin layers over these."""
 
 from __future__ import annotations
 
@@ -73,6 +73,32 @@ def download_forest(client: Client, forest: str, dest: Path, version: int | None
     return dest
 
 
+def private_routing_vector(client: Client, forest: str, data: Path, work: Path, log: Log = _quiet) -> list[float]:
+    """The new ELM's routing vector (btm.routing), computed here: the forest's seed comes down
+    (one model, removed again after) and its mean last hidden state over the contributor's text
+    is what goes to the coordinator, with the ELM; the text stays here."""
+    from btm.recipes import routing_vector
+
+    d = client.get(f"/forests/{forest}/download")
+    files = d["manifest"]["seed"]["files"]
+    seed = download_files(client, files, {k: d["files"][f"seed/{k}"] for k in files}, work / "seed", log)
+    log("computing the routing vector of your text under the forest's seed")
+    try:
+        return routing_vector(seed, data)
+    finally:
+        shutil.rmtree(seed, ignore_errors=True)
+
+
+def set_init_vector(init_dir: Path, vector: list[float]) -> None:
+    """Keep a routing vector in an init's card (`origin`): `elmforest train` carries it into
+    the ELM, and `submit` sends it."""
+    from btm.family import read_card, write_card
+
+    card = read_card(init_dir)
+    card.origin = {**(card.origin or {}), "routing_vector": [float(x) for x in vector]}
+    write_card(init_dir, card)
+
+
 def private_posterior(client: Client, forest: str, data: Path, work: Path, block_size: int = 256,
                       max_blocks: int = 100, log: Log = _quiet) -> tuple[dict[str, float], int]:
     """The domain posterior over the current version's ELMs, computed here: the ELMs come
@@ -135,30 +161,40 @@ def register_baseline(client: Client, forest: str, name: str, model_dir: Path, d
 
 def request_branch(client: Client, forest: str, domain: str, data: Path | None = None, private: bool = False,
                    method: str = "posterior", wait: bool = True, log: Log = _quiet, max_sample_bytes: int = 1 << 20) -> dict:
+    """Ask for a branch init. With `data` and `private`, the posterior and the ELM's routing
+    vector are computed here (no text is sent); the vector comes back as the answer's
+    "routing_vector" (this client's addition), which `download_init` keeps in the init's card."""
     body: dict = {"forest": forest, "domain": domain, "method": method}
-    if data is not None and method in ("posterior", "argmax"):
-        if private:
-            with tempfile.TemporaryDirectory() as td:
-                post, _ = private_posterior(client, forest, data, Path(td), log=log)
-            if post:
-                body["posterior"] = post
-        else:
-            with tempfile.TemporaryDirectory() as td:
-                s = sample_file(data, max_sample_bytes, Path(td) / "sample.jsonl")
-                body["sample_sha256"] = client.upload(s, "sample")["sha256"]
+    vector = None
+    if data is not None and private:
+        with tempfile.TemporaryDirectory() as td:
+            vector = private_routing_vector(client, forest, data, Path(td), log)
+            post = private_posterior(client, forest, data, Path(td), log=log)[0] if method in ("posterior", "argmax") else {}
+        if post:
+            body["posterior"] = post
+    elif data is not None and method in ("posterior", "argmax"):
+        with tempfile.TemporaryDirectory() as td:
+            s = sample_file(data, max_sample_bytes, Path(td) / "sample.jsonl")
+            body["sample_sha256"] = client.upload(s, "sample")["sha256"]
     b = client.post("/branch-inits", body)
     if wait and b["status"] == "requested":
         log(f"branch init {b['id']} is being computed")
         b = client.wait(lambda: client.get(f"/branch-inits/{b['id']}"), lambda x: x["status"] != "requested")
     if b["status"] == "failed":
         raise ClientError(f"the coordinator could not compute branch init {b['id']}: {b['error']}")
+    if vector is not None:
+        b["routing_vector"] = vector
     return b
 
 
 def download_init(client: Client, branch: dict, dest: Path, log: Log = _quiet) -> Path:
-    """The init's files; its card's `origin` names the forest, version and branch init, and
-    `elmforest train` carries it into the ELM, so `submit` knows what it was trained from."""
-    return download_files(client, branch["files"], branch["urls"], dest, log)
+    """The init's files; its card's `origin` names the forest, version and branch init (and
+    the routing vector computed here, for a private request), and `elmforest train` carries
+    it into the ELM, so `submit` knows what it was trained from."""
+    out = download_files(client, branch["files"], branch["urls"], dest, log)
+    if branch.get("routing_vector") is not None:
+        set_init_vector(out, branch["routing_vector"])
+    return out
 
 
 def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init_id: int | None = None,
@@ -186,6 +222,8 @@ def submit(client: Client, elm_dir: Path, forest: str | None = None, branch_init
         "tokenizer_sha256": tokenizer_sha256(load_tokenizer(elm_dir)),
         "training": {**card.training, "data": card.data},
     }
+    if info.get("routing_vector") is not None and info.get("forest") == forest:  # computed where it was trained privately
+        body["routing_vector"] = info["routing_vector"]
     return _upload(client, weights, "/contributions", body, elm_dir / ".elmforest-submit.json", progress, log)
 
 

@@ -181,6 +181,9 @@ def branch(msg: Message, context: Context) -> Message:
         with _MODELS:
             b = commands.request_branch(node.client(), forest, node.domain, data=node.data, private=True,
                                         wait=False, log=log.info)
+        if b.get("routing_vector") is not None:  # computed here; goes into the init when it comes down
+            node.work_dir.mkdir(parents=True, exist_ok=True)
+            (node.work_dir / f"routing-vector-{int(b['id'])}.json").write_text(json.dumps(b["routing_vector"]))
         return reply(msg, {BRANCH: {"ok": True, "branch-init-id": int(b["id"])}})
     except Exception as e:
         log.exception("branch request failed")
@@ -220,6 +223,9 @@ def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any])
     work = node.work_dir / f"round-{round_id}-init-{init_id}"
     init_dir = commands.download_files(client, files, same_origin(urls, mine["urls"]), work / "init",
                                        log=log.info)  # every file sha256-checked
+    vector = node.work_dir / f"routing-vector-{init_id}.json"
+    if vector.exists():
+        commands.set_init_vector(init_dir, json.loads(vector.read_text()))
 
     steps = int(settings["steps"])
     if node.max_steps:
@@ -240,6 +246,7 @@ def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any])
     trained = read_card(out).training
     if not node.keep_files:
         shutil.rmtree(work, ignore_errors=True)
+        vector.unlink(missing_ok=True)
     metrics = {"loss": float(trained.get("final_loss", float("nan"))), "steps": float(steps),
                "tokens": float(trained.get("tokens", 0)), "seconds": round(seconds, 3)}
     return {"contribution-id": int(c["id"]), "state": str(c["state"]), "name": str(c["name"])}, metrics

@@ -286,6 +286,9 @@ class Contribution(Base):
     files: Mapped[dict[str, Any] | None] = mapped_column(JSON_)  # the assembled ELM directory {filename: sha256}
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
+    # the forest seed's mean last hidden state over the domain's text (btm.routing): sent by a
+    # contributor who trained privately, else computed by the coordinator when it evaluates
+    routing_vector: Mapped[list[Any] | None] = mapped_column(JSON_)
     round_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

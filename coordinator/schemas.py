@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from coordinator.names import USERNAME_PATTERN
 
@@ -278,6 +278,21 @@ class LeaderboardOut(BaseModel):
 
 # ---- branch inits and contributions
 
+MAX_VECTOR = 65_536  # numbers in a routing vector: a seed's hidden size is far below this
+
+
+def _bounded_vector(v):
+    """A routing vector's length is checked before any of its items (a hostile list may be long)."""
+    if isinstance(v, list | tuple) and len(v) > MAX_VECTOR:
+        raise ValueError(f"{len(v)} numbers; a routing vector has the forest seed's hidden size (at most "
+                         f"{MAX_VECTOR}): compute it with the forest's seed (`elmforest branch request --private`)")
+    return v
+
+
+RoutingVector = Annotated[list[float] | None, BeforeValidator(_bounded_vector), Field(
+    default=None, description="The forest seed's mean last hidden state over the ELM's domain text (hidden-size "
+    "finite numbers), for the centroid router; without it the coordinator computes one when it evaluates.")]
+
 class BranchIn(BaseModel):
     forest: str = Field(min_length=1, max_length=64)
     domain: str = Field(min_length=1, max_length=64)
@@ -311,6 +326,7 @@ class ContributionIn(BaseModel):
     config: dict[str, Any]
     tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training: dict[str, Any] = Field(default_factory=dict)
+    routing_vector: RoutingVector = None
 
 
 class ImportSource(BaseModel):
@@ -332,6 +348,7 @@ class ImportIn(BaseModel):
     tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     source: ImportSource
     training: dict[str, Any] = Field(default_factory=dict)
+    routing_vector: RoutingVector = None
 
 
 class EventOut(Orm):
@@ -364,6 +381,8 @@ class ContributionOut(Orm):
     training: dict[str, Any]
     validation: dict[str, Any] | None
     evaluation: dict[str, Any] | None
+    routing_vector: list[float] | None = Field(default=None, description="Its routing vector (in the view of one "
+                                               "contribution, not in lists).")
     created_at: datetime
     updated_at: datetime
     files: dict[str, str] | None = Field(default=None, description="The ELM's files (name -> sha256), once "

@@ -56,6 +56,7 @@ def contribution_out(c: Contribution, history: bool = True, db=None) -> Contribu
         files=c.files if c.state not in DISCARDED else None,
     )
     if history:
+        out.routing_vector = c.routing_vector
         out.history = [EventOut(from_state=e.from_state, to_state=e.to_state, actor=e.actor.username if e.actor else None,
                                 reason=e.reason, at=e.at, details=e.details) for e in c.events]
     if db is not None:
@@ -81,10 +82,12 @@ def get_branch_init(init_id: Id, user: Contributor, db: DB, storage: StorageDep)
 
 @router.post("/contributions", status_code=status.HTTP_201_CREATED, response_model=ContributionCreated)
 def create_contribution(body: ContributionIn, user: Contributor, db: DB, storage: StorageDep, settings: SettingsDep):
-    """Declare a trained ELM (its weights' sha256 and size, config, training metadata) and
-    get the URLs to upload model.safetensors."""
+    """Declare a trained ELM (its weights' sha256 and size, config, training metadata, and
+    the routing vector computed where it was trained privately) and get the URLs to upload
+    model.safetensors."""
     c, up = contributions.create(db, storage, settings, user, body.forest, body.branch_init_id, body.sha256, body.size,
-                                 body.config, body.tokenizer_sha256, body.name, body.training, body.forest_version)
+                                 body.config, body.tokenizer_sha256, body.name, body.training, body.forest_version,
+                                 body.routing_vector)
     return ContributionCreated(contribution=contribution_out(c), upload=UploadOut(**up))
 
 
@@ -96,7 +99,7 @@ def import_checkpoint(forest: str, body: ImportIn, user: Maintainer, db: DB, sto
     like a contribution's; it is validated like one and evaluated against the seed."""
     c, up = contributions.create_import(db, storage, settings, user, forest, body.domain, body.sha256, body.size,
                                         body.config, body.tokenizer_sha256, body.source.model_dump(exclude_none=True),
-                                        body.name, body.training)
+                                        body.name, body.training, body.routing_vector)
     return ContributionCreated(contribution=contribution_out(c), upload=UploadOut(**up))
 
 

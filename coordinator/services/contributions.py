@@ -67,8 +67,9 @@ def list_(db: Session, user: User | None, state: str | None = None, mine: bool =
 
 def create(db: Session, storage: Storage, settings, user: User, forest: str, branch_init_id: int, sha256: str,
            size: int, config: dict, tokenizer_sha256: str, name: str | None = None, training: dict | None = None,
-           forest_version: int | None = None) -> tuple[Contribution, dict]:
-    """Declare an ELM trained from a branch init and get the URLs to upload its weights."""
+           forest_version: int | None = None, routing_vector: list[float] | None = None) -> tuple[Contribution, dict]:
+    """Declare an ELM trained from a branch init and get the URLs to upload its weights.
+    `routing_vector`: computed by the contributor (who trained privately), else None."""
     f = forests_svc.get(db, forest)
     b = db.get(BranchInit, branch_init_id)
     if b is None or (b.requested_by_id != user.id and not user.is_maintainer):
@@ -83,12 +84,12 @@ def create(db: Session, storage: Storage, settings, user: User, forest: str, bra
         raise Conflict(f"branch init {branch_init_id} is {b.status.value}; wait until it is ready")
     return _declare(db, storage, settings, user, f, b.domain, b, sha256, size, config, tokenizer_sha256,
                     name or b.domain.name, training, None,
-                    f"trained from branch init {b.id} ({f.name} v{b.version.number})")
+                    f"trained from branch init {b.id} ({f.name} v{b.version.number})", routing_vector)
 
 
 def create_import(db: Session, storage: Storage, settings, user: User, forest: str, domain: str, sha256: str,
                   size: int, config: dict, tokenizer_sha256: str, source: dict, name: str | None = None,
-                  training: dict | None = None) -> tuple[Contribution, dict]:
+                  training: dict | None = None, routing_vector: list[float] | None = None) -> tuple[Contribution, dict]:
     """A maintainer brings an existing checkpoint of the forest's family (a model from the
     Hub, one trained elsewhere) into the forest: no branch init; `source` says where it came
     from. It is validated like any upload and evaluated against the forest's seed."""
@@ -98,14 +99,14 @@ def create_import(db: Session, storage: Storage, settings, user: User, forest: s
     where = source.get("hub") or source.get("path") or "a local directory"
     rev = f"@{source['revision']}" if source.get("revision") else ""
     return _declare(db, storage, settings, user, f, d, None, sha256, size, config, tokenizer_sha256, name or d.name,
-                    training, source, f"imported from {where}{rev}")
+                    training, source, f"imported from {where}{rev}", routing_vector)
 
 
 def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: BranchInit | None, sha256: str, size: int,
              config: dict, tokenizer_sha256: str, name: str, training: dict | None, source: dict | None,
-             reason: str) -> tuple[Contribution, dict]:
+             reason: str, routing_vector: list[float] | None = None) -> tuple[Contribution, dict]:
     """The checks every declared ELM passes before its bytes may come: size, tokenizer,
-    family, a free name. Returns the contribution and its upload."""
+    family, routing vector, a free name. Returns the contribution and its upload."""
     from transformers import AutoConfig
 
     from btm.family import Family, family_differences
@@ -124,6 +125,8 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
     diffs = family_differences(Family(cfg), Family(AutoConfig.for_model(**f.config)))
     if diffs:
         raise Unprocessable(f"the ELM's config is not of the forest's family ({'; '.join(diffs)})")
+    if routing_vector is not None:
+        routing_vector = _checked_vector(f, routing_vector)
     name = name.lower()
     if not ELM.match(name):
         raise BadRequest("an ELM name is 1-64 lowercase letters, digits, '.', '_' or '-'")
@@ -133,7 +136,7 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
         raise Conflict(f"the name {name!r} is in use in forest {forest!r} (contribution {taken.id}); pass another --name")
     c = Contribution(name=name, owner_id=user.id, forest_id=f.id, domain_id=d.id, branch_init_id=b.id if b else None,
                      source=source, weights_sha256=sha256, weights_size=size, config=config,
-                     tokenizer_sha256=tokenizer_sha256, training=training or {})
+                     tokenizer_sha256=tokenizer_sha256, training=training or {}, routing_vector=routing_vector)
     up = uploads.start(db, storage, settings, user, "weights", WEIGHTS_FILE, sha256, size)
     c.upload_id = up.id
     db.add(c)
@@ -141,6 +144,24 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
     db.add(ContributionEvent(contribution_id=c.id, from_state=None, to_state=State.uploading.value, actor_id=user.id,
                              reason=reason))
     return c, uploads.describe(storage, up)
+
+
+def _checked_vector(f, vector: list[float]) -> list[float]:
+    """A routing vector sent with an upload: the forest seed's hidden size of finite numbers."""
+    from btm.errors import BTMError
+    from btm.routing import check_vector
+
+    try:
+        return check_vector(vector, seed_hidden_size(f), "routing_vector")
+    except BTMError as e:
+        raise Unprocessable(str(e)) from None
+
+
+def seed_hidden_size(f) -> int:
+    """The hidden size of the forest's seed (of its text model, for a multimodal config)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**f.config).get_text_config().hidden_size
 
 
 def start_point(c: Contribution) -> tuple[dict, str]:
@@ -489,8 +510,10 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
         db.add(row)
     c.evaluation = result
     if result["beats_init"]:
+        vector_from = ensure_routing_vector(storage, settings, c)
         transition(db, c, State.evaluated, None,
-                   f"perplexity {ppl:.3f} on {d.name} beats {init_name}'s {init_ppl:.3f}", result)
+                   f"perplexity {ppl:.3f} on {d.name} beats {init_name}'s {init_ppl:.3f}",
+                   {**result, "routing_vector": vector_from})
     else:
         transition(db, c, State.rejected, None,
                    f"perplexity {ppl:.3f} on the held-out data of {d.name} is not better than {init_name}'s "
@@ -498,3 +521,27 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
         discard_weights(db, storage, settings, c)
     return result
 
+
+def ensure_routing_vector(storage: Storage, settings, c: Contribution) -> str:
+    """The ELM's routing vector, unless its contributor sent one: the forest seed's mean hidden
+    state over the domain text the coordinator holds, its branch init's sample if there is
+    one, else the domain's held-out data. Deterministic, so a retried job computes the same.
+    Returns where it came from (for the contribution's history)."""
+    from btm.errors import DataError
+    from btm.recipes import routing_vector as compute
+    from coordinator.materialize import blob, model_dir
+
+    if c.routing_vector is not None:
+        return "sent by its contributor"
+    seed = model_dir(storage, settings.work_dir, c.forest.seed_files)
+    sources = [(c.branch_init.sample_sha256 if c.branch_init else None, "computed from its branch init's sample"),
+               (c.domain.eval_data_sha256, f"computed from the held-out data of {c.domain.name}")]
+    for sha, what in sources:
+        if sha is None:
+            continue
+        try:
+            c.routing_vector = compute(seed, blob(storage, settings.work_dir, sha))
+        except DataError:  # a sample without usable text: the held-out data serves
+            continue
+        return what
+    return "none: no text of its domain to compute it from"

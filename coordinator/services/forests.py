@@ -182,6 +182,8 @@ def manifest(db: Session, f: Forest, number: int, elms: list[Contribution], hist
                 "training": c.training,
                 "contribution_id": c.id,
                 "owner": c.owner.username,
+                # for the centroid router (btm.routing); an ELM merged before vectors existed has none
+                **({"routing_vector": c.routing_vector} if c.routing_vector is not None else {}),
             }
             for c in elms
         ],

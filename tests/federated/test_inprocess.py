@@ -102,6 +102,9 @@ def test_rounds_in_process(fed, monkeypatch):
     for d in ("python", "kjv_bible"):
         c = wait_state(maint, n[d]["contribution_id"], {"evaluated", "rejected"}, timeout=300)
         assert c["state"] == "evaluated", c["history"]
+        # its routing vector was computed on the node (from its own text) and came with the ELM
+        evaluated = next(e for e in c["history"] if e["to_state"] == "evaluated")
+        assert c["routing_vector"] and evaluated["details"]["routing_vector"] == "sent by its contributor"
         maint.post(f"/contributions/{c['id']}/approve", {"reason": "round 1"})
     job = maint.post(f"/forests/{forest}/publish", {"note": "round 1"})
     job = maint.wait(lambda: maint.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
