@@ -234,8 +234,9 @@ def main() -> None:
     forest, forest_dir, tmp = open_forest(args, ks)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # as `elmforest generate` loads it; uniform prior: the first k ELMs
-    models = {k: ForestForCausalLM.from_forest(forest, top_k=k, device=device) for k in ks}
+    # the cost of decoding with k experts: the prior router (uniform prior: the first k ELMs); what
+    # routing by the text adds to it is measured by bench/routing.py
+    models = {k: ForestForCausalLM.from_forest(forest, top_k=k, device=device, router="prior") for k in ks}
     single = models[ks[-1]].experts[0]  # the expert itself (its weights are every ensemble's first)
     vocab = single.config.get_text_config().vocab_size
     timer = Timer(device, single.generation_config.pad_token_id or 0, args.new_tokens, args.repeats)

@@ -366,23 +366,56 @@ def forest_add(
     name: Annotated[str | None, typer.Option(help="Name in the forest (default: the ELM's card name, or the Hub repository's name).")] = None,
     domain: Annotated[str | None, typer.Option(help="Domain (default: the ELM's card).")] = None,
     revision: Revision = None,
+    sample: Annotated[Path | None, typer.Option(help="Text of the ELM's domain, for its routing vector (default: the text its card names, or its branch init's vector).")] = None,
 ):
     """Add an ELM (checked to be of the seed's family); writes a new version. A Hub model is
-    recorded with its repository and the commit it resolved to.
+    recorded with its repository and the commit it resolved to. The ELM's routing vector (the
+    seed's mean hidden state over its domain's text, for the centroid router) is stored with it.
 
     EXAMPLES
       elmforest forest add forest runs/python --domain python
-      elmforest forest add forest example/tiny-llama-python@main --domain python
+      elmforest forest add forest example/tiny-llama-python@main --domain python --sample python/valid.jsonl
       HF_HUB_OFFLINE=1 elmforest forest add forest example/tiny-llama-python --revision v1
     """
     from btm.forest import Forest
+    from btm.recipes import add_elm
 
     f = Forest.load(forest)
     model = _model(elm, revision)
     if model.source and not name:
         name = model.source["hub"].split("/")[-1].lower()
-    e = f.add(model.path, name, domain, source=model.source)
+    e, note = add_elm(f, model.path, name, domain, sample=sample, source=model.source)
     console.print(f"added {e.name} (domain {e.domain}); forest is now version {f.version}")
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
+
+
+@forest_app.command("vectors")
+def forest_vectors(
+    forest: Annotated[Path, typer.Argument(help="The forest directory.")],
+    corpus: Annotated[Path | None, typer.Option(help="A corpus whose domain directories are named as the ELMs' domains.")] = None,
+    sample: Annotated[list[str] | None, typer.Option(help="NAME=FILE: the domain text of ELM NAME (repeatable).")] = None,
+):
+    """Compute the ELMs' routing vectors (for the centroid router) of a forest made without
+    them; writes a new version. Each ELM's vector comes from its domain's text.
+
+    EXAMPLES
+      elmforest forest vectors forest --corpus ../shared/corpus
+      elmforest forest vectors forest --sample python=~/python/valid.jsonl --sample legal=~/legal
+    """
+    from btm.forest import Forest
+    from btm.recipes import compute_vectors
+
+    f = Forest.load(forest)
+    samples = {n: str(p) for n, p in _named_dirs("--sample", sample).items()}
+    if corpus is not None:
+        for e in f.elms:
+            if e.name not in samples and e.domain and (corpus / e.domain).is_dir():
+                samples[e.name] = str(corpus / e.domain)
+    missing = compute_vectors(f, samples)
+    console.print(f"routing vectors for {len(samples)} ELM(s); forest is now version {f.version}")
+    if missing:
+        console.print(f"[yellow]still without a vector: {', '.join(missing)} (give --sample NAME=FILE)[/yellow]")
 
 
 @forest_app.command("remove")
@@ -528,7 +561,8 @@ def forest_verify(forest: Annotated[Path, typer.Argument(help="The forest direct
 
 def eval_cmd(
     forest: Annotated[Path, typer.Option(help="The forest directory.")],
-    corpus: Annotated[Path, typer.Option(help="Corpus with the domains to evaluate on (test split; valid for the prior).")],
+    corpus: Annotated[Path | None, typer.Option(help="Corpus with the domains to evaluate on (test split; valid for the prior).")] = None,
+    text: Annotated[Path | None, typer.Option(help="An unlabelled text (.jsonl/.txt file or directory) instead of a corpus: each ELM, and the forest routed by the text itself.")] = None,
     domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: all of the corpus).")] = None,
     model: Annotated[list[str] | None, typer.Option("--model", help="Also score NAME=DIR (e.g. the dense baseline). Repeatable.")] = None,
     top_k: Annotated[str, typer.Option("--top-k", help="Comma-separated k for top-k ensembles.")] = "1,2,4",
@@ -540,10 +574,12 @@ def eval_cmd(
     cache_dir: CacheDir = None,
 ):
     """Per-domain perplexity of every ELM, the ensemble (all, top-k), the averages
-    (uniform, argmax, posterior) and any extra model.
+    (uniform, argmax, posterior) and any extra model; or, with --text, the perplexity of an
+    unlabelled text under each ELM and under the forest routed by the text (no domain needed).
 
     EXAMPLES
       elmforest eval --forest forest --corpus ../shared/corpus --model dense=runs/dense --json eval.json
+      elmforest eval --forest forest --text mixed.jsonl --top-k 1,2
     """
     from btm.data import Corpus
     from btm.evaluate import domain_blocks, evaluate_forest, table
@@ -551,6 +587,11 @@ def eval_cmd(
     from btm.tokenizer import load_tokenizer
 
     f = Forest.load(forest)
+    if (corpus is None) == (text is None):
+        raise BTMError("give --corpus DIR (labelled domains) or --text FILE (an unlabelled text), one of them")
+    if text is not None:
+        _eval_text(f, text, [int(k) for k in _split_list(top_k) or []], block_size, max_eval_blocks, json_out)
+        return
     c = Corpus(corpus)
     names = _split_list(domains) or c.names()
     tok = load_tokenizer(f.seed_dir)
@@ -563,6 +604,29 @@ def eval_cmd(
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"report written to {json_out}")
+
+
+def _eval_text(f, text: Path, ks: list[int], block_size: int, max_blocks: int | None, json_out: Path | None) -> None:
+    from btm.branch import sample_blocks
+    from btm.evaluate import evaluate_text
+
+    blocks = sample_blocks(f, text, min(block_size, _max_positions(load_seed_config(f)) - 1), max_blocks)
+    report = evaluate_text(f, blocks, ks)
+    for r in report["rows"]:
+        print(f"{r['subject']:<24} {r['ppl']:>10.2f}")
+    if not report["routing_vectors"]:
+        from btm.routing import missing_vectors_note
+
+        console.print(f"[yellow]{missing_vectors_note(f.root)}[/yellow]")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+        console.print(f"report written to {json_out}")
+
+
+def load_seed_config(f):
+    from btm.family import load_config
+
+    return load_config(f.seed_dir)
 
 
 def average_cmd(
@@ -617,11 +681,16 @@ def average_cmd(
             console.print(f"  {n:<24} {x / sum(w):.4f}")
 
 
+Router = Annotated[str | None, typer.Option(help="How each text chooses its experts: prompt (its posterior over every ELM), centroid (one seed pass against the ELMs' routing vectors) or prior (the target's cached prior). Default: prior with --target, else centroid where the forest has vectors, else prompt.")]
+
+
 def generate_cmd(
     forest: Annotated[Path, typer.Option(help="The forest directory.")],
     prompt: Annotated[list[str], typer.Option(help="Text to continue; repeat for a batch.")],
-    target: Annotated[Path | None, typer.Option(help="Development text of the target domain, for the cached prior (default: uniform).")] = None,
+    target: Annotated[Path | None, typer.Option(help="Development text of the target domain, for a cached prior (default: none; each prompt is routed).")] = None,
+    router: Router = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Experts to run.")] = 2,
+    reroute_every: Annotated[int | None, typer.Option("--reroute-every", help="Choose the experts again every N new tokens, from the text so far.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 100,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.8,
     top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
@@ -631,30 +700,31 @@ def generate_cmd(
     seed_: Seed = 0,
 ):
     """Generate text with the top-k ensemble of a forest (decoded by transformers' generate()).
+    Each prompt runs the experts that fit it, printed above its text.
 
     EXAMPLES
+      elmforest generate --forest forest --prompt "package main" --prompt "And God said" --top-k 2
+      elmforest generate --forest forest --prompt "def parse(" --router prompt --reroute-every 32
       elmforest generate --forest forest --prompt "def parse(" --target ../shared/corpus/python/valid.jsonl
-      elmforest generate --forest forest --prompt "import os" --prompt "#include" --temperature 0 --stop "\n\n"
+      elmforest generate --forest forest --prompt "import os" --prompt "#include" --temperature 0 --stop "\\n\\n"
     """
-    from btm.branch import sample_blocks
     from btm.ensemble import EnsembleLM
     from btm.forest import Forest
-    from btm.posterior import domain_prior
+    from btm.recipes import routing
     from btm.tokenizer import load_tokenizer
 
     f = Forest.load(forest)
-    paths = [e.path for e in f.elms]
-    if not paths:
-        raise BTMError(f"{forest}: the forest has no ELMs")
-    prior = domain_prior(paths, sample_blocks(f, target, 256, 100)) if target else [1.0 / len(paths)] * len(paths)
-    ens = EnsembleLM(paths, prior, top_k, names=f.names(), tokenizer=load_tokenizer(f.seed_dir))
-    console.print("experts: " + ", ".join(f"{n} ({w:.2f})" for n, w in zip(ens.names, ens.weights, strict=True)))
+    r = routing(f, router=router, target=target)
+    ens = EnsembleLM(r.paths, r.prior, top_k, names=r.names, tokenizer=load_tokenizer(f.seed_dir), router=r.router,
+                     routing_vectors=r.vectors, seed=r.seed)
     extra = dict(repetition_penalty=repetition_penalty)
     if sample_top_k:
         extra["top_k"] = sample_top_k
     if stop:  # a shell passes "\n" as backslash-n
         extra["stop_strings"] = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]
-    for text in ens.generate(prompt, max_new_tokens, temperature, top_p, seed_, **extra):
+    texts = ens.generate(prompt, max_new_tokens, temperature, top_p, seed_, reroute_every=reroute_every, **extra)
+    for text, route in zip(texts, ens.last_routes, strict=True):
+        console.print(f"[dim]experts ({ens.router} router): {route}[/dim]", highlight=False)
         print(text)
 
 

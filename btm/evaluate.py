@@ -21,6 +21,7 @@ import torch
 from btm.average import average_models, method_weights
 from btm.data import Corpus, eval_blocks, tokenize_file
 from btm.ensemble import mix_logprobs
+from btm.errors import BTMError
 from btm.family import Card
 from btm.forest import Elm, Forest
 from btm.posterior import cached_prior, token_logprobs
@@ -186,6 +187,42 @@ def _model_rows(scores: Scores, name: str, path: str | os.PathLike, domains: Seq
     step(f"scoring {name}")
     scores.add_model(name, path, domains, batch_size, dev_too=False)
     return [_row(name, "model", "model", d, scores.ppl(name, d.name)) for d in domains]
+
+
+def evaluate_text(forest: Forest, blocks: torch.Tensor, top_ks: Sequence[int] = (1, 2), batch_size: int = 16) -> dict:
+    """Perplexity of an unlabelled text (blocks (N, T+1)) under each ELM, the whole ensemble and
+    the top-k ensembles routed by the text: at each position the k experts chosen from the text
+    before it, by the prompt router and (where the forest has routing vectors) the centroid router."""
+    from btm.family import load_model
+    from btm.routing import Centroids, forest_vectors, prefix_vectors, routed_mix, uniform_log_prior
+
+    names = forest.names()
+    if not names:
+        raise BTMError(f"{forest.root}: the forest has no ELMs")
+    scores = Scores()
+    text = DomainBlocks("text", None, blocks, blocks[:0])
+    for e in forest.elms:
+        scores.add_model(e.name, e.path, [text], batch_size, dev_too=False)
+    lp = torch.stack([scores.test[(n, "text")] for n in names])
+    log_prior = uniform_log_prior(len(names))
+    rows = [_text_row(n, "elm", scores.test[(n, "text")]) for n in names]
+    rows.append(_text_row("ensemble", "ensemble", routed_mix(lp, log_prior)))
+    vectors = forest_vectors(forest.manifest)
+    centroid = None
+    if vectors is not None:
+        seed = load_model(forest.seed_dir)
+        h = torch.cat([prefix_vectors(seed, blocks[i: i + batch_size, :-1]) for i in range(0, len(blocks), batch_size)])
+        centroid = Centroids(vectors).scores(h, log_prior).movedim(-1, 0)  # (n, N, T)
+    for k in (k for k in top_ks if k < len(names)):
+        rows.append(_text_row(f"prompt/top{k}", "routed", routed_mix(lp, log_prior, k)))
+        if centroid is not None:
+            rows.append(_text_row(f"centroid/top{k}", "routed", routed_mix(lp, log_prior, k, centroid)))
+    return {"forest_version": forest.version, "tokens": int(lp.shape[1] * lp.shape[2]), "rows": rows,
+            "routing_vectors": vectors is not None}
+
+
+def _text_row(subject: str, kind: str, lp: torch.Tensor) -> dict:
+    return {"subject": subject, "kind": kind, "ppl": math.exp(-lp.double().mean().item())}
 
 
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, float]]:

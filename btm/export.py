@@ -40,9 +40,12 @@ def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | N
     atomic.write_text(out / MANIFEST, json.dumps(m, indent=2))
     from btm.family import load_config
     from btm.forest_model import ForestConfig, max_positions
+    from btm.routing import forest_vectors
 
     ref = load_config(out / "seed")
+    vectors = forest_vectors(m)  # each text routed: by the centroid router where every ELM has a vector
     ForestConfig(experts=[e["path"] for e in m["elms"]], names=[e["name"] for e in m["elms"]],
+                 router="centroid" if vectors else "prompt", routing_vectors=vectors, seed=m["seed"]["path"],
                  vocab_size=ref.vocab_size, max_position_embeddings=max_positions(ref),
                  bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id).save_pretrained(str(out))
     atomic.write_text(out / CARD, card(m))
@@ -77,13 +80,15 @@ def card(m: dict) -> str:
         lines += ["## Averaged models", ""] + [f"- `{a['path']}`" for a in m["averages"]] + [""]
     lines += [
         "## Use", "", "With elmforest installed:", "", "```bash", "elmforest forest import ORG/NAME forest",
-        'elmforest generate --forest forest --prompt "..." --top-k 2', "elmforest eval --forest forest --corpus DIR",
+        'elmforest generate --forest forest --prompt "..." --top-k 2   # the experts that fit each prompt',
+        "elmforest eval --forest forest --corpus DIR",
         "lm_eval --model elmforest --model_args forest=forest,top_k=2 --tasks ...", "```", "", "```python",
         "import btm.forest_model  # registers the ensemble with transformers' Auto classes",
         "from transformers import AutoModelForCausalLM",
-        'forest = AutoModelForCausalLM.from_pretrained("forest")  # all experts, uniform prior; or:',
+        'forest = AutoModelForCausalLM.from_pretrained("forest", top_k=2)  # each text routed to its 2 experts',
         "from btm.forest_model import ForestForCausalLM",
-        'forest = ForestForCausalLM.from_forest("forest", top_k=2, target="my_domain_text.jsonl")', "```", "",
+        'forest = ForestForCausalLM.from_forest("forest", top_k=2, target="my_domain_text.jsonl")  # a cached prior',
+        "```", "",
         "Every ELM is also a plain model: `AutoModelForCausalLM.from_pretrained(\"forest/elms/NAME\")`.", "",
         "## History", "",
     ]

@@ -181,9 +181,11 @@ class Forest:
         domain: str | None = None,
         metrics: dict[str, Any] | None = None,
         source: dict[str, Any] | None = None,
+        routing_vector: list[float] | None = None,
     ) -> Elm:
         """Add a model directory as an ELM (a new version). `source`: where it came from (a Hub
-        model: repository, revision, commit), recorded in the manifest and its card."""
+        model: repository, revision, commit), recorded in the manifest and its card.
+        `routing_vector`: the seed's mean hidden state over its domain (btm.routing)."""
         model_dir = Path(model_dir)
         card = read_card(model_dir)
         source = source or card.source or None
@@ -213,9 +215,25 @@ class Forest:
         }
         if source:
             entry["source"] = source
+        if routing_vector is not None:
+            entry["routing_vector"] = self._checked_vector(routing_vector, name)
         self.manifest["elms"].append(entry)
         self._bump("add", name, None)
         return self.get(name)
+
+    def set_routing_vectors(self, vectors: dict[str, list[float]]) -> None:
+        """Give ELMs their routing vectors (a new version; the ELMs themselves are unchanged)."""
+        by_name = {e["name"]: e for e in self.manifest["elms"]}
+        for name, v in vectors.items():
+            self.get(name)  # an unknown name is a clear error
+            by_name[name]["routing_vector"] = self._checked_vector(v, name)
+        self._bump("vectors", ", ".join(sorted(vectors)), None)
+
+    def _checked_vector(self, vector: list[float], name: str) -> list[float]:
+        from btm.routing import check_vector
+
+        size = load_config(self.seed_dir).get_text_config().hidden_size
+        return check_vector(vector, size, f"routing vector of {name!r}")
 
     def descendants(self, name: str, threshold: float = DESCENDANT_WEIGHT) -> dict[str, float]:
         """ELMs that carry at least `threshold` of `name`'s weights: the share of `name` in an

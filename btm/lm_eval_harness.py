@@ -1,24 +1,35 @@
 """A forest as an lm-evaluation-harness model:
 
-    lm_eval --model elmforest --model_args forest=DIR,top_k=2,target=FILE --tasks ...
+    lm_eval --model elmforest --model_args forest=DIR,top_k=2[,router=prompt|centroid|prior][,target=FILE] ...
 
 It is lm-eval's own Hugging Face model (HFLM) driving the forest's ensemble as a transformers
 model (btm.forest_model), so loglikelihood, loglikelihood_rolling and generate_until are
-lm-eval's, unchanged. Installing elmforest registers the name (see elmforest_lm_eval_hook).
+lm-eval's, with the forest's routing (btm.routing) where no target is given:
+
+- loglikelihood: each request's experts are chosen from its context alone (the continuation
+  being scored never changes them), then the requests that chose the same experts are scored
+  together with those experts;
+- loglikelihood_rolling: the experts of each position are chosen from the text before it;
+- generate_until: each request is routed on its own prompt.
+
+Installing elmforest registers the name (see elmforest_lm_eval_hook).
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 from lm_eval.models.huggingface import HFLM
 
 
 class ElmforestLM(HFLM):
     """model_args: forest=DIR (a forest directory), top_k=K (experts to run; default all),
-    target=FILE (text of the target domain for the cached prior; default uniform), plus any
-    HFLM argument (batch_size, max_length, device...)."""
+    router=prompt|centroid|prior (default: prior with a target, else centroid where the forest
+    has routing vectors, else prompt), target=FILE (text of the target domain for a cached
+    prior), plus any HFLM argument (batch_size, max_length, device...)."""
 
     def __init__(self, forest: str, top_k: int | str | None = None, target: str | None = None,
-                 device: str | None = None, **kwargs):
+                 router: str | None = None, device: str | None = None, **kwargs):
         import torch
 
         from btm.forest import Forest
@@ -29,8 +40,35 @@ class ElmforestLM(HFLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # as lm-eval's hf model does (its default is cuda:0)
         f = Forest.load(forest)
         model = ForestForCausalLM.from_forest(f, top_k=int(top_k) if top_k not in (None, "", "None") else None,
-                                              target=target or None, device=device)
+                                              target=target or None, device=device, router=router or None)
         kwargs.pop("pretrained", None)
         kwargs.pop("tokenizer", None)
         super().__init__(pretrained=model, tokenizer=load_tokenizer(f.seed_dir), backend="causal", device=device,
                          **kwargs)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        forest = self.model
+        if not forest.routed:
+            return super().loglikelihood(requests, disable_tqdm)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            groups[self._route_context(req.args[0], req.args[1])].append(i)
+        out: list = [None] * len(requests)
+        for experts, idx in groups.items():
+            with forest.fixed_experts(experts):
+                scored = super().loglikelihood([requests[i] for i in idx], disable_tqdm=True)
+            for i, r in zip(idx, scored, strict=True):
+                out[i] = r
+        return out
+
+    def _route_context(self, context: str, continuation: str) -> tuple[int, ...]:
+        """The experts a request's context chooses, from the context's tokens as lm-eval feeds
+        them (an empty context is lm-eval's prefix token alone)."""
+        import torch
+
+        if context == "":
+            ctx = [self.prefix_token_id]
+        else:
+            ctx, _ = self._encode_pair(context, continuation)
+        ids = torch.tensor([ctx[-self.max_length:]], device=self.device)
+        return tuple(int(j) for j in self.model.route(ids)[0])

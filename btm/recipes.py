@@ -1,0 +1,133 @@
+"""Recipes: the steps that several callers share (the CLI, the contributor client, the
+coordinator's jobs), each written once over the library's parts.
+
+    routing(forest, ...)              which router, prior and vectors a use of the forest runs with
+    routing_vector(seed, sample)      an ELM's routing vector from a sample of its domain
+    vector_sample(card)               where an ELM's own domain sample is, from its card
+    add_elm(forest, model_dir, ...)   add an ELM with its routing vector
+    compute_vectors(forest, samples)  routing vectors for the ELMs of a forest made without them
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from btm.errors import BTMError, DataError
+from btm.forest import Elm, Forest
+from btm.routing import VECTOR_BLOCKS, check_router, forest_vectors, missing_vectors_note
+
+VECTOR_BLOCK_SIZE = 256  # tokens per block behind a routing vector (the model's context if shorter)
+
+
+@dataclass
+class Routing:
+    """What a use of the forest runs: its ELMs, the forest's prior over them, the router, and
+    for the centroid router the routing vectors and the seed."""
+
+    router: str
+    paths: list[Path]
+    names: list[str]
+    prior: list[float] | None
+    vectors: list[list[float]] | None
+    seed: Path | None
+    note: str | None = None
+
+
+def routing(forest: Forest, router: str | None = None, prior: Sequence[float] | None = None,
+            target: str | os.PathLike | None = None, block_size: int = 256, max_blocks: int = 100) -> Routing:
+    """The prior: given, or the cached prior of `target` (text of a target domain), or uniform.
+    The router: as asked, else `prior` where a prior or target is given, `centroid` where every
+    ELM has a routing vector, `prompt` otherwise. Asked for `centroid` on a forest without
+    vectors, it says how to compute them and uses the prompt router (never the first k)."""
+    elms = forest.elms
+    if not elms:
+        raise BTMError(f"{forest.root}: the forest has no ELMs")
+    paths = [e.path for e in elms]
+    if prior is None and target is not None:
+        prior = domain_prior_of(forest, target, block_size, max_blocks)
+    if prior is not None and len(prior) != len(elms):
+        raise BTMError(f"{len(elms)} ELMs but {len(prior)} prior weights")
+    vectors = forest_vectors(forest.manifest)
+    if router is None:
+        router = "prior" if prior is not None else ("centroid" if vectors else "prompt")
+    note = None
+    if check_router(router) == "centroid" and vectors is None:
+        note = missing_vectors_note(forest.root)
+        warnings.warn(note, stacklevel=2)
+        router = "prompt"
+    return Routing(router, paths, [e.name for e in elms], list(prior) if prior is not None else None,
+                   vectors if router == "centroid" else None, forest.seed_dir if router == "centroid" else None, note)
+
+
+def domain_prior_of(forest: Forest, target: str | os.PathLike, block_size: int = 256,
+                    max_blocks: int = 100) -> list[float]:
+    """The cached prior of a target domain's text over the forest's ELMs."""
+    from btm.branch import sample_blocks
+    from btm.posterior import domain_prior
+
+    return domain_prior([e.path for e in forest.elms], sample_blocks(forest, target, block_size, max_blocks)).tolist()
+
+
+def routing_vector(seed_dir: str | os.PathLike, sample: str | os.PathLike, max_blocks: int = VECTOR_BLOCKS) -> list[float]:
+    """An ELM's routing vector: the seed's mean last hidden state over blocks of a sample of the
+    ELM's domain (a .jsonl/.txt file, or a domain directory: its valid split, else train)."""
+    from btm.data import encode_texts, eval_blocks, read_documents, split_source
+    from btm.family import load_config, load_model, max_positions
+    from btm.routing import domain_vector
+    from btm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(seed_dir)
+    tokens = encode_texts(tok, read_documents(split_source(sample, ("valid", "train"))))
+    if len(tokens) < 2:
+        raise DataError(f"{sample}: the sample holds no text to compute a routing vector from")
+    size = min(VECTOR_BLOCK_SIZE, max_positions(load_config(seed_dir)) or VECTOR_BLOCK_SIZE, len(tokens)) - 1
+    blocks = eval_blocks(tokens, size, max_blocks)  # (N, size + 1): at most the model's context
+    return [float(x) for x in domain_vector(load_model(seed_dir), blocks)]
+
+
+def vector_sample(card) -> Path | None:
+    """The ELM's own domain text named by its card (what `elmforest train` records), if it is on
+    this machine."""
+    data = card.data or {}
+    if data.get("corpus") and data.get("domain"):
+        p = Path(data["corpus"]) / data["domain"]
+    elif data.get("source"):
+        p = Path(data["source"])
+    else:
+        return None
+    return p if p.exists() else None
+
+
+def add_elm(forest: Forest, model_dir: str | os.PathLike, name: str | None = None, domain: str | None = None,
+            sample: str | os.PathLike | None = None, source: dict | None = None) -> tuple[Elm, str | None]:
+    """Add an ELM with its routing vector: from `sample`, else the one its branch init carried,
+    else from the domain text its card names. Returns the ELM and a note when it has none."""
+    from btm.family import read_card
+
+    card = read_card(model_dir)
+    vector, note = None, None
+    if sample is not None:
+        vector = routing_vector(forest.seed_dir, sample)
+    elif (card.origin or {}).get("routing_vector") is not None:
+        vector = card.origin["routing_vector"]
+    elif (found := vector_sample(card)) is not None:
+        vector = routing_vector(forest.seed_dir, found)
+    else:
+        note = (f"{model_dir}: no sample of its domain is known, so it has no routing vector and the forest routes by "
+                "the prompt; pass --sample FILE to give one")
+    return forest.add(model_dir, name=name, domain=domain, source=source, routing_vector=vector), note
+
+
+def compute_vectors(forest: Forest, samples: dict[str, str | os.PathLike]) -> list[str]:
+    """Routing vectors for the ELMs named in `samples` ({ELM: its domain's text}); one new
+    version. Returns the ELMs of the forest still without one."""
+    unknown = sorted(set(samples) - set(forest.names()))
+    if unknown:
+        raise BTMError(f"{forest.root}: no ELM named {', '.join(unknown)}; ELMs: {', '.join(forest.names())}")
+    if samples:
+        forest.set_routing_vectors({n: routing_vector(forest.seed_dir, s) for n, s in samples.items()})
+    return [e.name for e in forest.elms if e.entry.get("routing_vector") is None]
