@@ -327,7 +327,7 @@ def _named_dirs(option: str, values: list[str] | None) -> dict[str, Path]:
 
 
 def _max_positions(config) -> int:
-    from btm.forest_model import max_positions
+    from btm.model_files import max_positions
 
     return max_positions(config) or 1 << 30
 

@@ -215,7 +215,7 @@ def _stopped(tokenizer, cont: list[int], stops) -> bool:
 
 
 def _max_positions(models) -> int | None:
-    from btm.forest_model import max_positions
+    from btm.model_files import max_positions
 
     vals = [max_positions(m.config) for m in models]
     vals = [v for v in vals if v]

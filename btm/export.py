@@ -1,9 +1,16 @@
 """A forest as a Hugging Face Hub repository, and back.
 
     OUT/README.md        the model card: what the forest is, its domains and ELMs, lineage, use
-        config.json      the ensemble as a transformers model (ForestConfig: experts = elms/*)
+        config.json      the ensemble as a transformers model (ForestConfig: experts = elms/*,
+                         the router and the ELMs' routing vectors), with auto_map to the code:
+        forest_model.py routing.py weights.py errors.py model_files.py   its code (remote code)
+        tokenizer files  the seed's, so tools that load a tokenizer from the repository find one
         forest.json      the manifest, as in the forest directory (every file's sha256)
         seed/ elms/<name>/ averages/<name>/   plain Hugging Face model directories
+
+`AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it where elmforest is
+not installed (the code travels in the repository, as custom architectures on the Hub do),
+and so does `lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True`.
 
 Push OUT with `hf upload org/name OUT` (or any git client); `forest import` reads it back from
 a directory or a Hub id and checks every file against the manifest.
@@ -22,6 +29,9 @@ from btm.forest import MANIFEST, Forest, copy_model_dir, model_files
 from btm.model_files import CARD, FOREST_HUB_PATTERNS, PICKLE_SUFFIXES
 
 PICKLED = [f"*{s}" for s in PICKLE_SUFFIXES]
+# the model's code, copied from btm as it is: these import nothing but each other, torch and transformers
+REMOTE_CODE = ("forest_model.py", "routing.py", "weights.py", "errors.py", "model_files.py")
+AUTO_MAP = {"AutoConfig": "forest_model.ForestConfig", "AutoModelForCausalLM": "forest_model.ForestForCausalLM"}
 
 
 def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | None = None) -> Path:
@@ -47,9 +57,23 @@ def export(forest: Forest, out: str | os.PathLike, averages: dict[str, Path] | N
     ForestConfig(experts=[e["path"] for e in m["elms"]], names=[e["name"] for e in m["elms"]],
                  router="centroid" if vectors else "prompt", routing_vectors=vectors, seed=m["seed"]["path"],
                  vocab_size=ref.vocab_size, max_position_embeddings=max_positions(ref),
-                 bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id).save_pretrained(str(out))
+                 bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id, auto_map=AUTO_MAP,
+                 ).save_pretrained(str(out))
+    _write_code_and_tokenizer(out)
     atomic.write_text(out / CARD, card(m))
     return out
+
+
+def _write_code_and_tokenizer(out: Path) -> None:
+    """The model's code beside its config, and the seed's tokenizer files at the top."""
+    from btm.model_files import CONFIG, is_aux_file
+
+    here = Path(__file__).parent
+    for name in REMOTE_CODE:
+        shutil.copyfile(here / name, out / name)
+    for f in (out / "seed").iterdir():
+        if f.is_file() and is_aux_file(f.name) and f.name != CONFIG:
+            shutil.copyfile(f, out / f.name)
 
 
 def card(m: dict) -> str:
@@ -79,7 +103,13 @@ def card(m: dict) -> str:
     if m.get("averages"):
         lines += ["## Averaged models", ""] + [f"- `{a['path']}`" for a in m["averages"]] + [""]
     lines += [
-        "## Use", "", "With elmforest installed:", "", "```bash", "elmforest forest import ORG/NAME forest",
+        "## Use", "", "With transformers alone (the model's code is in this repository):", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'forest = AutoModelForCausalLM.from_pretrained("ORG/NAME", trust_remote_code=True, top_k=2)',
+        'tokenizer = AutoTokenizer.from_pretrained("ORG/NAME")',
+        "# each prompt runs the 2 experts that fit it; forest.routes says which", "```", "",
+        "```bash", "lm_eval --model hf --model_args pretrained=ORG/NAME,trust_remote_code=True --tasks ...", "```", "",
+        "With elmforest installed:", "", "```bash", "elmforest forest import ORG/NAME forest",
         'elmforest generate --forest forest --prompt "..." --top-k 2   # the experts that fit each prompt',
         "elmforest eval --forest forest --corpus DIR",
         "lm_eval --model elmforest --model_args forest=forest,top_k=2 --tasks ...", "```", "", "```python",

@@ -233,12 +233,6 @@ def reuse_or_load(shell: torch.nn.Module | None, path: str | os.PathLike, device
     return load_model(path, device)
 
 
-def max_positions(config) -> int | None:
-    """The context length of any family (transformers maps each family's own name, e.g.
-    GPT-2's n_positions, to max_position_embeddings)."""
-    return getattr(config, "max_position_embeddings", None)
-
-
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
     path = Path(path)
     if not (path / CONFIG).exists():

@@ -45,10 +45,19 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from btm.errors import BTMError
-from btm.family import max_positions
-from btm.model_files import CONFIG
-from btm.routing import Centroids, check_router, choose, chosen_mask, log_weights, text_vectors
+# siblings only, imported relatively: an exported forest ships this file and these as its remote code
+from .errors import BTMError
+from .model_files import CONFIG, FOREST_HUB_PATTERNS, max_positions
+from .routing import (
+    Centroids,
+    check_router,
+    choose,
+    chosen_mask,
+    log_weights,
+    prefix_vectors,
+    text_vectors,
+)
+from .weights import normalise_weights, select_top_k
 
 
 class ForestConfig(PretrainedConfig):
@@ -165,8 +174,6 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
         """The experts (directories are loaded) and the forest's prior (default uniform). With the
         `prior` router only its top-k are loaded and run (renormalised); with `prompt` or
         `centroid` every expert is held and each sequence's top-k run."""
-        from btm.weights import normalise_weights, select_top_k
-
         router = check_router(router)
         prior = list(prior) if prior is not None else [1.0 / len(experts)] * len(experts)
         if len(prior) != len(experts):
@@ -199,8 +206,12 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
         """A forest's ensemble. The prior: given, or the cached prior of `target` (text of the
         target domain), or uniform. The router: `prior` where a prior or target is given, else
         `centroid` where every ELM has a routing vector, else `prompt` (btm.recipes.routing)."""
-        from btm.forest import Forest
-        from btm.recipes import routing
+        try:  # a forest directory: elmforest's own reader (an exported forest needs none of it)
+            from btm.forest import Forest
+            from btm.recipes import routing
+        except ImportError as e:
+            raise ImportError("reading a forest directory needs elmforest installed; an exported forest loads "
+                              "without it") from e
 
         f = forest if isinstance(forest, Forest) else Forest.load(forest)
         r = routing(f, router=router, prior=prior, target=target, block_size=block_size, max_blocks=max_blocks)
@@ -211,15 +222,16 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, path: str | os.PathLike, *args, top_k: int | None = None, router: str | None = None,
                         **kwargs) -> ForestForCausalLM:
         """A forest directory (forest.json) or a directory whose config.json is a ForestConfig
-        naming its experts' directories (relative to it), e.g. an exported forest."""
-        path = Path(path)
+        naming its experts' directories (relative to it), e.g. an exported forest, on disk or
+        a Hub repository id (fetched whole: config, code, safetensors)."""
+        path = _local(path, kwargs.get("revision"))
         if (path / "forest.json").exists() and not (path / CONFIG).exists():
             return cls.from_forest(path, top_k=top_k, router=router)
         config = ForestConfig.from_pretrained(str(path))
         experts = [e if Path(e).is_absolute() else path / e for e in config.experts]
         seed = config.seed if config.seed is None or Path(config.seed).is_absolute() else path / config.seed
         return cls.from_experts(experts, config.prior, top_k or config.experts_top_k, names=config.names,
-                                device=kwargs.get("device_map"), router=router or config.router,
+                                device=_one_device(kwargs.get("device_map")), router=router or config.router,
                                 routing_vectors=config.routing_vectors, seed=seed)
 
     # -------------------------------------------------------------------- transformers plumbing
@@ -411,8 +423,6 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
         chosen = None
         run = self._same_for_all() if not self.routed else range(self.n)
         if self.routed and self.router == "centroid":
-            from btm.routing import prefix_vectors
-
             scores = self.centroids.scores(prefix_vectors(self.seed_lm, input_ids), self.log_prior.cpu())  # (B, T, n)
             chosen = chosen_mask(scores, self.k).movedim(-1, 0).to(input_ids.device)  # (n, B, T)
             run = [j for j in range(self.n) if chosen[j].any()]
@@ -520,6 +530,23 @@ def _rows_of(slots: torch.Tensor, n: int) -> dict[int, torch.Tensor]:
     return {j: rows for j in range(n) if len(rows := (slots == j).any(-1).nonzero().flatten())}
 
 
+def _one_device(device_map) -> str | torch.device | None:
+    """The device of a device_map as transformers' loaders pass it ("cpu", a device, or {"": device});
+    the experts are not split across devices."""
+    if isinstance(device_map, dict):
+        return device_map.get("", None) if len(device_map) == 1 else None
+    return None if device_map == "auto" else device_map
+
+
+def _local(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A directory on disk, or a Hub repository's snapshot (weights as safetensors only)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), revision=revision, allow_patterns=FOREST_HUB_PATTERNS))
+
+
 def _load(model: str | os.PathLike | PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     if isinstance(model, (str, os.PathLike)):
         return AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, attn_implementation="sdpa").eval()
@@ -535,5 +562,6 @@ def _accepted(model: nn.Module, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None and k in params}
 
 
-AutoConfig.register("elmforest", ForestConfig)
-AutoModelForCausalLM.register(ForestConfig, ForestForCausalLM)
+# exist_ok: an exported forest's copy of this file may be loaded as remote code beside this one
+AutoConfig.register("elmforest", ForestConfig, exist_ok=True)
+AutoModelForCausalLM.register(ForestConfig, ForestForCausalLM, exist_ok=True)

@@ -39,9 +39,15 @@ HUB_PATTERNS = [
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", CARD,
 ]
 # what is fetched of an exported forest on the Hub (its model directories included)
-FOREST_HUB_PATTERNS = ["*.json", "*.md", "*.txt", "*.safetensors", "*.model"]
+FOREST_HUB_PATTERNS = ["*.json", "*.md", "*.txt", "*.py", "*.safetensors", "*.model"]  # *.py: the model's code
 # weights files in pickle formats, never loaded (loading a pickle can run any code)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def max_positions(config) -> int | None:
+    """The context length a model's config.json gives, in any family (transformers maps each
+    family's own name, e.g. GPT-2's n_positions, to max_position_embeddings)."""
+    return getattr(config, "max_position_embeddings", None)
 
 
 def is_model_file(name: str) -> bool:

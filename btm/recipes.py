@@ -76,7 +76,8 @@ def routing_vector(seed_dir: str | os.PathLike, sample: str | os.PathLike, max_b
     """An ELM's routing vector: the seed's mean last hidden state over blocks of a sample of the
     ELM's domain (a .jsonl/.txt file, or a domain directory: its valid split, else train)."""
     from btm.data import encode_texts, eval_blocks, read_documents, split_source
-    from btm.family import load_config, load_model, max_positions
+    from btm.family import load_config, load_model
+    from btm.model_files import max_positions
     from btm.routing import domain_vector
     from btm.tokenizer import load_tokenizer
 

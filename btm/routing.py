@@ -30,7 +30,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from btm.errors import BTMError, ForestError
+from .errors import (  # relative: an exported forest ships this file as remote code
+    BTMError,
+    ForestError,
+)
 
 ROUTERS = ("prompt", "centroid", "prior")
 TEMPERATURE = 0.1  # c-BTM's softmax temperature on squared distances between unit vectors
@@ -122,12 +125,8 @@ def prefix_vectors(seed: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def domain_vector(seed: torch.nn.Module | str | os.PathLike, blocks: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+def domain_vector(seed: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> np.ndarray:
     """An ELM's routing vector: the seed's mean hidden state over its domain sample (blocks)."""
-    if isinstance(seed, (str, os.PathLike)):
-        from btm.family import load_model
-
-        seed = load_model(seed)
     if blocks.shape[0] == 0:
         raise BTMError("a routing vector needs at least one block of the domain's text")
     total, count = None, 0

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from btm.errors import BTMError
+from .errors import BTMError  # relative: an exported forest ships this file as remote code
 
 
 def normalise_weights(weights: Sequence[float], what: str = "weights") -> tuple[np.ndarray, str | None]:
