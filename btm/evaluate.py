@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,13 @@ class DomainBlocks:
     def tokens(self) -> int:
         return int(self.test.shape[0] * (self.test.shape[1] - 1))
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The sha256 of the tokenised blocks (the score cache's key for this domain's data)."""
+        from btm.score_cache import blocks_fingerprint
+
+        return blocks_fingerprint(self.test, self.dev)
+
 
 def domain_blocks(corpus: Corpus, names: Sequence[str], tokenizer, block_size: int, max_eval_blocks: int | None,
                   prior_blocks: int = 100, cache_dir: str | os.PathLike | None = None,
@@ -54,10 +62,17 @@ def domain_blocks(corpus: Corpus, names: Sequence[str], tokenizer, block_size: i
 
 @dataclass
 class Scores:
-    """Per-token test log probs and per-sequence dev log-likelihoods, by (model, domain)."""
+    """Per-token test log probs and per-sequence dev log-likelihoods, by (model, domain).
+
+    With a `store` (btm.score_cache), a model given as a directory (or with its fingerprint)
+    is scored only on the domains the store does not hold whole; `scored` counts the
+    (model, domain) pairs that ran a forward pass, `reused` those read back."""
 
     test: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     dev: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    store: object | None = None  # a btm.score_cache.ScoreStore
+    scored: int = 0
+    reused: int = 0
     _shell: torch.nn.Module | None = field(default=None, repr=False)  # refilled with each model's weights
 
     def _load(self, path, device) -> torch.nn.Module:
@@ -67,13 +82,47 @@ class Scores:
         return self._shell
 
     def add_model(self, name: str, model_or_dir, domains: Sequence[DomainBlocks], batch_size: int = 16,
-                  device: str | None = None, dev_too: bool = True) -> None:
+                  device: str | None = None, dev_too: bool = True, fingerprint: str | None = None) -> None:
         own = isinstance(model_or_dir, (str, os.PathLike))
+        keys = self._cache_keys(model_or_dir if own else None, fingerprint, domains)
+        todo = [d for d in domains if not self._from_store(name, d, keys.get(d.name), dev_too)]
+        if not todo:
+            return
         model = self._load(model_or_dir, device) if own else model_or_dir
-        for d in domains:
+        for d in todo:
             self.test[(name, d.name)] = token_logprobs(model, d.test, batch_size)
             if dev_too:
                 self.dev[(name, d.name)] = token_logprobs(model, d.dev, batch_size).double().sum(1).numpy()
+            self.scored += 1
+            if d.name in keys:
+                from btm.score_cache import encode
+
+                self.store.write(keys[d.name], encode(keys[d.name], self.test[(name, d.name)],
+                                                      self.dev.get((name, d.name)) if dev_too else None))
+
+    def _cache_keys(self, path, fingerprint: str | None, domains: Sequence[DomainBlocks]) -> dict[str, str]:
+        if self.store is None or (path is None and fingerprint is None):
+            return {}
+        from btm.score_cache import dir_fingerprint, entry_key
+
+        fp = fingerprint or dir_fingerprint(path)
+        return {d.name: entry_key(fp, d.fingerprint) for d in domains}
+
+    def _from_store(self, name: str, d: DomainBlocks, key: str | None, dev_too: bool) -> bool:
+        """Fill (name, d) from the store if it holds a whole entry of the right shapes."""
+        if key is None:
+            return False
+        from btm.score_cache import decode
+
+        got = decode(self.store.read(key), key, (d.test.shape[0], d.test.shape[1] - 1),
+                     d.dev.shape[0] if dev_too else None)
+        if got is None:
+            return False
+        self.test[(name, d.name)] = got[0]
+        if dev_too:
+            self.dev[(name, d.name)] = got[1]
+        self.reused += 1
+        return True
 
     def ppl(self, name: str, domain: str) -> float:
         return math.exp(-self.test[(name, domain)].double().mean().item())
@@ -100,16 +149,22 @@ def evaluate_forest(
     extra_models: dict[str, str | os.PathLike] | None = None,
     batch_size: int = 16,
     progress=None,
+    store=None,
+    permutations: int | None = None,
 ) -> dict:
-    """The leaderboard of a forest: one row per (subject, domain) with its perplexity."""
+    """The leaderboard of a forest: one row per (subject, domain) with its perplexity.
+
+    With a `store` (btm.score_cache) only the models whose scores it lacks run; with
+    `permutations`, the report also holds each ELM's value on each domain (btm.value:
+    leave-one-out and Shapley values against the seed), from the same scores."""
     forest.check_elms()  # averages are part of the leaderboard: a stray ELM would fail them late
     elms = forest.elms
     names = [e.name for e in elms]
-    scores = Scores()
+    scores = Scores(store=store)
     step = progress or (lambda msg: None)
     for e in elms:
         step(f"scoring ELM {e.name}")
-        scores.add_model(e.name, e.path, domains, batch_size)
+        scores.add_model(e.name, e.path, domains, batch_size, fingerprint=elm_fingerprint(e))
     rows: list[dict] = []
     priors: dict[str, dict[str, float]] = {}
     for d in domains:
@@ -126,9 +181,48 @@ def evaluate_forest(
         rows += _prior_average_rows(scores, elms, d, priors[d.name], averages, work, batch_size, step)
     for name, path in (extra_models or {}).items():
         rows += _model_rows(scores, name, path, domains, batch_size, step)
-    return {"forest_version": forest.version, "rows": rows, "priors": priors,
-            "domains": [{"name": d.name, "role": d.role, "tokens": d.tokens} for d in domains],
-            "summary": summarise(rows)}
+    rep = {"forest_version": forest.version, "rows": rows, "priors": priors,
+           "domains": [{"name": d.name, "role": d.role, "tokens": d.tokens} for d in domains],
+           "summary": summarise(rows)}
+    if permutations is not None:
+        step("scoring the seed for the ELMs' values")
+        scores.add_model(SEED, forest.seed_dir, domains, batch_size, dev_too=False,
+                         fingerprint=_files_fingerprint(forest.manifest.get("seed", {})))
+        rep["values"] = forest_values(scores, names, domains, permutations)
+    rep["scoring"] = {"scored": scores.scored, "reused": scores.reused}
+    return rep
+
+
+SEED = "(seed)"  # the seed's key in Scores when it is scored as the forest of no ELMs
+
+
+def _files_fingerprint(entry: dict) -> str | None:
+    from btm.score_cache import files_fingerprint
+
+    return files_fingerprint(entry["files"]) if entry.get("files") else None
+
+
+def elm_fingerprint(e: Elm) -> str | None:
+    """The score cache's name for an ELM: the sha256 of its manifest's config and weights hashes."""
+    return _files_fingerprint(e.entry)
+
+
+def subset_scorer(scores: Scores, names: Sequence[str], domain: str, base: str = SEED):
+    """btm.value's view of a domain's scores: the ELMs `names` over the model `base`."""
+    from btm.value import SubsetScorer
+
+    dev = np.stack([scores.dev[(n, domain)] for n in names], axis=1) if names else np.zeros((1, 0))
+    return SubsetScorer([scores.test[(n, domain)] for n in names], dev,
+                        -scores.test[(base, domain)].double().mean().item())
+
+
+def forest_values(scores: Scores, names: Sequence[str], domains: Sequence[DomainBlocks],
+                  permutations: int, base: str = SEED) -> dict[str, dict]:
+    """Every ELM's leave-one-out and Shapley value on every domain (btm.value.domain_values)."""
+    from btm.value import domain_values
+
+    return {d.name: {"role": d.role, **domain_values(names, subset_scorer(scores, names, d.name, base), permutations)}
+            for d in domains}
 
 
 def _row(subject: str, kind: str, method: str, d: DomainBlocks, ppl: float) -> dict:
