@@ -490,14 +490,22 @@ def forest_export(
     out: Annotated[Path, typer.Argument(help="A new directory: the Hub repository to push.")],
     average: Annotated[list[str] | None, typer.Option("--average", help="Include an averaged model NAME=DIR (from `elmforest average`). Repeatable.")] = None,
     uniform: Annotated[bool, typer.Option("--uniform", help="Build and include the uniform average.")] = False,
+    moe: Annotated[bool, typer.Option("--moe", help="Write one native mixture-of-experts model instead (Mixtral for Llama/Mistral forests, Qwen2-MoE for Qwen2): the ELMs' MLPs as experts.")] = False,
+    experts_per_token: Annotated[int, typer.Option("--experts-per-token", help="With --moe: experts each token runs.")] = 2,
+    backbone: Annotated[str, typer.Option(help="With --moe: every tensor but the MLPs is the uniform or posterior (--target) average of the ELMs, or the seed's.")] = "uniform",
+    target: Annotated[Path | None, typer.Option(help="With --moe --backbone posterior: text of the target domain.")] = None,
+    router_sample: Annotated[list[str] | None, typer.Option("--router-sample", help="With --moe: NAME=FILE, the domain text behind ELM NAME's router rows (default: the text its card names). Repeatable.")] = None,
 ):
     """Write a forest as a Hugging Face Hub repository: a model card with the domain table and
     lineage, forest.json, the seed and one folder per ELM, the averages asked for, and a
-    config.json that loads the ensemble with transformers.
+    config.json and the model's code that load the ensemble with transformers, elmforest
+    installed or not (trust_remote_code). With --moe, one native mixture-of-experts model that
+    plain transformers loads with no code of ours.
 
     EXAMPLES
       elmforest forest export forest hub/debian-forest --uniform
       hf upload my-org/debian-forest hub/debian-forest
+      elmforest forest export forest hub/debian-moe --moe --experts-per-token 2 --router-sample go=go/valid.jsonl
     """
     import tempfile
 
@@ -505,6 +513,14 @@ def forest_export(
     from btm.forest import Forest
 
     f = Forest.load(forest)
+    if moe:
+        from btm.moe import export_moe
+
+        samples = {n: str(p) for n, p in _named_dirs("--router-sample", router_sample).items()}
+        export_moe(f, out, experts_per_token, backbone, target, samples)
+        console.print(f"{f.manifest['name']} v{f.version} written to {out} as one mixture-of-experts model "
+                      f"({len(f)} experts, {min(experts_per_token, len(f))} per token)")
+        return
     averages = _named_dirs("--average", average)
     with tempfile.TemporaryDirectory() as td:
         if uniform:

@@ -248,7 +248,7 @@ class Card:
     """What an ELM is and where it came from; written to README.md and safetensors metadata."""
 
     name: str
-    kind: str = "elm"  # seed | elm | branch-init | average | dense | external (no card: see read_card)
+    kind: str = "elm"  # seed | elm | branch-init | average | dense | moe | external (no card: see read_card)
     domain: str | None = None
     parents: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "weight", "sha256"?}]
     data: dict[str, Any] = field(default_factory=dict)
@@ -271,7 +271,8 @@ class Card:
         return cls(**known)
 
     def markdown(self) -> str:
-        title = {"seed": "Seed LM", "average": "Averaged model", "dense": "Dense baseline"}.get(
+        title = {"seed": "Seed LM", "average": "Averaged model", "dense": "Dense baseline",
+                 "moe": "Mixture-of-experts model"}.get(
             self.kind, "Expert LM (ELM)"
         )
         lines = [

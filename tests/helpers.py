@@ -40,3 +40,32 @@ def elmforest(*args, cwd, check=True):
     if check:
         assert r.exit_code == 0, f"elmforest {' '.join(map(str, args))}\n{r.output}\n{r.exception!r}"
     return r
+
+
+# A Python in which elmforest is not installed: importing btm fails (prepended to `python -c` code)
+NO_BTM = """
+import sys
+class _NoBtm:
+    def find_spec(self, name, path=None, target=None):
+        if name == "btm" or name.startswith("btm."):
+            raise ImportError("No module named 'btm' (elmforest is not installed here)")
+sys.meta_path.insert(0, _NoBtm())
+try:
+    import btm
+    raise SystemExit("btm is importable: the test proves nothing")
+except ImportError:
+    pass
+"""
+
+
+def run_without_btm(code: str, *args, cwd=None, timeout=300):
+    """Run NO_BTM + code in a fresh interpreter (offline), arguments as strings; it must succeed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-c", NO_BTM + code, *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd or "/", env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r

@@ -3,32 +3,16 @@ the repository (trust_remote_code), routes each prompt by the forest's vectors, 
 own `hf` model evaluates it."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_without_btm
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "examples" / "lm_eval_tasks"
-# what a Python without elmforest sees: importing btm fails
-NO_BTM = """
-import sys
-class _NoBtm:
-    def find_spec(self, name, path=None, target=None):
-        if name == "btm" or name.startswith("btm."):
-            raise ImportError("No module named 'btm' (elmforest is not installed here)")
-sys.meta_path.insert(0, _NoBtm())
-try:
-    import btm
-    raise SystemExit("btm is importable: the test proves nothing")
-except ImportError:
-    pass
-"""
-
-LOAD_AND_GENERATE = NO_BTM + """
+LM_EVAL = "from lm_eval.__main__ import cli_evaluate\nsys.argv = ['lm_eval'] + sys.argv[1:]\ncli_evaluate()\n"
+LOAD_AND_GENERATE = """
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 out, prompts = sys.argv[1], json.loads(sys.argv[2])
@@ -42,14 +26,6 @@ seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sa
 print(json.dumps({"module": type(model).__module__, "routes": [r.experts for r in model.routes],
                   "sequences": seq.tolist()}))
 """
-
-
-def _run(code: str, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd or "/",
-                       env=env, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +53,7 @@ def exported(tmp_path_factory, forest_dir, corpus_dir):
 
 def test_an_export_loads_routes_and_generates_without_elmforest(exported, tmp_path):
     out, prompts = exported
-    r = _run(LOAD_AND_GENERATE, out, json.dumps(prompts), cwd=tmp_path)
+    r = run_without_btm(LOAD_AND_GENERATE, out, json.dumps(prompts), cwd=tmp_path)
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["module"].startswith("transformers_modules.")  # the repository's own code, not btm's
     assert got["routes"] == [["python"], ["kjv_bible"], ["postgres_docs"]]
@@ -98,8 +74,7 @@ def test_an_export_loads_routes_and_generates_without_elmforest(exported, tmp_pa
 
 def test_lm_eval_hf_model_evaluates_an_export_without_elmforest(exported, tmp_path):
     out, _ = exported
-    code = NO_BTM + "from lm_eval.__main__ import cli_evaluate\nsys.argv = ['lm_eval'] + sys.argv[1:]\ncli_evaluate()\n"
-    _run(code, "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,top_k=2",
+    run_without_btm(LM_EVAL, "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,top_k=2",
          "--tasks", "demo_mc,demo_rolling,demo_gen", "--include_path", TASKS, "--output_path", tmp_path / "res",
          "--limit", "3", "--device", "cpu", cwd=ROOT, timeout=600)
     results = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())["results"]
