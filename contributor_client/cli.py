@@ -1,6 +1,6 @@
 """`elmforest` commands for contributors and maintainers talking to a coordinator over HTTP:
 login, logout, whoami, domain, branch request, submit, status, abandon, token, invite,
-download, review, round, register-seed, register-baseline; and the demo. Thin over
+download, review, round, register-seed, register-baseline, values; and the demo. Thin over
 commands.py and the HTTP client."""
 
 from __future__ import annotations
@@ -396,8 +396,8 @@ def download_average(
 
 # ----------------------------------------------------------------------------- maintainers
 
-review_app = typer.Typer(help="For maintainers: the review queue (list), jobs, retry, import, approve, decline, publish, "
-                                "remove.",
+review_app = typer.Typer(help="For maintainers: the review queue (list), what a merge would change (preview), jobs, "
+                                "retry, import, approve, decline, publish, remove.",
                          no_args_is_help=True)
 
 
@@ -758,11 +758,53 @@ def demo(
         d.stop()
 
 
+def values(
+    forest: str,
+    version: Annotated[int | None, typer.Option(help="The version (default: the current one).")] = None,
+    contributors: Annotated[bool, typer.Option("--contributors", help="Per contributor, with the wanted domains.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the evaluation if it is not done.")] = 0,
+    url: Url = None,
+):
+    """What each ELM (or contributor) adds to a forest version, on every domain: leave-one-out
+    (how much worse the forest's perplexity is without it) and the Shapley value (nats per token
+    over the seed; an ELM's share of the forest's improvement), with the standard error.
+
+    EXAMPLES
+      elmforest values demo
+      elmforest values demo --version 3 --json
+      elmforest values demo --contributors
+    """
+    c = client(url, need_login=False)
+    rep = commands.values(c, forest, version, contributors, wait, _log)
+    if as_json:
+        print(json.dumps(rep, indent=2))
+    else:
+        out.print(commands.contributors_table(rep) if contributors else commands.values_table(rep), highlight=False)
+
+
+@review_app.command("preview")
+def review_preview(cid: int, as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+                   url: Url = None):
+    """What merging a contribution would change: the forest's perplexity on its own domain and on
+    every other, without and with it (from the cached scores of the forest and the candidate).
+
+    EXAMPLES
+      elmforest review preview 12
+      elmforest review preview 12 --json
+    """
+    p = client(url).get(f"/contributions/{cid}/merge-preview")
+    if as_json:
+        print(json.dumps(p, indent=2))
+    else:
+        out.print(commands.preview_table(p), highlight=False)
+
+
 def register(app: typer.Typer, panel: str) -> None:
     """Add the commands of contributors and maintainers (over HTTP) to `app`, under `panel`."""
     for name, fn in [("login", login), ("logout", logout), ("whoami", whoami), ("submit", submit),
                      ("status", status), ("abandon", abandon), ("invite", invite), ("register-seed", register_seed),
-                     ("register-baseline", register_baseline)]:
+                     ("register-baseline", register_baseline), ("values", values)]:
         app.command(name, rich_help_panel=panel)(fn)
     for name, sub in [("domain", domain_app), ("token", token_app), ("download", download_app),
                       ("review", review_app), ("round", round_app)]:

@@ -321,3 +321,69 @@ def download_average(client: Client, forest: str, method: str, domain: str | Non
     if a["status"] == "failed":
         raise ClientError(f"the coordinator could not build the averaged model: {a['error']}")
     return download_files(client, a["files"], a["urls"], dest, log)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def values(client: Client, forest: str, version: int | None = None, contributors: bool = False,
+           wait: float = 0, log: Log = _quiet) -> dict:
+    """A version's values (default: the current one): per ELM and domain, or per contributor with
+    the wanted domains. With `wait` seconds, a 409 (not evaluated yet, values being computed)
+    is waited out; otherwise it is raised with what to wait for."""
+    import time
+
+    version = version or client.get(f"/forests/{forest}")["current_version"]
+    path = f"/forests/{forest}/versions/{version}/values" + ("/contributors" if contributors else "")
+    end = time.monotonic() + wait
+    while True:
+        try:
+            return client.get(path)
+        except ClientError as e:
+            if e.status != 409 or time.monotonic() > end:
+                raise
+            log(str(e))
+            time.sleep(2)
+
+
+def values_table(rep: dict) -> str:
+    """Plain-text tables of a version's values: per ELM the leave-one-out change (%) and the
+    Shapley value (nats per token, ± standard error) on each domain, and their means."""
+    doms = rep["domains"]
+    w = max([12, *(len(e["name"]) for e in rep["elms"])])
+    head = f"{'ELM':<{w}} " + " ".join(f"{d['name'][:16]:>16}" for d in doms) + f" {'mean':>9}"
+    cell = {(x["elm"], d["name"]): x for d in doms for x in d["elms"]}
+    lines = [f"forest {rep['forest']} v{rep['version']}: leave-one-out (ppl without / ppl with - 1) and Shapley "
+             f"value (nats/token over the seed, {rep['permutations']} orderings, ± s.e.)", "", head]
+    for e in rep["elms"]:
+        row = []
+        for d in doms:
+            x = cell.get((e["name"], d["name"]))
+            row.append(f"{x['loo'] * 100:+6.2f}% {x['shapley']:+.3f}" if x else f"{'':>16}")
+        lines.append(f"{e['name']:<{w}} " + " ".join(f"{c:>16}" for c in row)
+                     + f" {e['shapley_mean']:+9.4f}")
+    lines.append(f"{'forest ppl':<{w}} " + " ".join(f"{d['forest_ppl']:>16.2f}" for d in doms))
+    lines.append(f"{'seed ppl':<{w}} " + " ".join(f"{d['seed_ppl']:>16.2f}" for d in doms))
+    lines.append(f"{'improvement':<{w}} " + " ".join(f"{d['improvement']:>+16.4f}" for d in doms))
+    return "\n".join(lines)
+
+
+def contributors_table(rep: dict) -> str:
+    lines = [f"forest {rep['forest']} v{rep['version']}: each contributor's ELMs together (mean over domains)", "",
+             f"{'contributor':<20} {'ELMs':>4} {'Shapley':>10} {'leave-one-out':>14}"]
+    for c in rep["contributors"]:
+        lines.append(f"{c['name']:<20} {len(c['elms']):>4} {c['shapley_mean']:>+10.4f} {c['loo_mean'] * 100:>+13.2f}%")
+    if rep["wanted"]:
+        lines += ["", "wanted domains (where the forest is weakest against the baseline):"]
+        for x in rep["wanted"]:
+            lines.append(f"  {x['domain']:<20} forest {x['forest_ppl']:.2f} vs {x['baseline']} {x['baseline_ppl']:.2f}"
+                         + ("  (behind)" if x["behind"] else ""))
+    return "\n".join(lines)
+
+
+def preview_table(p: dict) -> str:
+    lines = [f"merging contribution {p['contribution_id']} into version {p['forest_version']} "
+             f"(own domain {p['own_domain']}):", "", f"{'domain':<20} {'before':>9} {'after':>9} {'change':>9}"]
+    for dn, x in sorted(p["domains"].items(), key=lambda kv: (kv[0] != p["own_domain"], kv[0])):
+        lines.append(f"{dn:<20} {x['before_ppl']:>9.2f} {x['after_ppl']:>9.2f} {x['change'] * 100:>+8.2f}%")
+    return "\n".join(lines)

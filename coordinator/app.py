@@ -77,9 +77,18 @@ def create_app(settings: Settings | None = None, worker: bool | None = None,
     app.state.storage = make_storage(settings)
     add_error_handlers(app)
 
-    from coordinator.api import accounts, contributions, domains, forests, rounds, storage, uploads
+    from coordinator.api import (
+        accounts,
+        contributions,
+        domains,
+        forests,
+        rounds,
+        storage,
+        uploads,
+        values,
+    )
 
-    for r in (accounts, domains, uploads, storage, forests, contributions, rounds):
+    for r in (accounts, domains, uploads, storage, forests, values, contributions, rounds):
         app.include_router(r.router, prefix="/api/v1")
 
     health_lock = threading.Lock()

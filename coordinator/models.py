@@ -231,6 +231,7 @@ class ForestVersion(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     publish_key: Mapped[str | None] = mapped_column(String(128), unique=True)  # makes a retried publish a no-op
     evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # its leaderboard's last evaluation
+    valued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # its ELMs' values' last computation
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     forest: Mapped[Forest] = relationship()
@@ -366,6 +367,43 @@ class Posterior(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("forest_versions.id", ondelete="CASCADE"))
     domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
     weights: Mapped[dict[str, Any]] = mapped_column(JSON_)  # {elm name: weight}
+    domain: Mapped[Domain] = relationship()
+
+
+class DomainValue(Base):
+    """A version's forest on one domain, as its ELMs' values measure it (btm.value): the
+    forest's and the seed's perplexity, v(all) = log ppl(seed) - log ppl(forest)."""
+
+    __tablename__ = "domain_values"
+    __table_args__ = (UniqueConstraint("version_id", "domain_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("forest_versions.id", ondelete="CASCADE"))
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
+    forest_ppl: Mapped[float] = mapped_column(Float)
+    seed_ppl: Mapped[float] = mapped_column(Float)
+    improvement: Mapped[float] = mapped_column(Float)  # nats per token over the seed
+    permutations: Mapped[int] = mapped_column(Integer)  # behind the Shapley estimates
+    domain: Mapped[Domain] = relationship()
+
+
+class ElmValue(Base):
+    """One ELM's value to a version's forest on one domain: leave-one-out (the relative change
+    of the forest's perplexity without it) and its Shapley value (nats per token) with the
+    estimate's standard error."""
+
+    __tablename__ = "elm_values"
+    __table_args__ = (UniqueConstraint("version_id", "domain_id", "elm"),
+                      Index("ix_elm_values_version_owner", "version_id", "owner"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("forest_versions.id", ondelete="CASCADE"))
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
+    elm: Mapped[str] = mapped_column(String(64))
+    contribution_id: Mapped[int | None] = mapped_column(Integer)  # from the manifest
+    owner: Mapped[str | None] = mapped_column(String(64))  # its contributor's username, from the manifest
+    loo: Mapped[float] = mapped_column(Float)
+    without_ppl: Mapped[float] = mapped_column(Float)
+    shapley: Mapped[float] = mapped_column(Float)
+    shapley_se: Mapped[float | None] = mapped_column(Float)
     domain: Mapped[Domain] = relationship()
 
 

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     eval_scored_blocks: int = Field(default=64, ge=1, description="At most this many blocks after the prior's are "
                                     "scored for perplexities (evaluation, leaderboard).")
     top_k: list[int] = [1, 2, 4]
+    value_permutations: int = Field(default=200, ge=2, le=100_000, description="Random orderings of the ELMs "
+                                    "behind each Shapley value (btm.value); the standard error is reported.")
 
     # jobs
     job_retries: int = 3

@@ -31,6 +31,7 @@ from coordinator.services import (
     jobs,
     leaderboard,
     users,
+    values,
 )
 from web import svg
 
@@ -234,6 +235,44 @@ def _elm_figures(db, f, v, e) -> tuple[str, list, str]:
     per_domain = sorted(((d, p, r.value) for d, p, r in db.execute(q)), key=lambda t: t[1])
     bars = svg.bars([(d, p, r) for d, p, r in per_domain], title=f"perplexity of {e['name']} by domain")
     return graph, per_domain, bars
+
+
+@router.get("/forests/{name}/values", response_class=HTMLResponse)
+def values_page(request: Request, name: str, db: DB, user: WebUser,
+                version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+    """What each ELM and each contributor adds to a version: a table per ELM and domain, a plot
+    of the ELMs' mean Shapley values, the contributors and the wanted domains."""
+    f = forests.get(db, name)
+    v = forests.version(db, f, version)
+    ctx = cache.boards.get(("values-page", v.id, v.evaluated_at, v.valued_at), lambda: _values_ctx(db, v))
+    return render(request, "values.html", user, title=f"Values · {f.name} v{v.number}", forest=f, version=v,
+                  versions=forests.version_numbers(db, f), **ctx)
+
+
+def _values_ctx(db, v) -> dict:
+    rep = values.version_values(db, v, jobs.enqueue)  # 409 (a page saying what to wait for) until there are values
+    who = values.contributors(db, v)
+    cell = {(x["elm"], d["name"]): x for d in rep["domains"] for x in d["elms"]}
+    plot = svg.signed_bars([(e["name"], e["shapley_mean"], _mean_se(rep, e["name"])) for e in rep["elms"]],
+                           title="mean Shapley value of each ELM over the domains (nats per token)")
+    return {"rep": rep, "who": who, "cell": cell, "plot": plot}
+
+
+def _mean_se(rep: dict, elm: str) -> float | None:
+    """The standard error of an ELM's mean Shapley value over the domains (independent estimates)."""
+    ses = [x["shapley_se"] for d in rep["domains"] for x in d["elms"] if x["elm"] == elm]
+    if not ses or any(s is None for s in ses):
+        return None
+    return sum(s * s for s in ses) ** 0.5 / len(ses)
+
+
+@router.get("/users/{username}", response_class=HTMLResponse)
+def user_page(request: Request, username: str, db: DB, user: WebUser):
+    """A contributor's page: what their ELMs add to each forest's current version."""
+    u = db.scalar(select(User).where(User.username == username))
+    if u is None:
+        raise NotFound(f"no user {username!r}")
+    return render(request, "user.html", user, title=f"{u.username}", person=u, worth=values.user_values(db, u.username))
 
 
 @router.get("/contributions/{cid}", response_class=HTMLResponse)

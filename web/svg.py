@@ -152,3 +152,35 @@ def _lineage_node(n: str, info: dict, x: int, y: float, target: str, href) -> st
            f'<text x="{x + _NODE_W / 2}" y="{y + 18:.1f}" text-anchor="middle" class="nl">{escape(info["label"][:20])}</text>'
            f'<text x="{x + _NODE_W / 2}" y="{y + 34:.1f}" text-anchor="middle" class="ns">{escape(info.get("sub", "")[:24])}</text>')
     return f'<a href="{escape(link)}">{box}</a>' if link else box
+
+
+def signed_bars(items: list[tuple[str, float, float | None]], width: int = 560, bar: int = 22, title: str = "",
+                unit: str = "") -> str:
+    """Horizontal bars around zero (label, value, error): positive to the right, negative to the
+    left, each with its error as a whisker (e.g. Shapley values with their standard error)."""
+    items = [(lbl, v, e) for lbl, v, e in items if v is not None and math.isfinite(v)]
+    if not items:
+        return ""
+    left = 10 + 7 * max(len(lbl) for lbl, _, _ in items)
+    span = max(abs(v) + (e or 0) for _, v, e in items) * 1.1 or 1.0
+    plot = width - left - 70
+    zero = left + plot / 2
+    scale = plot / 2 / span
+    h = 8 + bar * len(items)
+    out = [f'<svg class="bars signed" viewBox="0 0 {width} {h}" width="100%" role="img" aria-label="{escape(title)}" '
+           f'preserveAspectRatio="xMinYMin meet" xmlns="http://www.w3.org/2000/svg">',
+           f'<line x1="{zero:.1f}" y1="0" x2="{zero:.1f}" y2="{h}" class="axis"/>']
+    for i, (lbl, v, e) in enumerate(items):
+        y = 4 + i * bar
+        x0, bw = (zero, v * scale) if v >= 0 else (zero + v * scale, -v * scale)
+        cls = "pos" if v >= 0 else "neg"
+        out.append(f'<text x="{left - 6}" y="{y + bar / 2 + 4:.1f}" text-anchor="end" class="lbl">{escape(lbl)}</text>')
+        out.append(f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(bw, 1.0):.1f}" height="{bar - 7}" rx="3" '
+                   f'class="bar {cls}"><title>{escape(lbl)}: {v:+.4f}{escape(unit)}</title></rect>')
+        if e:
+            cy = y + bar / 2
+            out.append(f'<line x1="{zero + (v - e) * scale:.1f}" y1="{cy:.1f}" x2="{zero + (v + e) * scale:.1f}" '
+                       f'y2="{cy:.1f}" class="err"/>')
+        out.append(f'<text x="{width - 4}" y="{y + bar / 2 + 4:.1f}" text-anchor="end" class="val">{v:+.4f}</text>')
+    out.append("</svg>")
+    return "".join(out)

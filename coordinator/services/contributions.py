@@ -6,6 +6,7 @@ branch init on the domain's held-out data. Weights that are not accepted are del
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from btm.model_files import CARD, CONFIG, WEIGHTS_FILE, WEIGHTS_PREFIX
-from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable, public
 from coordinator.models import (
     Artifact,
     BranchInit,
@@ -34,6 +35,8 @@ from coordinator.services import uploads
 from coordinator.services.lifecycle import DISCARDED, FINAL, PUBLIC, transition
 from coordinator.services.users import require_maintainer
 from coordinator.storage import Storage, blob_key
+
+log = logging.getLogger("elmforest.contributions")
 
 
 def visible(c: Contribution, user: User | None) -> bool:
@@ -511,6 +514,7 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
     c.evaluation = result
     if result["beats_init"]:
         vector_from = ensure_routing_vector(storage, settings, c)
+        c.evaluation = {**result, "merge_preview": merge_preview(db, storage, settings, c)}
         transition(db, c, State.evaluated, None,
                    f"perplexity {ppl:.3f} on {d.name} beats {init_name}'s {init_ppl:.3f}",
                    {**result, "routing_vector": vector_from})
@@ -520,6 +524,19 @@ def evaluate(db: Session, storage: Storage, settings, cid: int) -> dict:
                    f"{init_ppl:.3f}: train longer or check the data", {"stage": "evaluation", **result})
         discard_weights(db, storage, settings, c)
     return result
+
+
+def merge_preview(db: Session, storage: Storage, settings, c: Contribution) -> dict:
+    """What merging `c` would change on every domain (services/values.preview), for the review
+    queue; a failure leaves a note instead, never fails the evaluation."""
+    from btm.errors import BTMError
+    from coordinator.services import values
+
+    try:
+        return values.preview(db, storage, settings, c)
+    except (BTMError, ValueError, OSError) as e:
+        log.warning("merge preview of contribution %s failed: %s", c.id, e)
+        return {"error": public(str(e))}
 
 
 def ensure_routing_vector(storage: Storage, settings, c: Contribution) -> str:

@@ -178,7 +178,8 @@ def manifest(db: Session, f: Forest, number: int, elms: list[Contribution], hist
                 "files": c.files,
                 "parents": (c.branch_init.parents or []) if c.branch_init else [],
                 **({"source": c.source} if c.source else {}),
-                "metrics": c.evaluation or {},
+                # its evaluation, less the review queue's preview of the merge (that forest is gone)
+                "metrics": {k: x for k, x in (c.evaluation or {}).items() if k != "merge_preview"},
                 "training": c.training,
                 "contribution_id": c.id,
                 "owner": c.owner.username,

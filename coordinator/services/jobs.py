@@ -48,7 +48,7 @@ class Transient(Exception):
 
 
 def _handlers() -> dict[str, Callable]:
-    from coordinator.services import averages, branches, contributions, forests, leaderboard
+    from coordinator.services import averages, branches, contributions, forests, leaderboard, values
 
     def publish(db, storage, settings, payload):
         f = forests.get(db, payload["forest"])
@@ -72,10 +72,11 @@ def _handlers() -> dict[str, Callable]:
         "publish": publish,
         "evaluate_version": lambda db, s, st, p: leaderboard.evaluate_version(db, s, st, p["version_id"]),
         "average": lambda db, s, st, p: averages.build(db, s, st, p["average_id"]),
+        "values": lambda db, s, st, p: values.compute(db, s, st, p["version_id"]),
     }
 
 
-KINDS = ("branch_init", "validate", "evaluate", "publish", "evaluate_version", "average")
+KINDS = ("branch_init", "validate", "evaluate", "publish", "evaluate_version", "average", "values")
 
 
 # ----------------------------------------------------------------------------- enqueue, read

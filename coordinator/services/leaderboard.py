@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 from coordinator.errors import BadRequest
 from coordinator.models import (
     Domain,
-    DomainStatus,
     Evaluation,
     ForestVersion,
     Posterior,
@@ -171,25 +170,20 @@ def summarize(db: Session, v: ForestVersion) -> None:
 
 def evaluate_version(db: Session, storage, settings, version_id: int) -> dict:
     """The job: every ELM, the ensemble (all, top-k), the averages and the forest's baselines
-    on every active domain with held-out data. Replaces the version's rows, so running it
-    again changes nothing."""
+    on every active domain with held-out data, and every ELM's value (services/values). Models
+    whose scores the artifact store holds are not run again. Replaces the version's rows, so
+    running it again changes nothing."""
     from btm.evaluate import evaluate_forest
-    from btm.forest import Forest
-    from btm.tokenizer import load_tokenizer
-    from coordinator.materialize import forest_dir, model_dir
-    from coordinator.services.domains import held_out_blocks
+    from coordinator.materialize import model_dir
+    from coordinator.services import values
     from coordinator.services.forests import baselines
 
     v = db.get(ForestVersion, version_id)
-    forest = Forest.load(forest_dir(storage, settings.work_dir, v.manifest))
-    tok = load_tokenizer(forest.seed_dir)
-    doms = list(db.scalars(select(Domain).where(Domain.status == DomainStatus.active,
-                                                Domain.eval_data_sha256.is_not(None)).order_by(Domain.name)))
-    blocks = [b for d in doms if (b := held_out_blocks(storage, settings, d, tok)) is not None]
-    by_name = {d.name: d for d in doms}
+    forest, blocks, by_name = values.version_inputs(db, storage, settings, v)
     extra = {b.name: model_dir(storage, settings.work_dir, b.files) for b in baselines(db, v.forest)}
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as work:
-        rep = evaluate_forest(forest, blocks, work, top_ks=settings.top_k, extra_models=extra)
+        rep = evaluate_forest(forest, blocks, work, top_ks=settings.top_k, extra_models=extra,
+                              store=values.ArtifactScores(storage), permutations=settings.value_permutations)
     db.query(Evaluation).filter(Evaluation.version_id == v.id).delete()
     db.query(Posterior).filter(Posterior.version_id == v.id).delete()
     for r in rep["rows"]:
@@ -199,5 +193,6 @@ def evaluate_version(db: Session, storage, settings, version_id: int) -> dict:
         db.add(Posterior(version_id=v.id, domain_id=by_name[dn].id, weights=w))
     db.flush()
     summarize(db, v)
+    values.save(db, v, rep["values"], by_name)
     v.evaluated_at = utcnow()  # a new key for every cached page of this leaderboard
-    return {"rows": len(rep["rows"]), "domains": len(blocks)}
+    return {"rows": len(rep["rows"]), "domains": len(blocks), **rep["scoring"]}
