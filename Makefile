@@ -11,8 +11,6 @@ $(STAMP): pyproject.toml
 	# the CPU wheel of this torch is cached on CI machines; an unpinned torch pulls CUDA
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# lm_eval --model elmforest: the registration hook (a wheel install ships it; editable ones need this)
-	$(PY) -m elmforest_lm_eval_hook > /dev/null
 	touch $@
 
 .PHONY: install demo test lint bench-deps

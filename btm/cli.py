@@ -744,6 +744,21 @@ def generate_cmd(
         print(text)
 
 
+def lm_eval_cmd(ctx: typer.Context):
+    """Run lm-evaluation-harness with the forest as a model: lm-eval's own command line, every
+    argument passed on unchanged, the `elmforest` model registered (model_args: forest=DIR,
+    top_k=K, router=prompt|centroid|prior, target=FILE). -h shows lm-eval's own options.
+
+    EXAMPLES
+      elmforest lm-eval --model elmforest --model_args forest=forest,top_k=2 --tasks lambada_openai
+      elmforest lm-eval --model elmforest --model_args forest=forest,target=go/valid.jsonl --tasks demo_mc --include_path examples/lm_eval_tasks
+      lm_eval --model hf --model_args pretrained=hub/debian-forest,trust_remote_code=True --tasks lambada_openai   (an export)
+    """
+    from btm.lm_eval_harness import run_cli
+
+    run_cli(ctx.args)
+
+
 def register(app: typer.Typer, panel: str) -> None:
     """Add the local BTM commands (no coordinator needed) to `app`, under `panel`."""
     tok_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
@@ -751,5 +766,7 @@ def register(app: typer.Typer, panel: str) -> None:
     for name, fn in [("seed", seed), ("train", train_cmd), ("eval", eval_cmd), ("average", average_cmd),
                      ("generate", generate_cmd)]:
         app.command(name, rich_help_panel=panel)(fn)
+    app.command("lm-eval", rich_help_panel=panel,  # the rest of the line is lm-eval's
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(lm_eval_cmd)
     for name, sub in [("tokenizer", tok_app), ("branch", branch_app), ("forest", forest_app)]:
         app.add_typer(sub, name=name, rich_help_panel=panel)

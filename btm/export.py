@@ -112,7 +112,7 @@ def card(m: dict) -> str:
         "With elmforest installed:", "", "```bash", "elmforest forest import ORG/NAME forest",
         'elmforest generate --forest forest --prompt "..." --top-k 2   # the experts that fit each prompt',
         "elmforest eval --forest forest --corpus DIR",
-        "lm_eval --model elmforest --model_args forest=forest,top_k=2 --tasks ...", "```", "", "```python",
+        "elmforest lm-eval --model elmforest --model_args forest=forest,top_k=2 --tasks ...", "```", "", "```python",
         "import btm.forest_model  # registers the ensemble with transformers' Auto classes",
         "from transformers import AutoModelForCausalLM",
         'forest = AutoModelForCausalLM.from_pretrained("forest", top_k=2)  # each text routed to its 2 experts',

@@ -1,6 +1,10 @@
 """A forest as an lm-evaluation-harness model:
 
-    lm_eval --model elmforest --model_args forest=DIR,top_k=2[,router=prompt|centroid|prior][,target=FILE] ...
+    elmforest lm-eval --model elmforest --model_args forest=DIR,top_k=2[,router=prompt|centroid|prior][,target=FILE] ...
+
+`elmforest lm-eval` is lm-eval's own command line, every argument passed on unchanged, with
+the `elmforest` model registered first (lm-eval reads no plugin entry points). An exported
+forest needs none of this: `lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True`.
 
 It is lm-eval's own Hugging Face model (HFLM) driving the forest's ensemble as a transformers
 model (btm.forest_model), so loglikelihood, loglikelihood_rolling and generate_until are
@@ -11,15 +15,34 @@ lm-eval's, with the forest's routing (btm.routing) where no target is given:
   together with those experts;
 - loglikelihood_rolling: the experts of each position are chosen from the text before it;
 - generate_until: each request is routed on its own prompt.
-
-Installing elmforest registers the name (see elmforest_lm_eval_hook).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
+from collections.abc import Sequence
 
 from lm_eval.models.huggingface import HFLM
+
+MODEL_NAME = "elmforest"
+
+
+def register() -> None:
+    """Make `elmforest` a model name lm-eval knows (in this process)."""
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=f"{__name__}:ElmforestLM")
+
+
+def run_cli(args: Sequence[str]) -> None:
+    """lm-eval's command line with `args`, the elmforest model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    register()
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
 
 
 class ElmforestLM(HFLM):

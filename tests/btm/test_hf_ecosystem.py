@@ -170,6 +170,9 @@ def _lm_eval(model, model_args):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from btm.lm_eval_harness import register
+
+    register()  # as `elmforest lm-eval` does
     return simple_evaluate(model=model, model_args=model_args, tasks=["demo_mc", "demo_rolling", "demo_gen"],
                            task_manager=TaskManager(include_path=str(TASKS)), log_samples=True, batch_size=2,
                            device="cpu", random_seed=0, numpy_random_seed=0, torch_random_seed=0,
@@ -199,14 +202,47 @@ def test_lm_eval_scores_a_one_expert_forest_as_its_hf_model(forest_dir, tmp_path
                 assert ours["results"][task][metric] == pytest.approx(value, abs=1e-4), (task, metric)
 
 
-def test_lm_eval_command_knows_the_elmforest_model(llama_forest, tmp_path, offline):
-    """Installing elmforest is enough: the `lm_eval` command finds `--model elmforest`."""
-    lm_eval = Path(sys.executable).parent / "lm_eval"
+INSTALLS = {
+    "editable": lambda src, pip, tmp: [pip, "install", "-q", "--no-deps", "--no-build-isolation", "-e", src],
+    "directory": lambda src, pip, tmp: [pip, "install", "-q", "--no-deps", "--no-build-isolation", src],
+    "wheel": lambda src, pip, tmp: [pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", src],
+}
+
+
+@pytest.mark.parametrize("how", list(INSTALLS))
+def test_elmforest_lm_eval_works_however_elmforest_is_installed(llama_forest, tmp_path, offline, how):
+    """A fresh virtual environment with elmforest installed one way (its dependencies taken
+    from this one): `elmforest lm-eval` runs lm-eval's command line with the forest model."""
+    import os
+    import shutil
+    import sysconfig
+
+    src = tmp_path / "src"  # a copy of the tracked files: building writes into its source
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, src / f)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    deps = sysconfig.get_paths()["purelib"]
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text(deps + "\n")  # the dependencies; no .pth of that environment runs
+    env = {**os.environ, "PYTHONPATH": deps, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    pip = [str(venv / "bin" / "python"), "-m", "pip"]
+    cmd = INSTALLS[how](src, pip[-1], tmp_path)
+    subprocess.run([*pip[:-1], *[str(c) for c in cmd]], check=True, env=env, capture_output=True)
+    if how == "wheel":
+        wheel = next((tmp_path / "dist").glob("elmforest-*.whl"))
+        subprocess.run([*pip, "install", "-q", "--no-deps", str(wheel)], check=True, env=env, capture_output=True)
+    run_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import btm, sys; print(btm.__file__)"],
+                           capture_output=True, text=True, env=run_env, cwd=tmp_path, check=True)
+    assert str(src if how == "editable" else venv) in probe.stdout  # this environment's elmforest
     r = subprocess.run(
-        [str(lm_eval), "--model", "elmforest", "--model_args",
+        [str(venv / "bin" / "elmforest"), "lm-eval", "--model", "elmforest", "--model_args",
          f"forest={llama_forest},top_k=2,target={ROOT / 'btm/demo_corpus/python/valid.jsonl'}",
          "--tasks", "demo_mc,demo_rolling,demo_gen", "--include_path", str(TASKS), "--output_path", str(tmp_path / "out"),
-         "--limit", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--limit", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     assert 0 <= results["demo_mc"]["acc,none"] <= 1 and results["demo_rolling"]["bits_per_byte,none"] > 0
