@@ -495,6 +495,7 @@ def forest_export(
     backbone: Annotated[str, typer.Option(help="With --moe: every tensor but the MLPs is the uniform or posterior (--target) average of the ELMs, or the seed's.")] = "uniform",
     target: Annotated[Path | None, typer.Option(help="With --moe --backbone posterior: text of the target domain.")] = None,
     router_sample: Annotated[list[str] | None, typer.Option("--router-sample", help="With --moe: NAME=FILE, the domain text behind ELM NAME's router rows (default: the text its card names). Repeatable.")] = None,
+    router_corpus: Annotated[Path | None, typer.Option("--router-corpus", help="With --moe: a corpus whose domain directories are named as the ELMs' domains, for their router rows.")] = None,
 ):
     """Write a forest as a Hugging Face Hub repository: a model card with the domain table and
     lineage, forest.json, the seed and one folder per ELM, the averages asked for, and a
@@ -517,7 +518,7 @@ def forest_export(
         from btm.moe import export_moe
 
         samples = {n: str(p) for n, p in _named_dirs("--router-sample", router_sample).items()}
-        export_moe(f, out, experts_per_token, backbone, target, samples)
+        export_moe(f, out, experts_per_token, backbone, target, samples, router_corpus)
         console.print(f"{f.manifest['name']} v{f.version} written to {out} as one mixture-of-experts model "
                       f"({len(f)} experts, {min(experts_per_token, len(f))} per token)")
         return

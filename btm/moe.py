@@ -118,8 +118,10 @@ def backbone_weights(forest: Forest, backbone: str, target: str | os.PathLike | 
     raise DataError(f"unknown backbone {backbone!r}; backbones: {', '.join(BACKBONES)}")
 
 
-def router_samples(forest: Forest, given: dict[str, str | os.PathLike] | None) -> dict[str, Path]:
-    """Each ELM's domain sample for its router rows: given, else the domain text its card names."""
+def router_samples(forest: Forest, given: dict[str, str | os.PathLike] | None,
+                   corpus: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Each ELM's domain sample for its router rows: given, else its domain's directory in
+    `corpus`, else the domain text its card names."""
     from btm.family import read_card
     from btm.recipes import vector_sample
 
@@ -129,10 +131,12 @@ def router_samples(forest: Forest, given: dict[str, str | os.PathLike] | None) -
         raise DataError(f"router samples for ELMs not in the forest: {', '.join(unknown)}")
     out = {}
     for e in forest.elms:
-        found = given.get(e.name) or vector_sample(read_card(e.path))
+        in_corpus = Path(corpus) / e.domain if corpus is not None and e.domain else None
+        found = given.get(e.name) or (in_corpus if in_corpus and in_corpus.is_dir() else None) \
+            or vector_sample(read_card(e.path))
         if found is None:
             raise DataError(f"no router sample for ELM {e.name!r} (domain {e.domain}): its card names no text on "
-                            f"this machine; pass --router-sample {e.name}=FILE")
+                            f"this machine; pass --router-sample {e.name}=FILE (or --router-corpus DIR)")
         out[e.name] = found
     return out
 
@@ -180,7 +184,7 @@ def _mlp_input_means(model, blocks: torch.Tensor) -> torch.Tensor:
 
 def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 2, backbone: str = "uniform",
                target: str | os.PathLike | None = None,
-               samples: dict[str, str | os.PathLike] | None = None) -> Path:
+               samples: dict[str, str | os.PathLike] | None = None, corpus: str | os.PathLike | None = None) -> Path:
     """Write the forest as a native MoE model directory at `out`."""
     from btm.average import average_models
     from btm.family import Card, load_config
@@ -195,7 +199,7 @@ def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 
     form = moe_form(dense)
     k = max(1, min(experts_per_token, len(forest)))
     weights = backbone_weights(forest, backbone, target)
-    found = router_samples(forest, samples)
+    found = router_samples(forest, samples, corpus)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         if weights is None:
             back = forest.seed_dir

@@ -90,8 +90,8 @@ def test_families_without_an_moe_form_and_missing_router_samples_are_refused(tmp
 
 def test_cli_exports_an_moe_that_runs_without_elmforest_and_in_lm_eval(tmp_path, tok, corpus_dir):
     f = _forest(tmp_path, "llama-tiny", tok, 3)
-    samples = [x for n in f.names() for x in ("--router-sample", f"{n}={corpus_dir / n}")]
-    elmforest("forest", "export", f.root, "moe", "--moe", "--experts-per-token", 2, *samples, cwd=tmp_path)
+    elmforest("forest", "export", f.root, "moe", "--moe", "--experts-per-token", 2, "--router-corpus", corpus_dir,
+              cwd=tmp_path)
     card = (tmp_path / "moe" / "README.md").read_text()
     assert "Mixture-of-experts model" in card and "experts_per_token" in card
     code = ("from transformers import AutoModelForCausalLM\nimport torch, json\n"
