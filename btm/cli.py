@@ -745,6 +745,30 @@ def generate_cmd(
         print(text)
 
 
+@training_options(steps=200)
+def tune_router_cmd(
+    moe: Annotated[Path, typer.Argument(help="A mixture-of-experts export (`elmforest forest export --moe`).")],
+    out: Annotated[Path, typer.Option(help="Directory of the tuned model.")],
+    sample: Annotated[list[str] | None, typer.Option(help="NAME=FILE: expert NAME's domain text (default: the router samples its card records). Repeatable.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Train every tensor, not only the routers (as Branch-Train-MiX does).")] = False,
+    cache_dir: CacheDir = None,
+    cfg=None,
+):
+    """Tune the routers of an MoE export on a balanced mix of its experts' domain text, with
+    the architecture's load-balancing loss (only the router rows change unless --all).
+    Resumable: run it again after an interruption. The card records the recipe.
+
+    EXAMPLES
+      elmforest tune-router runs/hf-moe --out runs/hf-moe-tuned --steps 200 --lr 1e-3
+      elmforest tune-router runs/moe --out runs/moe-btx --all --sample python=~/python
+    """
+    from btm.moe import tune_router
+
+    samples = {n: str(p) for n, p in _named_dirs("--sample", sample).items()}
+    tune_router(moe, out, cfg, samples, all_, cache_dir)
+    console.print(f"[green]tuned ({'every tensor' if all_ else 'routers'}) model saved to {out}[/green]")
+
+
 def lm_eval_cmd(ctx: typer.Context):
     """Run lm-evaluation-harness with the forest as a model: lm-eval's own command line, every
     argument passed on unchanged, the `elmforest` model registered (model_args: forest=DIR,
@@ -765,7 +789,7 @@ def register(app: typer.Typer, panel: str) -> None:
     tok_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
     tok_app.command("train")(tokenizer_train)
     for name, fn in [("seed", seed), ("train", train_cmd), ("eval", eval_cmd), ("average", average_cmd),
-                     ("generate", generate_cmd)]:
+                     ("generate", generate_cmd), ("tune-router", tune_router_cmd)]:
         app.command(name, rich_help_panel=panel)(fn)
     app.command("lm-eval", rich_help_panel=panel,  # the rest of the line is lm-eval's
                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(lm_eval_cmd)

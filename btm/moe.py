@@ -160,6 +160,63 @@ def router_rows(backbone_dir: Path, tokenizer, samples: list[Path]) -> torch.Ten
     return (m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
 
 
+ROUTER_PARAM = re.compile(r"\.(block_sparse_moe|mlp)\.gate\.weight$")
+
+
+def tune_router(moe_dir: str | os.PathLike, out: str | os.PathLike, cfg, samples: dict[str, str | os.PathLike] | None = None,
+                whole: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Train the router of an MoE export (or, with `whole`, every tensor, as BTX does) on a
+    balanced mix of its experts' domain samples (their train split where there is one), with
+    the architecture's load-balancing loss; btm's training loop (progress bar, resumable).
+    `samples`: {expert: text}, by default the router samples its card records."""
+    from btm.data import BlockSampler, split_source, tokenize_file
+    from btm.family import load_model, read_card
+    from btm.tokenizer import load_tokenizer
+    from btm.train import train
+
+    moe_dir, out = Path(moe_dir), Path(out)
+    card = read_card(moe_dir)
+    if card.kind != "moe" or not card.data.get("experts"):
+        raise DataError(f"{moe_dir}: not a mixture-of-experts export of elmforest (`elmforest forest export --moe`)")
+    experts = card.data["experts"]
+    found = {**card.data.get("router_samples", {}), **{k: str(v) for k, v in (samples or {}).items()}}
+    missing = [e for e in experts if not found.get(e) or not Path(found[e]).exists()]
+    if missing:
+        raise DataError(f"no domain text on this machine for experts {', '.join(missing)}; pass --sample NAME=FILE")
+    tok = load_tokenizer(moe_dir)
+    streams = [tokenize_file(split_source(found[e], ("train", "valid")), tok, cache_dir) for e in experts]
+    model = load_model(moe_dir)
+    for name, p in model.named_parameters():
+        p.requires_grad = whole or ROUTER_PARAM.search(name) is not None
+    model.config.output_router_logits = True  # so the forward returns the load-balancing loss
+    card.data = {**card.data, "tuned": {"what": "all" if whole else "router", "samples": {e: found[e] for e in experts},
+                                        "aux_loss_coef": model.config.router_aux_loss_coef}}
+    card.recipe = (f"elmforest tune-router {moe_dir} --out {out} --steps {cfg.steps} --batch-size {cfg.batch_size} "
+                   f"--block-size {cfg.block_size} --lr {cfg.lr}" + (" --all" if whole else ""))
+    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card)
+    _serving_layout(out)
+    return out
+
+
+def _serving_layout(model_dir: Path) -> None:
+    """Rewrite a trained MoE with transformers' own writer, which saves each expert under the
+    names serving engines read (the training loop writes the module's fused tensors), and
+    without the router logits that only training needs."""
+    from transformers import AutoModelForCausalLM
+
+    from btm.family import load_model, read_card, write_card
+
+    card = read_card(model_dir)
+    trained = load_model(model_dir)
+    trained.config.output_router_logits = False
+    # a model built from its config saves in the checkpoint layout (one loaded from fused tensors
+    # would save them fused again)
+    model = AutoModelForCausalLM.from_config(trained.config, dtype=torch.float32)
+    model.load_state_dict(trained.state_dict())
+    model.save_pretrained(str(model_dir))
+    write_card(model_dir, card)
+
+
 def _mlp_input_means(model, blocks: torch.Tensor) -> torch.Tensor:
     """(layers, hidden): the mean input of each layer's MLP over the blocks (their first token,
     which has no context, left out as the routing vectors leave it)."""

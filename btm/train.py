@@ -185,8 +185,13 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
     # use_cache=False: training needs no key/value cache, and building one costs time
-    logits = model(input_ids=block[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
+    out = model(input_ids=block[:, :-1], use_cache=False)
+    logits = out.logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:  # a mixture of experts asked for its load-balancing loss: weighted as its config says
+        loss = loss + getattr(model, "module", model).config.router_aux_loss_coef * aux
+    return loss
 
 
 def train(

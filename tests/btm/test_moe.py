@@ -2,6 +2,7 @@
 rest the averaging code's output, loaded by plain transformers (and lm-eval) with no code of ours."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -105,3 +106,28 @@ def test_cli_exports_an_moe_that_runs_without_elmforest_and_in_lm_eval(tmp_path,
                     "--include_path", ROOT / "examples" / "lm_eval_tasks", "--output_path", tmp_path / "res",
                     "--limit", "2", "--device", "cpu", cwd=ROOT, timeout=600)
     assert next((tmp_path / "res").rglob("results_*.json"))
+
+
+def test_router_tuning_changes_only_the_routers(tmp_path, tok, corpus_dir, cache_dir):
+    from btm.family import read_card
+
+    f = _forest(tmp_path, "llama-tiny", tok, 3)
+    export_moe(f, tmp_path / "moe", experts_per_token=1, samples=_samples(corpus_dir, f))
+    tiny = ["--batch-size", 6, "--block-size", 32, "--lr", 3e-2, "--no-progress", "--cache-dir", cache_dir]
+    elmforest("tune-router", "moe", "--out", "tuned", "--steps", 6, *tiny, cwd=tmp_path)
+    before, after = (dict(iter_tensors(open_weights(tmp_path / d))) for d in ("moe", "tuned"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".block_sparse_moe.gate." in n for n in changed)  # the routers alone
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert len(losses) >= 1 and all(math.isfinite(x) for x in losses)  # (untrained experts: the loss is a bench's)
+    card = read_card(tmp_path / "tuned")
+    assert card.kind == "moe" and card.data["tuned"]["what"] == "router" and "tune-router" in card.recipe
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").config.output_router_logits is False
+    r = elmforest("tune-router", "moe", "--out", "tuned", "--steps", 6, *tiny, cwd=tmp_path)  # done: nothing to do
+    assert r.exit_code == 0
+    with pytest.raises(DataError, match="not a mixture-of-experts export"):
+        from btm.moe import tune_router
+        from btm.train_config import TrainConfig
+
+        tune_router(f.elms[0].path, tmp_path / "x", TrainConfig(steps=1))
