@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--continuation", type=int, default=128)
     ap.add_argument("--windows", type=int, default=24, help="windows per domain, spread over its test split")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-timing", action="store_true", help="skip timing generate() (the perplexities alone)")
     return ap.parse_args()
 
 
@@ -317,9 +318,10 @@ def main() -> None:
         res = evaluate_prompt_length(args, corpus, tok, work, elm_names, seed, centroids, priors, P, ctx)
         tables[P] = res["per_domain"]
         figs[P] = summarise(res, train, evals, elm_names[:2])
-    log("timing generate() with each router")
-    costs = {"tokens": cost_counts(len(elm_names), 2, 128, args.continuation),
-             "measured_generate": timed_generate(work, corpus, tok, elm_names, vectors.tolist())}
+    costs = {"tokens": cost_counts(len(elm_names), 2, 128, args.continuation)}
+    if not args.no_timing:
+        log("timing generate() with each router")
+        costs["measured_generate"] = timed_generate(work, corpus, tok, elm_names, vectors.tolist())
     for P, per in tables.items():
         print_table(P, per, train, evals)
     print("\ncost per continuation token relative to one model:", json.dumps(costs))
