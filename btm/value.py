@@ -30,9 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from btm.ensemble import mix_logprobs
-from btm.posterior import cached_prior
-from btm.weights import select_top_k
+from btm.posterior import EMA_ALPHA, EMA_GROUP
 
 DEFAULT_PERMUTATIONS = 200
 
@@ -42,31 +40,45 @@ class SubsetScorer:
 
     test: the n ELMs' token log-probs, each (N, T); dev: (M, n) per-sequence log-likelihoods of
     the development blocks (the cached prior's input); base_nll: the seed's mean NLL per token
-    (the forest without ELMs)."""
+    (the forest without ELMs). The same arithmetic as `Scores.ensemble_ppl` (and so as
+    evaluation), with the prefix likelihoods computed once and the priors of many subsets at once."""
 
     def __init__(self, test: Sequence[torch.Tensor], dev: np.ndarray, base_nll: float):
-        self.test = list(test)
         self.dev = np.asarray(dev, dtype=np.float64)
-        if self.dev.ndim != 2 or self.dev.shape[1] != len(self.test):
-            raise ValueError(f"dev log-likelihoods {self.dev.shape} for {len(self.test)} ELMs")
+        if self.dev.ndim != 2 or self.dev.shape[1] != len(test):
+            raise ValueError(f"dev log-likelihoods {self.dev.shape} for {len(test)} ELMs")
+        self.n = len(test)
+        if self.n:
+            lp = torch.stack([t.reshape(-1) for t in test]).double()  # (n, N*T), blocks one after another
+            shape = test[0].shape
+            self.lp = lp
+            self.prefix = (torch.cumsum(lp.reshape(self.n, *shape), dim=-1).reshape(self.n, -1) - lp)
         self.base_nll = float(base_nll)
         self.memo: dict[tuple[int, ...], float] = {(): self.base_nll}
-
-    @property
-    def n(self) -> int:
-        return len(self.test)
 
     def nll(self, subset: Sequence[int]) -> float:
         key = tuple(sorted(subset))
         if key not in self.memo:
-            self.memo[key] = self._nll(key)
+            self.prepare([key])
         return self.memo[key]
 
-    def _nll(self, key: tuple[int, ...]) -> float:
-        prior = cached_prior(self.dev[:, list(key)])
-        idx, w = select_top_k(prior, None)
-        lp = torch.stack([self.test[key[i]] for i in idx])
-        mixed = mix_logprobs(lp, torch.tensor(np.log(w)))
+    def prepare(self, subsets: Sequence[Sequence[int]]) -> None:
+        """Compute (and keep) the NLL of every subset not yet known, their priors in one pass."""
+        keys = sorted({tuple(sorted(k)) for k in subsets} - set(self.memo))
+        if not keys:
+            return
+        priors = subset_priors(self.dev, keys)
+        for key, prior in zip(keys, priors, strict=True):
+            self.memo[key] = self._nll(key, prior)
+
+    def _nll(self, key: tuple[int, ...], prior: np.ndarray) -> float:
+        idx = list(key)
+        p = prior / prior.sum()
+        with np.errstate(divide="ignore"):
+            logp = torch.from_numpy(np.log(p))
+        logw = logp[:, None] + self.prefix[idx]
+        logw = logw - torch.logsumexp(logw, dim=0, keepdim=True)
+        mixed = torch.logsumexp(self.lp[idx] + logw, dim=0).float()  # as the ensemble returns it
         return -mixed.double().mean().item()
 
     def ppl(self, subset: Sequence[int]) -> float:
@@ -77,9 +89,35 @@ class SubsetScorer:
         return self.base_nll - self.nll(subset)
 
 
+def subset_priors(dev: np.ndarray, keys: Sequence[tuple[int, ...]], group: int = EMA_GROUP,
+                  alpha: float = EMA_ALPHA) -> list[np.ndarray]:
+    """btm.posterior.cached_prior of the columns `key` of dev, for every key at once (the EMA's
+    steps run once for all subsets, each subset's ELMs masked in)."""
+    n = dev.shape[1]
+    mask = np.zeros((len(keys), n), dtype=bool)
+    for r, k in enumerate(keys):
+        mask[r, list(k)] = True
+    size = mask.sum(1, keepdims=True)
+    prior = np.where(mask, 1.0 / size, 0.0)  # (S, n)
+    ema = None
+    for i in range(0, dev.shape[0], group):
+        with np.errstate(divide="ignore"):
+            joint = dev[None, i: i + group, :] + np.log(prior)[:, None, :]  # (S, g, n)
+        joint = np.where(mask[:, None, :], joint, -np.inf)
+        m = joint.max(axis=2, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        post = np.exp(joint - (m + np.log(np.exp(joint - m).sum(axis=2, keepdims=True))))
+        mean = post.mean(axis=1)
+        ema = mean if ema is None else (1 - alpha) * ema + alpha * mean
+        prior = ema
+    out = ema / ema.sum(axis=1, keepdims=True)
+    return [out[r, list(k)] for r, k in enumerate(keys)]
+
+
 def leave_one_out(s: SubsetScorer) -> np.ndarray:
     """ppl(all but i) / ppl(all) - 1 for each ELM i (the seed stands in for a forest of none)."""
     every = list(range(s.n))
+    s.prepare([every] + [[j for j in every if j != i] for i in every])
     full = s.nll(every)
     return np.array([math.expm1(s.nll([j for j in every if j != i]) - full) for i in every])
 
@@ -98,9 +136,10 @@ def shapley(s: SubsetScorer, permutations: int = DEFAULT_PERMUTATIONS, seed: int
     if n == 0:
         return Shapley(np.zeros(0), np.zeros(0), 0)
     rng = np.random.default_rng(seed)
+    orders = [rng.permutation(n) for _ in range(permutations)]
+    s.prepare([o[:k] for o in orders for k in range(1, n + 1)])
     gains = np.empty((permutations, n))
-    for p in range(permutations):
-        order = rng.permutation(n)
+    for p, order in enumerate(orders):
         prev, before = s.value(()), []
         for i in order:
             before.append(int(i))
