@@ -137,8 +137,9 @@ class UploadOut(BaseModel):
     sha256: str
     size: int
     part_size: int
-    status: str = Field(description="open (parts being sent), stored (weights awaiting validation) or complete; "
-                        "an upload that is refused, expires or is aborted is deleted (404 after)")
+    status: str = Field(description="open (parts being sent), stored (weights awaiting validation), verified "
+                        "(checked, being kept: complete it again after a crash) or complete; an upload that is "
+                        "refused, expires or is aborted is deleted (404 after)")
     expires_at: datetime | None = None
     parts: list[PartOut] = Field(default=[], description="Each part's URL takes exactly `length` bytes.")
     parts_done: list[int] = []

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlparse
 
 from btm import atomic
+from coordinator.crash import crash_point
 
 CHUNK = 8 * 1024 * 1024
 
@@ -31,6 +32,10 @@ def blob_key(sha256: str) -> str:
 
 class StorageError(Exception):
     pass
+
+
+class UploadGone(StorageError):
+    """The multipart upload no longer exists: completed (assembled), aborted or expired."""
 
 
 class PartsMissing(StorageError):
@@ -140,12 +145,15 @@ class Storage(ABC):
         """A URL that accepts exactly `length` bytes as part `part_number`."""
 
     @abstractmethod
-    def list_parts(self, key: str, upload_id: str) -> list[dict]: ...
+    def list_parts(self, key: str, upload_id: str) -> list[dict]:
+        """The parts that have arrived; UploadGone once the multipart upload is no more."""
 
     @abstractmethod
     def complete_multipart(self, key: str, upload_id: str, lengths: list[int]) -> None:
         """Assemble parts 1..n (part i of lengths[i-1] bytes) into `key`. Idempotent: once the
-        object is assembled, calling it again checks the object and returns."""
+        object is assembled (a crash may have cut the call short at any point after that),
+        calling it again checks the object's size, removes what is left of the parts, and
+        returns."""
 
     def check_parts(self, key: str, upload_id: str, lengths: list[int]) -> dict[int, dict]:
         """The uploaded parts, once each has arrived with exactly its length."""
@@ -223,7 +231,8 @@ class LocalStorage(Storage):
     def delete(self, key):
         p = self.path(key)
         p.unlink(missing_ok=True)
-        p.with_name(p.name + ".assembling").unlink(missing_ok=True)
+        for leftover in (".assembling", ".lock"):  # what an assembly cut short by a crash leaves
+            p.with_name(p.name + leftover).unlink(missing_ok=True)
 
     def move(self, src, dst):
         d = self.path(dst)
@@ -286,6 +295,8 @@ class LocalStorage(Storage):
 
     def list_parts(self, key, upload_id):
         d = self._mp_dir(upload_id)
+        if not d.is_dir():
+            raise UploadGone("no such upload (completed, expired or aborted)")
         out = []
         for p in sorted(d.glob("part-?????")):
             out.append({"part_number": int(p.name[5:]), "size": p.stat().st_size, "etag": None})
@@ -301,23 +312,32 @@ class LocalStorage(Storage):
         with open(dst.with_name(dst.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if not d.is_dir():  # assembled before (a retried complete): the parts are gone, the object is there
-                    if self.size(key) == sum(lengths):
-                        return
-                    raise StorageError("the upload's parts are gone and nothing was assembled; start the upload again")
-                self.check_parts(key, upload_id, lengths)
-                if len(lengths) == 1:  # one part is the whole object: move it, no copy
-                    os.replace(d / "part-00001", dst)
-                else:
-                    tmp = dst.with_name(dst.name + ".assembling")  # one name: a retry after a crash overwrites it
-                    with open(tmp, "wb") as out:
-                        for n in range(1, len(lengths) + 1):
-                            with open(d / f"part-{n:05d}", "rb") as f:
-                                _copy(f, out, lengths[n - 1])
-                    os.replace(tmp, dst)
+                # the object appears whole (a rename), and only from these parts: once it is
+                # there, the parts (all, some or none of them left) are done with
+                if self.size(key) != sum(lengths):
+                    if not d.is_dir():
+                        raise StorageError("the upload's parts are gone and nothing was assembled; start the upload "
+                                           "again")
+                    self._assemble(key, upload_id, lengths)
+                    crash_point("complete:replaced")
                 shutil.rmtree(d, ignore_errors=True)
             finally:
                 dst.with_name(dst.name + ".lock").unlink(missing_ok=True)
+
+    def _assemble(self, key: str, upload_id: str, lengths: list[int]) -> None:
+        """The parts, checked, into the object: whole or not at all (a rename)."""
+        self.check_parts(key, upload_id, lengths)
+        d, dst = self._mp_dir(upload_id), self.path(key)
+        if len(lengths) == 1:  # one part is the whole object: move it, no copy
+            os.replace(d / "part-00001", dst)
+            return
+        tmp = dst.with_name(dst.name + ".assembling")  # one name: a retry after a crash overwrites it
+        with open(tmp, "wb") as out:
+            for n in range(1, len(lengths) + 1):
+                with open(d / f"part-{n:05d}", "rb") as f:
+                    _copy(f, out, lengths[n - 1])
+        crash_point("complete:assembling")
+        os.replace(tmp, dst)
 
     def multipart_ids(self) -> list[tuple[str, str, float]]:
         root = self.root / ".multipart"
@@ -397,6 +417,7 @@ class S3Storage(Storage):
 
     def move(self, src, dst):
         self.client.copy({"Bucket": self.bucket, "Key": self.k(src)}, self.bucket, self.k(dst))
+        crash_point("move:copied")
         self.delete(src)
 
     def download_url(self, key, filename=None):
@@ -418,10 +439,17 @@ class S3Storage(Storage):
         )
 
     def list_parts(self, key, upload_id):
+        from botocore.exceptions import ClientError
+
         out = []
         kw = {"Bucket": self.bucket, "Key": self.k(key), "UploadId": upload_id}
         while True:
-            r = self.client.list_parts(**kw)
+            try:
+                r = self.client.list_parts(**kw)
+            except ClientError as e:
+                if e.response["Error"]["Code"] == "NoSuchUpload":
+                    raise UploadGone("no such upload (completed, expired or aborted)") from None
+                raise
             out += [{"part_number": p["PartNumber"], "size": p["Size"], "etag": p["ETag"]} for p in r.get("Parts", [])]
             if not r.get("IsTruncated"):
                 return out
@@ -432,16 +460,17 @@ class S3Storage(Storage):
 
         try:
             have = self.check_parts(key, upload_id, lengths)
-        except ClientError as e:
-            if e.response["Error"]["Code"] != "NoSuchUpload":
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.k(key), UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": i, "ETag": have[i]["etag"]}
+                                           for i in range(1, len(lengths) + 1)]},
+            )
+        except (UploadGone, ClientError) as e:  # completed before (a retry), or by a concurrent call just now
+            if isinstance(e, ClientError) and e.response["Error"]["Code"] != "NoSuchUpload":
                 raise
-            if self.size(key) == sum(lengths):  # completed before (a retried complete)
-                return
-            raise StorageError("the upload's parts are gone and nothing was assembled; start the upload again") from None
-        self.client.complete_multipart_upload(
-            Bucket=self.bucket, Key=self.k(key), UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": i, "ETag": have[i]["etag"]} for i in range(1, len(lengths) + 1)]},
-        )
+            if self.size(key) != sum(lengths):
+                raise StorageError("the upload's parts are gone and nothing was assembled; start the upload "
+                                   "again") from None
 
     def abort_multipart(self, key, upload_id):
         from botocore.exceptions import ClientError

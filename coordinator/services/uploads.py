@@ -1,9 +1,11 @@
 """Uploads of any size, each owned by the user who sent its bytes.
 
 start (part URLs, each signed for exactly its length) -> parts PUT to the store -> complete
-(assembled and hashed on the server; a mismatch keeps nothing). A finished upload is what its
-owner, and only its owner, may refer to by sha256: declaring a hash attaches nothing, and no
-answer says whether someone else's file exists. Every byte is bounded: per-purpose sizes, the
+(assembled and hashed on the server; a mismatch keeps nothing). Each step of complete leaves
+a state that a retry (or the sweeper) finishes after a crash: its crash points (here and in
+the storage; see coordinator/crash.py) are where tests kill the server to check that. A
+finished upload is what its owner, and only its owner, may refer to by sha256: declaring a
+hash attaches nothing, and no answer says whether someone else's file exists. Every byte is bounded: per-purpose sizes, the
 bytes a user has in flight, uploads started per hour, and an expiry after which a sweeper
 deletes what arrived. Contribution weights stay under their upload's own key until validation
 accepts them (see contributions.py); other files are checked for their kind at once and
@@ -12,6 +14,7 @@ become content-addressed blobs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -19,24 +22,28 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from btm.model_files import is_weights_file
+from coordinator.crash import crash_point
 from coordinator.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
 from coordinator.models import Artifact, Upload, User, utcnow
 from coordinator.services import limits
-from coordinator.storage import PartsMissing, Storage, StorageError, blob_key
+from coordinator.storage import PartsMissing, Storage, StorageError, UploadGone, blob_key
 
 PURPOSES = ("weights", "sample", "eval-data", "model-file")
 MAX_PARTS = 10_000  # S3's own limit
-# an upload is open (parts arriving), stored (contribution weights awaiting validation) or
-# complete (accepted); one that is rejected, expires or is aborted is deleted, bytes and row
-OPEN, STORED, COMPLETE = "open", "stored", "complete"
+# an upload is open (parts arriving), stored (contribution weights awaiting validation),
+# verified (checked, becoming its blob: a state only a crash makes last) or complete
+# (accepted); one that is rejected, expires or is aborted is deleted, bytes and row
+OPEN, STORED, VERIFIED, COMPLETE = "open", "stored", "verified", "complete"
 IN_FLIGHT = (OPEN, STORED)  # bytes a user holds that nobody has accepted yet
 TEXT_FILES = (".md", ".txt")  # model files besides JSON ones (model cards, merges)
+SCRATCH = "uploads"  # under the work directory: local copies of uploads being checked
 
 
 def limit_for(settings, purpose: str) -> int:
@@ -129,11 +136,30 @@ def resume(db: Session, storage: Storage, user: User, upload_id: str) -> dict:
     up = get(db, user, upload_id)
     _expire_if_due(db, storage, up)
     if up.status != OPEN:
-        raise Conflict(f"upload {upload_id} is {up.status}; there is nothing left to send")
-    sizes = {p["part_number"]: p["size"] for p in storage.list_parts(up.key, up.backend_upload_id)}
-    lengths = part_lengths(up)
-    done = [i for i, n in enumerate(lengths, 1) if sizes.get(i) == n]
+        again = "; complete it again to finish" if up.status == VERIFIED else ""
+        raise Conflict(f"upload {upload_id} is {up.status}; there is nothing left to send{again}")
+    done = _arrived(storage, up)
+    if done is None:  # a deletion cut short by a crash: finish it
+        delete(db, storage, up)
+        db.commit()
+        raise Conflict(f"upload {upload_id} lost its parts (it was refused or aborted); start a new one")
     return describe(storage, up, done)
+
+
+def _arrived(storage: Storage, up: Upload) -> list[int] | None:
+    """The parts that have arrived whole; all of them once the file is assembled (by a
+    complete that a crash cut short: completing again finishes it); None when neither the
+    parts nor the file are there."""
+    lengths = part_lengths(up)
+    everything = list(range(1, len(lengths) + 1))
+    if storage.size(up.key) == up.size:
+        return everything
+    try:
+        sizes = {p["part_number"]: p["size"] for p in storage.list_parts(up.key, up.backend_upload_id)}
+    except UploadGone:
+        # assembled just now by a concurrent complete, or lost
+        return everything if storage.size(up.key) == up.size else None
+    return [i for i, n in enumerate(lengths, 1) if sizes.get(i) == n]
 
 
 def complete(db: Session, storage: Storage, settings, user: User, upload_id: str, hold: bool = False) -> Upload:
@@ -144,41 +170,77 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
     up = get(db, user, upload_id)
     if up.status in (STORED, COMPLETE):
         return up
+    if up.status == VERIFIED:  # checked before a crash, not yet its blob
+        return _keep(db, storage, up)
     _expire_if_due(db, storage, up)
     # what follows (assembling, hashing, checking the file) is slow and needs no database: end
     # the transaction so the connection goes back to the pool meanwhile
     db.commit()
+    crash_point("complete:begin")
+    _assemble(db, storage, up)
+    crash_point("complete:assembled")
+    sha, n, problem = _inspect(storage, settings, up, hold)
+    crash_point("complete:hashed")
+    if sha != up.sha256 or n != up.size:
+        _refuse(db, storage, up, BadRequest(
+            f"the uploaded file does not match what was declared (sha256 {sha[:16]}..., {n} bytes; declared "
+            f"{up.sha256[:16]}..., {up.size} bytes); nothing was kept: check the file and upload it again"))
+    if problem:
+        _refuse(db, storage, up, Unprocessable(f"{up.filename}: {problem}; nothing was kept"))
+    up.completed_at = utcnow()
+    if hold:
+        up.status = STORED
+        db.flush()
+        crash_point("complete:recorded")  # committed with the caller's own changes
+        return up
+    # checked: from here on a crash is finished (by a retry or the sweeper), never undone, so
+    # that a blob is never left without its artifact
+    up.status = VERIFIED
+    db.commit()
+    crash_point("complete:verified")
+    return _keep(db, storage, up)
+
+
+def _assemble(db: Session, storage: Storage, up: Upload) -> None:
     try:
         storage.complete_multipart(up.key, up.backend_upload_id, part_lengths(up))
     except PartsMissing as e:
         raise BadRequest(f"parts {e.numbers[:10]} have not arrived; PUT them and complete again",
                          missing_parts=e.numbers) from None
     except StorageError as e:  # a part of the wrong size, or parts lost: nothing of it is kept
-        delete(db, storage, up)
-        db.commit()
-        raise BadRequest(f"{e}; nothing was kept: start the upload again") from None
+        _refuse(db, storage, up, BadRequest(f"{e}; nothing was kept: start the upload again"))
+
+
+def _inspect(storage: Storage, settings, up: Upload, hold: bool) -> tuple[str, int, str | None]:
+    """(sha256, size, why it is not a file of its kind or None) of the assembled upload.
+    Weights held for validation are only hashed here, streamed: no local copy that a crash
+    could leave behind."""
+    if hold:
+        return *storage.sha256(up.key), None
     from btm.hashing import sha256_file
 
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
-    with storage.local_copy(up.key, settings.work_dir) as path:  # one read of the bytes for both checks
+    scratch = settings.work_dir / SCRATCH  # what a crash leaves here, the sweeper deletes
+    scratch.mkdir(parents=True, exist_ok=True)
+    with storage.local_copy(up.key, scratch) as path:  # one read of the bytes for both checks
         sha, n = sha256_file(path), path.stat().st_size
-        problem = None if hold or sha != up.sha256 else check_kind(path, up)
-    if sha != up.sha256 or n != up.size:
-        delete(db, storage, up)
-        db.commit()
-        raise BadRequest(f"the uploaded file does not match what was declared (sha256 {sha[:16]}..., {n} bytes; "
-                         f"declared {up.sha256[:16]}..., {up.size} bytes); nothing was kept: check the file and upload "
-                         "it again")
-    if hold:
-        up.status = STORED
-    else:
-        if problem:
-            delete(db, storage, up)
-            db.commit()
-            raise Unprocessable(f"{up.filename}: {problem}; nothing was kept")
-        promote(db, storage, up.key, up.sha256, up.size, up.purpose, f"{up.purpose} uploaded by {user.username}")
-        up.status = COMPLETE
-    up.completed_at = utcnow()
+        return sha, n, check_kind(path, up) if sha == up.sha256 and n == up.size else None
+
+
+def _refuse(db: Session, storage: Storage, up: Upload, error: Exception) -> NoReturn:
+    """Delete the upload, bytes and row, for good; then raise `error`. (Cut short by a crash,
+    the next look at the upload finishes the deletion.)"""
+    delete(db, storage, up)
+    db.commit()
+    raise error
+
+
+def _keep(db: Session, storage: Storage, up: Upload) -> Upload:
+    """A verified upload becomes its content-addressed blob, recorded as an artifact.
+    Idempotent: the blob is there (moved before a crash) or is made now."""
+    origin = f"{up.purpose} uploaded by {db.get(User, up.user_id).username}"
+    promote(db, storage, up.key, up.sha256, up.size, up.purpose, origin)
+    crash_point("complete:promoted")
+    up.status = COMPLETE
     db.flush()
     return up
 
@@ -239,8 +301,8 @@ def abort(db: Session, storage: Storage, user: User, upload_id: str) -> None:
     up = get(db, user, upload_id)
     if up.status == STORED:
         raise Conflict(f"upload {upload_id} holds a contribution's weights; abandon the contribution instead")
-    if up.status == COMPLETE:
-        raise Conflict(f"upload {upload_id} is complete; there is nothing to abort")
+    if up.status in (VERIFIED, COMPLETE):
+        raise Conflict(f"upload {upload_id} is {up.status} (its file was checked); there is nothing to abort")
     delete(db, storage, up)
 
 
@@ -296,12 +358,28 @@ def _started(key: str, reported: float) -> float:
 
 
 def sweep(db: Session, storage: Storage, settings) -> dict[str, int]:
-    """Expire uploads past their time and delete what a crash left behind: multipart uploads
-    with no open upload, temporary files. Run periodically."""
+    """Expire uploads past their time and finish or delete what a crash left behind: verified
+    uploads not yet kept, multipart uploads with no open upload, temporary files. Run
+    periodically."""
     n_expired = 0
     for up in list(db.scalars(select(Upload).where(Upload.status == OPEN, Upload.expires_at < utcnow()).limit(500))):
         delete(db, storage, up)
         n_expired += 1
+    # a complete still running keeps its upload verified for moments, not minutes
+    verified = list(db.scalars(select(Upload).where(Upload.status == VERIFIED,
+                                                    Upload.completed_at < utcnow() - timedelta(minutes=10)).limit(100)))
+    for up in verified:
+        _keep(db, storage, up)
+    stale = storage.stale_temporaries(older_than=3600) + _stale_scratch(settings.work_dir / SCRATCH, 3600)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return {"expired": n_expired, "kept": len(verified), "orphan_parts": _abort_orphans(db, storage),
+            "temporaries": len(stale)}
+
+
+def _abort_orphans(db: Session, storage: Storage) -> int:
+    """Abort the multipart uploads no open upload owns (a crash between making one and
+    committing its row, or between deleting a row and aborting its parts)."""
     # the store's list first: an upload whose row is not committed yet is missing from open_ids,
     # and the age guard keeps it (a row is committed within seconds of its multipart upload)
     multiparts = storage.multipart_ids()
@@ -311,7 +389,14 @@ def sweep(db: Session, storage: Storage, settings) -> dict[str, int]:
         if mp not in open_ids and _started(key, started) < time.time() - 600:
             storage.abort_multipart(key, mp)
             orphans += 1
-    stale = storage.stale_temporaries(older_than=3600)
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return {"expired": n_expired, "orphan_parts": orphans, "temporaries": len(stale)}
+    return orphans
+
+
+def _stale_scratch(scratch: Path, older_than: float) -> list[Path]:
+    """Local copies of uploads (S3) that a crash during their check left behind."""
+    cutoff, out = time.time() - older_than, []
+    for p in scratch.iterdir() if scratch.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # a check just ended and removed it
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                out.append(p)
+    return out

@@ -3,14 +3,17 @@ way an attacker would, black-box through the HTTP API of a live coordinator, on 
 default (SQLite, local files) and on PostgreSQL + S3, and checks the refusal, its message, and
 that nothing was stored, changed or leaked."""
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -396,85 +399,177 @@ def test_the_embedded_data_is_private(world):
 
 # ----------------------------------------------------------------------------- 6. crash-safe completion
 
+PART = 5 << 20  # S3's smallest part: a file of a few parts stays small
+# Every point of complete where a crash leaves a state of its own (crash_point in the
+# coordinator), on each backend, in the order complete reaches them: weights kept for
+# validation, and a file that becomes a blob at once (here a sample of one part).
+HOLD_POINTS = {
+    "embedded": ["complete:begin", "complete:assembling", "complete:replaced", "complete:assembled",
+                 "complete:hashed", "complete:recorded"],
+    "postgres+s3": ["complete:begin", "complete:assembled", "complete:hashed", "complete:recorded"],
+}
+KEEP_POINTS = {
+    "embedded": ["complete:replaced", "complete:verified", "complete:promoted"],
+    "postgres+s3": ["complete:verified", "move:copied", "complete:promoted"],
+}
+
+
+def _cases(points: dict[str, list[str]]) -> list:
+    return [pytest.param(b, p, id=f"{b}-{p.replace(':', '-')}") for b, ps in points.items() for p in ps]
+
 
 @pytest.fixture(scope="module")
-def crashy(backend, tmp_path_factory, seed_dir):
-    """A coordinator of its own (the default limits), with a forest and a branch init."""
-    name = backend[0]
-    tmp = tmp_path_factory.mktemp("crashy")
-    with _backend(name) as env:  # a database and a store of its own
-        c = Coordinator(tmp / "coord", env)
+def crashy_sites(tmp_path_factory, seed_dir):
+    """sites(backend): a coordinator of its own on that backend, started when first asked
+    for and kept for every crash test of the module (restarting is what costs)."""
+    with contextlib.ExitStack() as stack:
+        sites: dict[str, dict] = {}
+
+        def site(name: str) -> dict:
+            if name not in sites:
+                sites[name] = stack.enter_context(_crashy(name, tmp_path_factory.mktemp("crashy"), seed_dir))
+            return sites[name]
+
+        yield site
+
+
+@contextlib.contextmanager
+def _crashy(name: str, tmp, seed_dir):
+    """A coordinator (parts of 5 MiB; crash points armed by writing a point's name to the
+    file `arm`) with a forest and a branch init."""
+    arm = tmp / "crash-at"
+    arm.write_text("")
+    env = {"ELMFOREST_PART_SIZE": str(PART), "ELMFOREST_CRASH_AT": f"@{arm}", "ELMFOREST_SWEEP_SECONDS": "1"}
+    with _backend(name) as store:  # a database and a store of its own
+        c = Coordinator(tmp / "coord", {**env, **store})
         try:
             admin, carol = c.user("admin", "admin"), c.user("carol")
             admin.create_forest("cc", seed_dir)
             add_domain(carol, "bible", CORPUS, "kjv_bible")
             b = commands.request_branch(carol, "cc", "bible", method="seed")
-            yield {"c": c, "backend": name, "carol": carol, "init": commands.download_init(carol, b, tmp / "init")}
+            yield {"c": c, "backend": name, "carol": carol, "arm": arm,
+                   "init": commands.download_init(carol, b, tmp / "init")}
         finally:
             c.stop()
 
 
-def test_a_crash_inside_complete_is_finished_by_a_retry(crashy, tmp_path):
-    """The coordinator is killed (SIGKILL) while it assembles and hashes an upload; started
-    again, the contributor runs `elmforest submit` again and it finishes, with no traceback
-    and no orphaned bytes."""
-    w, c = crashy, crashy["c"]
+class _OneTry(Client):
+    """A client that sends a complete once: the test, not the client, waits for the server."""
+
+    def complete(self, path: str, attempts: int = 1):
+        return super().complete(path, 1)
+
+
+def _crash(w, point: str, run) -> str:
+    """Arm `point` and run `run` (a client's call that the crash interrupts): the server must
+    kill itself there. Then start it again, unarmed; returns what the client said."""
+    c = w["c"]
+    w["arm"].write_text(point)
+    try:
+        try:
+            run()
+        except ClientError as e:
+            said = str(e)
+        else:
+            raise AssertionError(f"the coordinator never reached {point}")
+        assert c.server.wait(30) == -signal.SIGKILL, f"the coordinator did not die at {point}"
+    finally:
+        w["arm"].write_text("")
+        c.kill()  # the rest of its process group
+        c.start()
+    return said
+
+
+def _leftovers(c) -> list:
+    """Temporary files: an assembly's, a copy's, and local copies of files being checked."""
+    scratch = c.data_dir / "work" / "uploads"
+    return [f for f in c.data_dir.rglob("*")
+            if f.name.endswith((".assembling", ".tmp", ".lock")) or f.parent == scratch]
+
+
+@pytest.mark.parametrize("store, point", _cases(HOLD_POINTS))
+def test_a_crash_inside_complete_is_finished_by_a_retry(crashy_sites, store, point, tmp_path):
+    """The coordinator is killed (SIGKILL) at a step of completing a contribution's upload;
+    started again, the contributor runs `elmforest submit` again and it finishes the same
+    contribution without sending a part again, with no traceback and no orphaned bytes."""
+    w = crashy_sites(store)
+    c = w["c"]
     stored = stored_bytes(c)
     elm = tmp_path / "elm"
     shutil.copytree(w["init"], elm)
     (elm / "model.safetensors").unlink()
-    save_state_dict({"big": torch.randn(40 << 20 >> 2)}, elm)  # 40 MiB, and no ELM: validation refuses it
-    token = w["carol"].token
-    env = {**os.environ, "ELMFOREST_URL": c.url, "ELMFOREST_TOKEN": token, "XDG_CONFIG_HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "elmforest_cli", "submit", str(elm)]
-    kills, done = 0, None
-    for delay in (0.0, 0.2, 0.6, None):  # None: the last try runs undisturbed
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if delay is not None and _wait_for_complete(w, c, p, delay, stored):
-            c.kill()
-            kills += 1
-        _, err = p.communicate(timeout=300)
-        assert "Traceback" not in err, err
-        if p.returncode == 0:
-            done = err
-            break
-        # an instruction, whichever call the crash interrupted
-        assert "run the same command again" in err or "cannot reach the coordinator" in err, err
-        c.start()
-    assert kills and done, "never killed, or never finished"
-    cid = int(re.search(r"contribution (\d+)", done).group(1))
+    save_state_dict({"big": torch.randn((2 * PART + PART // 2) // 4)}, elm)  # 3 parts, and no ELM: validation refuses it
+    said = _crash(w, point, lambda: commands.submit(_OneTry(c.url, w["carol"].token), elm))
+    assert "run the same command again" in said, said
+    cid = json.loads((elm / ".elmforest-submit.json").read_text())["contribution_id"]
+    env = {**os.environ, "ELMFOREST_URL": c.url, "ELMFOREST_TOKEN": w["carol"].token, "XDG_CONFIG_HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "elmforest_cli", "submit", str(elm)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    err = p.stderr + p.stdout
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert f"resuming the upload of contribution {cid} (3 parts already sent)" in err, err
+    assert int(re.search(r"contribution (\d+) \(", err).group(1)) == cid, err
     x = wait_state(w["carol"], cid, {"rejected"})
     assert "tensor names differ" in x["history"][-1]["reason"]
     assert stored_bytes(c) == stored, "orphaned bytes after the crash"
-    leftovers = [f for f in c.data_dir.rglob("*") if f.name.endswith((".assembling", ".tmp"))]
-    assert not leftovers
+    assert not _leftovers(c)
 
 
-def _wait_for_complete(w, c, proc, delay: float, stored: int) -> bool:
-    """Wait until the client has sent every part (it is about to complete), then `delay` s."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if w["backend"] == "embedded":
-            # every byte that has fully arrived: finished parts, or the object `complete` moved
-            # them to (a part still being written is a .tmp). A single part is moved, not copied,
-            # so the object must count too or a fast `complete` slips between two looks.
-            root = c.data_dir / "artifacts"
-            arrived = sum(_size(f) for f in root.rglob("*") if f.name != "key" and not f.name.endswith(".tmp"))
-            parts = arrived - stored
-        else:
-            parts = stored_bytes(c) - stored
-        if parts >= 40 << 20:
-            time.sleep(delay)
-            return True
-        time.sleep(0.005)
-    return False
+@pytest.mark.parametrize("store, point", _cases(KEEP_POINTS))
+def test_a_crash_inside_completing_a_file_is_finished_by_a_retry(crashy_sites, store, point, tmp_path):
+    """The same for a file that becomes a content-addressed blob at once: the resumed upload
+    finishes, its blob recorded as an artifact, nothing left under the upload's own key."""
+    w = crashy_sites(store)
+    c = w["c"]
+    stored = stored_bytes(c)
+    sample, state = _sample(tmp_path, point), tmp_path / "upload.json"
+    said = _crash(w, point, lambda: _OneTry(c.url, w["carol"].token).upload(sample, "sample", state_file=state))
+    assert "run the same command again" in said, said
+    upload_id = json.loads(state.read_text())["upload_id"]
+    done = w["carol"].upload(sample, "sample", state_file=state)
+    assert (done["upload_id"], done["status"], done["sha256"]) == (upload_id, "complete", sha256_file(sample))
+    _check_kept(c, done, stored)
 
 
-def _size(f) -> int:
-    try:
-        return f.stat().st_size if f.is_file() else 0
-    except FileNotFoundError:  # moved or deleted between the listing and the look
-        return 0
+def _sample(tmp_path, point: str):
+    sample = tmp_path / "sample.jsonl"
+    text = (CORPUS / "kjv_bible" / "valid.jsonl").read_text()
+    sample.write_text(text + json.dumps({"text": f"A line of its own, for {point} at {time.time()}."}) + "\n")
+    return sample
+
+
+def _check_kept(c, done: dict, stored: int) -> None:
+    from coordinator.models import Artifact
+
+    assert stored_bytes(c) == stored + done["size"], "bytes left under the upload's own key"
+    with c.db() as db:
+        assert db.get(Artifact, done["sha256"]).size == done["size"]
+    assert not _leftovers(c)
+
+
+@pytest.mark.parametrize("store", ["embedded", "postgres+s3"])
+def test_the_sweeper_finishes_a_checked_file_that_a_crash_cut_short(crashy_sites, store, tmp_path):
+    """Killed after the file became its blob but before its artifact was recorded, with no
+    retry from its owner: the sweeper finishes the job (a blob is never left unrecorded)."""
+    from coordinator.models import Upload
+
+    w = crashy_sites(store)
+    c = w["c"]
+    stored = stored_bytes(c)
+    sample, state = _sample(tmp_path, "the sweeper"), tmp_path / "upload.json"
+    _crash(w, "complete:promoted", lambda: _OneTry(c.url, w["carol"].token).upload(sample, "sample", state_file=state))
+    upload_id = json.loads(state.read_text())["upload_id"]
+    with c.db() as db:  # as if it had waited long enough: a complete still running is not the sweeper's
+        up = db.get(Upload, upload_id)
+        assert up.status == "verified"
+        up.completed_at -= timedelta(hours=1)
+    end, status = time.monotonic() + 30, "verified"
+    while status != "complete" and time.monotonic() < end:
+        time.sleep(0.3)
+        with c.db() as db:
+            status = db.get(Upload, upload_id).status
+    assert status == "complete", "the sweeper left it"
+    _check_kept(c, {"sha256": sha256_file(sample), "size": sample.stat().st_size}, stored)
 
 
 def test_the_client_checks_what_it_downloads(world, tmp_path):
