@@ -244,3 +244,38 @@ def _try(client, path):
         if e.status == 409:
             return None
         raise
+
+
+def test_scores_kept_on_s3_are_reused_and_a_truncated_one_is_scored_again(seed_dir, tok, corpus_dir, cache_dir):
+    """The production stack keeps scores in S3 (here moto's server) through the same interface."""
+    import torch
+    from live import MotoS3
+
+    from btm.data import Corpus
+    from btm.evaluate import Scores, domain_blocks
+    from btm.score_cache import decode, dir_fingerprint, entry_key
+    from coordinator.services.values import ArtifactScores
+    from coordinator.storage import S3Storage
+
+    moto = MotoS3()
+    try:
+        s3 = S3Storage("scores", "pre/fix", moto.url, "us-east-1", "testing", "testing", ttl=600)
+        s3.ensure_bucket()
+        store = ArtifactScores(s3)
+        doms = domain_blocks(Corpus(corpus_dir), ["python"], tok, 32, 4, 4, cache_dir)
+        a = Scores(store=store)
+        a.add_model("seed", seed_dir, doms)
+        b = Scores(store=store)
+        b.add_model("seed", seed_dir, doms)
+        assert (a.scored, b.scored, b.reused) == (1, 0, 1)
+        assert torch.equal(a.test[("seed", "python")], b.test[("seed", "python")])
+        key = entry_key(dir_fingerprint(seed_dir), doms[0].fingerprint)
+        s3.put_bytes(key, store.read(key)[:-4])  # truncated
+        c = Scores(store=store)
+        c.add_model("seed", seed_dir, doms)
+        assert c.scored == 1 and torch.equal(a.test[("seed", "python")], c.test[("seed", "python")])
+        shape = tuple(a.test[("seed", "python")].shape)
+        assert decode(store.read(key), key, shape, doms[0].dev.shape[0]) is not None  # whole again
+        assert store.read("scores/nothing-here") is None
+    finally:
+        moto.stop()
