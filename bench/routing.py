@@ -138,6 +138,7 @@ def systems_for_window(lp, prompt_len: int, oracle_prior, centroid_scores, k_max
     import numpy as np
     import torch
 
+    from btm.ensemble import mix_logprobs
     from btm.routing import choose
     from btm.weights import select_top_k
 
@@ -147,8 +148,6 @@ def systems_for_window(lp, prompt_len: int, oracle_prior, centroid_scores, k_max
     cont = slice(prompt_len - 1, None)  # targets x_P .. x_{P+C-1}
 
     def mixture(idx) -> torch.Tensor:
-        from btm.ensemble import mix_logprobs
-
         idx = sorted(int(i) for i in idx)
         w = torch.full((len(idx),), -math.log(len(idx)), dtype=torch.float64)
         return mix_logprobs(elm[idx][:, None], w)[0, cont]
@@ -156,8 +155,6 @@ def systems_for_window(lp, prompt_len: int, oracle_prior, centroid_scores, k_max
     prompt_ll = elm[:, : prompt_len - 1].double().sum(1)
     post = uniform + prompt_ll
     oi, ow = select_top_k(oracle_prior, 2)
-    from btm.ensemble import mix_logprobs
-
     oracle = mix_logprobs(elm[oi][:, None], torch.tensor(np.log(ow)))[0, cont]
     return {
         "oracle_top2": oracle,

@@ -626,8 +626,9 @@ def eval_cmd(
 def _eval_text(f, text: Path, ks: list[int], block_size: int, max_blocks: int | None, json_out: Path | None) -> None:
     from btm.branch import sample_blocks
     from btm.evaluate import evaluate_text
+    from btm.family import load_config
 
-    blocks = sample_blocks(f, text, min(block_size, _max_positions(load_seed_config(f)) - 1), max_blocks)
+    blocks = sample_blocks(f, text, min(block_size, _max_positions(load_config(f.seed_dir)) - 1), max_blocks)
     report = evaluate_text(f, blocks, ks)
     for r in report["rows"]:
         print(f"{r['subject']:<24} {r['ppl']:>10.2f}")
@@ -638,12 +639,6 @@ def _eval_text(f, text: Path, ks: list[int], block_size: int, max_blocks: int | 
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"report written to {json_out}")
-
-
-def load_seed_config(f):
-    from btm.family import load_config
-
-    return load_config(f.seed_dir)
 
 
 def average_cmd(

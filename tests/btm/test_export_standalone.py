@@ -2,6 +2,7 @@
 the repository (trust_remote_code), routes each prompt by the forest's vectors, and lm-eval's
 own `hf` model evaluates it."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -12,16 +13,25 @@ from helpers import run_without_btm
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "examples" / "lm_eval_tasks"
 LM_EVAL = "from lm_eval.__main__ import cli_evaluate\nsys.argv = ['lm_eval'] + sys.argv[1:]\ncli_evaluate()\n"
-LOAD_AND_GENERATE = """
+
+
+def left_padded(tok, prompts):
+    """Left-padded prompts led by the start token: the batch both processes generate from."""
+
+    rows = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+LOAD_AND_GENERATE = inspect.getsource(left_padded) + """
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 out, prompts = sys.argv[1], json.loads(sys.argv[2])
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, top_k=1)
 tok = AutoTokenizer.from_pretrained(out)
-rows = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
-width = max(map(len, rows))
-ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+ids, mask = left_padded(tok, prompts)
 seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
 print(json.dumps({"module": type(model).__module__, "routes": [r.experts for r in model.routes],
                   "sequences": seq.tolist()}))
@@ -64,10 +74,7 @@ def test_an_export_loads_routes_and_generates_without_elmforest(exported, tmp_pa
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
-    rows = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(x)) + x for x in rows])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows])
+    ids, mask = left_padded(tok, prompts)
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert got["sequences"] == want.tolist()
 
