@@ -19,6 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from btm.errors import BTMError
+from coordinator.caching import CacheHeaders, NotModified, not_modified
 from coordinator.errors import ServiceError, public
 from coordinator.middleware import BodyLimit, Lane, Overload
 from coordinator.settings import Settings, get_settings
@@ -116,6 +117,8 @@ def create_app(settings: Settings | None = None, worker: bool | None = None,
     # outermost last: the overload gate sees every request first, then the body limit
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes, exempt=("/api/v1/storage/parts/",))
     app.add_middleware(Overload, lanes=lanes(settings), exempt=("/healthz", "/api/v1/storage/objects/"))
+    # outermost: every answer (a 503 of the gate too) says who may keep it
+    app.add_middleware(CacheHeaders, static=("/static/",))
     return app
 
 
@@ -164,7 +167,7 @@ def add_error_handlers(app: FastAPI) -> None:
     for exc, handler in ((ServiceError, _service_error), (BTMError, _btm_error),
                          (StarletteHTTPException, _http_error), (IntegrityError, _integrity_error),
                          (PoolTimeout, _pool_timeout), (OperationalError, _operational_error),
-                         (RequestValidationError, _validation_error)):
+                         (RequestValidationError, _validation_error), (NotModified, not_modified)):
         app.add_exception_handler(exc, handler)
 
 

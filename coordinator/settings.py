@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=16, description="Threads serving API requests in one process (about the "
                              "database pool's size: more would only wait for a connection).")
     url_ttl_seconds: int = 3600
+    cache_max_age_seconds: int = Field(default=30, ge=0, description="How long browsers and shared caches may reuse "
+                                       "a public read (forest versions, leaderboards, posteriors, download lists and "
+                                       "their pages) before asking again with If-None-Match (answered 304 while it "
+                                       "is unchanged).")
     token_ttl_days: int = Field(default=365, ge=1, description="Days an API token lives when its maker names no "
                                 "other lifetime (login, registration, `elmforest user create`, POST /tokens "
                                 "without expires_days).")

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from starlette.middleware.sessions import SessionMiddleware
 
 from btm.hub import describe
+from coordinator import caching
 from coordinator.api.deps import DB, Id, SettingsDep, StorageDep, release
 from coordinator.errors import Forbidden, NotFound, ServiceError, public
 from coordinator.models import AveragedModel, Contribution, Domain, Evaluation, Role, State, User
@@ -66,10 +67,40 @@ def check_csrf(request: Request, token: str) -> None:
         raise Forbidden("the form expired or came from another site; reload the page and try again")
 
 
+class _Csrf:
+    """The session's CSRF token, made when a template prints it: a page without a form makes
+    no session, so it sets no cookie and an anonymous visitor's copy can be shared."""
+
+    def __init__(self, request: Request):
+        self.request = request
+
+    def __str__(self) -> str:
+        return csrf_token(self.request)
+
+    __html__ = __str__
+
+
 def render(request: Request, name: str, user: User | None, status_code: int = 200, **ctx) -> HTMLResponse:
-    ctx.update(user=user, csrf=csrf_token(request), flash=request.session.pop("flash", None),
+    ctx.update(user=user, csrf=_Csrf(request), flash=request.session.pop("flash", None),
                is_maintainer=user is not None and user.is_maintainer)
     return templates.TemplateResponse(request, name, ctx, status_code=status_code)
+
+
+PAGES_BUILD = caching.BUILD + caching.code_stamp(HERE, patterns=("*.py", "*.html"))
+
+
+def published_page(request: Request, user: User | None, *parts, weak: bool = False) -> None:
+    """A page of published data as an anonymous visitor sees it is the same for everyone:
+    tagged from `parts` (what its body is made of), 304 when the visitor holds it, and public.
+    A signed-in user's page (their name, their links, a message for them) is theirs alone:
+    no tag, `private, no-store` (coordinator.caching)."""
+    if user is not None or "flash" in request.session:
+        return
+    settings = request.app.state.settings
+    tag = caching.etag(request.url.path, request.url.query, request.headers.get("hx-request"),
+                       request.headers.get("hx-boosted"), *parts, weak=weak, build=PAGES_BUILD)
+    caching.conditional(request, tag, caching.public(settings.cache_max_age_seconds),
+                        vary="Authorization, Cookie, HX-Request")
 
 
 def flash(request: Request, msg: str) -> None:
@@ -94,7 +125,9 @@ class _LoginRequired(Exception):
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, db: DB, user: WebUser):
     cards = []
-    for f in forests.list_(db):
+    fs = forests.list_(db)
+    published_page(request, user, [(f.id, f.current_version) for f in fs])
+    for f in fs:
         v = forests.version(db, f)
         m = forests.manifest_of(db, v)
         cards.append({"forest": f, "version": v, "elms": m["elms"],
@@ -109,6 +142,7 @@ def home(request: Request, db: DB, user: WebUser):
 def forest_page(request: Request, name: str, db: DB, user: WebUser):
     f = forests.get(db, name)
     v = forests.version(db, f)
+    published_page(request, user, v.id, v.evaluated_at, domains.stamp(db))
     b = leaderboard.board(db, v, kind=None, per_page=8)
     doms = {d.name: d for d in domains.list_(db)}
     m = forests.manifest_of(db, v)
@@ -162,6 +196,7 @@ def leaderboard_page(request: Request, name: str, db: DB, user: WebUser,
                      page: int = Query(default=1, ge=1, le=100_000), per_page: int = Query(default=25, ge=1, le=500)):
     f = forests.get(db, name)
     v = forests.version(db, f, version)
+    published_page(request, user, v.id, v.evaluated_at, f.current_version, domains.stamp(db))
     ctx = _board_ctx(db, f, v, role, kind, sort, desc, page, per_page)
     ctx.update(forest=f, version=v, versions=forests.version_numbers(db, f), role=role, kind=kind, sort=sort,
                desc=desc)
@@ -175,6 +210,7 @@ def posterior_page(request: Request, name: str, db: DB, user: WebUser,
                    version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
     f = forests.get(db, name)
     v = forests.version(db, f, version)
+    published_page(request, user, v.id, v.evaluated_at, f.current_version, domains.stamp(db))
     post = leaderboard.posteriors(db, v)
     roles = {d.name: d.role.value for d in domains.list_(db, include_retired=True)}
     rows = sorted(post, key=lambda d: (roles.get(d) != "train", d))
@@ -200,6 +236,7 @@ def _elm_entry(db, v, elm: str) -> dict:
 def elm_page(request: Request, name: str, elm: str, db: DB, user: WebUser):
     f = forests.get(db, name)
     v = forests.version(db, f)
+    published_page(request, user, v.id, v.evaluated_at, domains.stamp(db))
     e = _elm_entry(db, v, elm)
     # the lineage and the scores change only with the version and its evaluation
     graph, per_domain, bars = cache.boards.get(("elm-page", v.id, v.evaluated_at, elm), lambda: _elm_figures(db, f, v, e))
@@ -244,6 +281,8 @@ def values_page(request: Request, name: str, db: DB, user: WebUser,
     of the ELMs' mean Shapley values, the contributors and the wanted domains."""
     f = forests.get(db, name)
     v = forests.version(db, f, version)
+    if v.evaluated_at is not None and v.valued_at is not None:  # else a page saying what to wait for
+        published_page(request, user, v.id, v.evaluated_at, v.valued_at, f.current_version, domains.stamp(db))
     ctx = cache.boards.get(("values-page", v.id, v.evaluated_at, v.valued_at), lambda: _values_ctx(db, v))
     return render(request, "values.html", user, title=f"Values · {f.name} v{v.number}", forest=f, version=v,
                   versions=forests.version_numbers(db, f), **ctx)
@@ -362,8 +401,11 @@ def download_page(request: Request, name: str, db: DB, user: WebUser, storage: S
                   version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
     f = forests.get(db, name)
     v = forests.version(db, f, version)
-    d = forests.version_download(db, storage, v)
     built = db.scalars(select(AveragedModel).where(AveragedModel.version_id == v.id)).all()
+    # weak: its download links are signed afresh (see coordinator.caching.url_epoch)
+    published_page(request, user, v.id, caching.url_epoch(request.app.state.settings), f.current_version,
+                   domains.stamp(db), [(a.id, a.status.value) for a in built], weak=True)
+    d = forests.version_download(db, storage, v)
     return render(request, "download.html", user, title=f"Download · {f.name} v{v.number}", forest=f, version=v,
                   versions=forests.versions(db, f), files=d["files"], domains=domains.list_(db), averages=built,
                   base=str(request.base_url).rstrip("/"))

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import Response
 
 from coordinator.api.deps import DB, Id, Maintainer, Reader, SettingsDep, StorageDep
+from coordinator.caching import published, url_epoch
 from coordinator.errors import NotFound
 from coordinator.models import AveragedModel, Job
 from coordinator.schemas import (
@@ -22,7 +23,7 @@ from coordinator.schemas import (
     PublishIn,
     VersionOut,
 )
-from coordinator.services import averages, cache, forests, jobs, leaderboard
+from coordinator.services import averages, cache, domains, forests, jobs, leaderboard
 
 router = APIRouter(prefix="/forests", tags=["forests"],
                    responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
@@ -35,8 +36,10 @@ def version_out(db, v) -> VersionOut:
 
 
 @router.get("", response_model=list[ForestOut])
-def list_forests(db: DB):
-    return forests.list_(db)
+def list_forests(request: Request, db: DB):
+    fs = forests.list_(db)
+    published(request, "forests", [(f.id, f.current_version) for f in fs])
+    return fs
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ForestOut)
@@ -46,8 +49,10 @@ def create_forest(body: ForestIn, user: Maintainer, db: DB, storage: StorageDep,
 
 
 @router.get("/{name}", response_model=ForestOut)
-def get_forest(name: str, db: DB):
-    return forests.get(db, name)
+def get_forest(request: Request, name: str, db: DB):
+    f = forests.get(db, name)
+    published(request, "forest", f.id, f.current_version)
+    return f
 
 
 @router.get("/{name}/baselines", response_model=list[BaselineOut])
@@ -63,20 +68,27 @@ def add_baseline(name: str, body: BaselineIn, user: Maintainer, db: DB, storage:
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut])
-def list_versions(name: str, db: DB):
-    return [version_out(db, v) for v in forests.versions(db, forests.get(db, name))]
+def list_versions(request: Request, name: str, db: DB):
+    f = forests.get(db, name)
+    published(request, "versions", f.id, f.current_version)  # versions are immutable; a new one is current
+    return [version_out(db, v) for v in forests.versions(db, f)]
 
 
 @router.get("/{name}/versions/{number}", response_model=dict)
-def get_manifest(name: str, number: Id, db: DB):
+def get_manifest(request: Request, name: str, number: Id, db: DB):
     """The version's manifest (immutable)."""
-    return forests.manifest_of(db, forests.version(db, forests.get(db, name), number))
+    v = forests.version(db, forests.get(db, name), number)
+    published(request, "manifest", v.id, v.manifest_sha256)
+    return forests.manifest_of(db, v)
 
 
 @router.get("/{name}/download", response_model=DownloadOut)
-def download(name: str, db: DB, storage: StorageDep, version: int | None = Query(default=None, ge=1)):
+def download(request: Request, name: str, db: DB, storage: StorageDep, settings: SettingsDep,
+             version: int | None = Query(default=None, ge=1)):
     """The manifest of a version (default: current) and a download URL for every file."""
     v = forests.version(db, forests.get(db, name), version)
+    # weak: the same files, with URLs signed afresh (their bytes differ, their meaning does not)
+    published(request, "download", v.id, url_epoch(settings), weak=True)
     return forests.version_download(db, storage, v)
 
 
@@ -97,7 +109,7 @@ def evaluate(name: str, user: Maintainer, db: DB, version: int | None = Query(de
 
 
 @router.get("/{name}/leaderboard", response_model=LeaderboardOut)
-def get_leaderboard(name: str, db: DB, version: int | None = Query(default=None, ge=1, le=2**31 - 1),
+def get_leaderboard(request: Request, name: str, db: DB, version: int | None = Query(default=None, ge=1, le=2**31 - 1),
                     role: str | None = Query(default=None, pattern="^(train|eval)$"),
                     kind: str | None = Query(default=None, pattern="^(elm|ensemble|average|model)$"),
                     sort: str = Query(default="mean", max_length=64,
@@ -106,6 +118,7 @@ def get_leaderboard(name: str, db: DB, version: int | None = Query(default=None,
                     per_page: int = Query(default=25, ge=1, le=500)):
     """One page of a version's leaderboard: subjects x domains, sorted and filtered."""
     v = forests.version(db, forests.get(db, name), version)
+    published(request, "leaderboard", v.id, v.evaluated_at, domains.stamp(db))
 
     def render() -> bytes:
         b = leaderboard.board(db, v, role, kind, sort, desc, page, per_page)
@@ -125,9 +138,12 @@ def get_leaderboard(name: str, db: DB, version: int | None = Query(default=None,
 
 
 @router.get("/{name}/posteriors", response_model=dict[str, dict[str, float]])
-def get_posteriors(name: str, db: DB, version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+def get_posteriors(request: Request, name: str, db: DB,
+                   version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
     """The cached prior of each domain over the version's ELMs (what the ensemble uses)."""
-    return leaderboard.posteriors(db, forests.version(db, forests.get(db, name), version))
+    v = forests.version(db, forests.get(db, name), version)
+    published(request, "posteriors", v.id, v.evaluated_at)
+    return leaderboard.posteriors(db, v)
 
 
 def average_out(storage, a: AveragedModel, job: Job | None = None) -> AverageOut:

@@ -3,13 +3,14 @@ what a pending contribution would change if merged."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from coordinator.api.deps import DB, Id, OptionalUser
+from coordinator.caching import published
 from coordinator.errors import Conflict, NotFound
 from coordinator.schemas import Error
-from coordinator.services import contributions, forests, jobs, values
+from coordinator.services import contributions, domains, forests, jobs, values
 
 router = APIRouter(tags=["values"], responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
                                               404: {"model": Error}, 409: {"model": Error}, 422: {"model": Error}})
@@ -84,20 +85,31 @@ class MergePreviewOut(BaseModel):
 
 
 @router.get("/forests/{name}/versions/{number}/values", response_model=VersionValuesOut)
-def version_values(name: str, number: Id, db: DB):
+def version_values(request: Request, name: str, number: Id, db: DB):
     """Every ELM's value on every domain with held-out data: leave-one-out (the relative change of
     the forest's perplexity without it; > 0: it helps) and its Shapley value (nats per token, from
     `permutations` random orderings, with the standard error) for v(S) = log ppl(seed) - log
     ppl(ensemble of S); an ELM's means over the domains. 409 until the version is evaluated
     (the answer names the job to wait for)."""
-    return values.version_values(db, forests.version(db, forests.get(db, name), number), jobs.enqueue)
+    v = forests.version(db, forests.get(db, name), number)
+    _published_values(request, db, v)
+    return values.version_values(db, v, jobs.enqueue)
 
 
 @router.get("/forests/{name}/versions/{number}/values/contributors", response_model=ContributorValuesOut)
-def contributor_values(name: str, number: Id, db: DB):
+def contributor_values(request: Request, name: str, number: Id, db: DB):
     """Per contributor, the sums of their ELMs' values (per domain and the mean over domains), and
     the wanted domains: where the forest is weakest against the dense baseline."""
-    return values.contributors(db, forests.version(db, forests.get(db, name), number), jobs.enqueue)
+    v = forests.version(db, forests.get(db, name), number)
+    _published_values(request, db, v)
+    return values.contributors(db, v, jobs.enqueue)
+
+
+def _published_values(request: Request, db, v) -> None:
+    """Values, once computed, change only with the version's next evaluation. (Until then the
+    answer is a 409 that may queue their job: never cached, never a 304.)"""
+    if v.evaluated_at is not None and v.valued_at is not None:
+        published(request, "values", v.id, v.evaluated_at, v.valued_at, domains.stamp(db))
 
 
 @router.get("/contributions/{cid}/merge-preview", response_model=MergePreviewOut)

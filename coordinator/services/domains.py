@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,6 +28,14 @@ def list_(db: Session, role: str | None = None, include_retired: bool = False) -
     if not include_retired:
         q = q.where(Domain.status == DomainStatus.active)
     return list(db.scalars(q))
+
+
+def stamp(db: Session) -> str:
+    """What pages and leaderboards show of the domains (names, roles, states, descriptions,
+    held-out data), as a short hash: part of their HTTP tags, so that a change shows."""
+    rows = db.execute(select(Domain.id, Domain.name, Domain.role, Domain.status, Domain.description,
+                             Domain.eval_data_sha256).order_by(Domain.id)).all()
+    return hashlib.sha256(repr([tuple(str(x) for x in r) for r in rows]).encode()).hexdigest()[:16]
 
 
 def create(db: Session, user: User, name: str, description: str = "", category: str = "", provenance: str = "",
