@@ -21,7 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from btm.errors import BTMError
 from coordinator.caching import CacheHeaders, NotModified, not_modified
 from coordinator.errors import ServiceError, public
-from coordinator.middleware import BodyLimit, Lane, Overload
+from coordinator.middleware import BodyLimit, Lane, Overload, RateLimit
+from coordinator.schemas import Error
+from coordinator.services import limits
 from coordinator.settings import Settings, get_settings
 from coordinator.storage import make_storage
 
@@ -90,7 +92,7 @@ def create_app(settings: Settings | None = None, worker: bool | None = None,
     )
 
     for r in (accounts, domains, uploads, storage, forests, values, contributions, rounds):
-        app.include_router(r.router, prefix="/api/v1")
+        app.include_router(r.router, prefix="/api/v1", responses=BUSY)
 
     health_lock = threading.Lock()
 
@@ -114,22 +116,35 @@ def create_app(settings: Settings | None = None, worker: bool | None = None,
 
     if extend is not None:
         extend(app)
-    # outermost last: the overload gate sees every request first, then the body limit
+    # outermost last: each client's rate, then the overload gate, then the body limit
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes, exempt=("/api/v1/storage/parts/",))
     app.add_middleware(Overload, lanes=lanes(settings), exempt=("/healthz", "/api/v1/storage/objects/"))
-    # outermost: every answer (a 503 of the gate too) says who may keep it
+    app.add_middleware(RateLimit, per_minute=settings.requests_per_minute, counter=limits.request_counter(settings),
+                       exempt=("/healthz", "/static/", "/api/v1/storage/parts/", "/api/v1/storage/objects/"))
+    # outermost: every answer (a 429 or 503 too) says who may keep it
     app.add_middleware(CacheHeaders, static=("/static/",))
     return app
 
 
+# what any API call may answer whoever asks (coordinator.middleware): documented on every route
+BUSY = {429: {"model": Error, "description": "Too many requests from this client; try again after Retry-After "
+                                            "seconds."},
+        503: {"model": Error, "description": "At capacity; try again after Retry-After seconds."}}
+
+
 def lanes(settings: Settings) -> list[Lane]:
     """Part uploads stream bytes (no database, no request thread) but make the server copy
-    them: a few at a time, the rest wait (their senders are slowed by TCP, not refused).
-    Completions hash and check whole files: two at a time. The rest share what is left."""
+    them: a few at a time, the rest wait, never refused (an upload in flight is never dropped;
+    its sender is slowed by TCP). Completions hash and check whole files: two at a time, the
+    next waits a while (it finishes an upload). The rest share what is left and are refused
+    with 503 at once past it (or after overload_wait_seconds)."""
     n = admitted(settings)
-    return [Lane("parts", 4, 600, prefixes=("/api/v1/storage/parts/",)),
-            Lane("completions", 2, 8 * settings.overload_wait_seconds, suffixes=("/complete",)),
+    return [Lane("parts", 4, None, prefixes=("/api/v1/storage/parts/",)),
+            Lane("completions", 2, max(COMPLETION_WAIT, settings.overload_wait_seconds), suffixes=("/complete",)),
             Lane("requests", n - 2, settings.overload_wait_seconds)]
+
+
+COMPLETION_WAIT = 30.0  # seconds an upload's completion may wait for one of its two places
 
 
 def share_the_interpreter() -> None:

@@ -1,10 +1,14 @@
-"""ASGI middleware that keeps the API polite under abuse and load: request bodies are capped,
-and past capacity a request waits briefly, then gets 503 with Retry-After instead of timing out."""
+"""ASGI middleware that keeps the API polite under abuse and load: request bodies are capped;
+past capacity a request gets 503 with Retry-After at once instead of timing out; and a
+client past its requests a minute gets 429 with Retry-After."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
+import math
 import time
 
 from starlette.exceptions import HTTPException
@@ -65,9 +69,11 @@ class BodyLimit:
 
 class Lane:
     """A class of requests with places of its own: those whose path starts with one of
-    `prefixes` or ends with one of `suffixes` (a lane with neither takes every other request)."""
+    `prefixes` or ends with one of `suffixes` (a lane with neither takes every other request).
+    Past its places a request waits up to `wait` seconds (0: not at all; None: as long as it
+    takes, for requests that must never be refused)."""
 
-    def __init__(self, name: str, limit: int, wait: float, prefixes: tuple[str, ...] = (),
+    def __init__(self, name: str, limit: int, wait: float | None, prefixes: tuple[str, ...] = (),
                  suffixes: tuple[str, ...] = ()):
         self.name, self.limit, self.wait, self.prefixes, self.suffixes = name, max(1, limit), wait, prefixes, suffixes
         self.gate: asyncio.Semaphore | None = None  # made in the server's event loop
@@ -79,10 +85,11 @@ class Lane:
 
 class Overload:
     """Admission by lanes: each lane lets at most `limit` of its requests into the
-    application at once; one more waits up to the lane's `wait` seconds for a place, then
-    gets 503 with Retry-After. So a burst of one kind (large part uploads, completions that
-    hash and check whole files) cannot crowd out the quick reads. Paths under `exempt` always
-    pass. Every answer carries a Server-Timing header: the wait for a place and the work."""
+    application at once; one more gets 503 with Retry-After at once, or after waiting the
+    lane's `wait` for a place. So a burst of one kind (large part uploads, completions that
+    hash and check whole files) cannot crowd out the quick reads, and no request waits long
+    for an answer. Paths under `exempt` always pass. Every answer carries a Server-Timing
+    header: the wait for a place and the work."""
 
     def __init__(self, app: ASGIApp, lanes: list[Lane], exempt: tuple[str, ...] = ()):
         self.app, self.lanes, self.exempt = app, lanes, exempt
@@ -95,9 +102,7 @@ class Overload:
         if lane.gate is None:
             lane.gate = asyncio.Semaphore(lane.limit)
         t0 = time.perf_counter()
-        try:
-            await asyncio.wait_for(lane.gate.acquire(), lane.wait)
-        except TimeoutError:
+        if not await self._admit(lane):
             return await _send_error(send, 503, "overloaded", "the coordinator is at capacity; try again shortly",
                                      {"Retry-After": "2"})
         t1 = time.perf_counter()
@@ -112,3 +117,64 @@ class Overload:
             await self.app(scope, receive, timed)
         finally:
             lane.gate.release()
+
+    @staticmethod
+    async def _admit(lane: Lane) -> bool:
+        if lane.wait is None or not lane.gate.locked():
+            await lane.gate.acquire()  # a free place is taken without waiting
+            return True
+        if lane.wait <= 0:
+            return False
+        try:
+            await asyncio.wait_for(lane.gate.acquire(), lane.wait)
+            return True
+        except TimeoutError:
+            return False
+
+
+log = logging.getLogger("elmforest")
+
+
+def client_of(scope: Scope) -> str:
+    """Who a request counts against: its API token (by hash), else its address."""
+    for k, v in scope.get("headers", []):
+        if k == b"authorization" and v[:7].lower() == b"bearer " and v[7:].strip():
+            return "token:" + hashlib.sha256(v[7:].strip()).hexdigest()[:32]
+    client = scope.get("client")
+    return "addr:" + (client[0] if client else "unknown")
+
+
+class RateLimit:
+    """At most `per_minute` requests a minute per client (client_of); past that 429 with
+    Retry-After (the seconds left of the minute). `counter` (services.limits.request_counter)
+    keeps the counts where every process sees them. Paths under `exempt` do not count. A
+    counter that cannot be reached lets requests through (and says so in the log)."""
+
+    WINDOW = 60
+
+    def __init__(self, app: ASGIApp, per_minute: int, counter, exempt: tuple[str, ...] = ()):
+        self.app, self.per_minute, self.counter, self.exempt = app, per_minute, counter, exempt
+        self._threads = None  # made in the server's event loop
+        self._warned = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.per_minute <= 0 or scope.get("path", "").startswith(self.exempt):
+            return await self.app(scope, receive, send)
+        import anyio.to_thread
+
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(8)
+        try:
+            n, left = await anyio.to_thread.run_sync(self.counter.hit, client_of(scope), self.WINDOW,
+                                                     limiter=self._threads)
+        except Exception as e:  # noqa: BLE001 - Redis away, a locked file: serve rather than refuse
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning("request counts unavailable (%s); not limiting requests meanwhile", e)
+            return await self.app(scope, receive, send)
+        if n > self.per_minute:
+            wait = max(1, math.ceil(left))
+            return await _send_error(send, 429, "too_many_requests",
+                                     f"too many requests from you (at most {self.per_minute} a minute); try again in "
+                                     f"{wait} s", {"Retry-After": str(wait)})
+        await self.app(scope, receive, send)

@@ -47,10 +47,18 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(default=1024**2, description="Largest request body of an API call (files go through "
                                 "uploads, not JSON).")
     part_size: int = 64 * 1024**2
-    max_concurrent_requests: int = Field(default=16, description="Requests one API process works on at once; more "
-                                         "wait up to overload_wait_seconds, then get 503 with Retry-After. At most "
-                                         "the database pool's size less its background connections (24).")
-    overload_wait_seconds: float = 5.0
+    max_concurrent_requests: int = Field(default=16, description="Requests one API process works on at once; one "
+                                         "more gets 503 with Retry-After at once (or after overload_wait_seconds). "
+                                         "At most the database pool's size less its background connections (24). "
+                                         "/healthz and part uploads in flight are never refused.")
+    overload_wait_seconds: float = Field(default=0.0, ge=0, description="How long a request past "
+                                         "max_concurrent_requests may wait for a place before its 503 (0: none, "
+                                         "the 503 comes at once).")
+    requests_per_minute: int = Field(default=600, ge=0, description="Requests one client (an API token, else an "
+                                     "address) may send a minute; past that 429 with Retry-After. Counted in Redis "
+                                     "when the broker is Redis (across every process and replica), else in a file "
+                                     "in data_dir (across the processes of this machine). 0: no limit. /healthz, "
+                                     "/static and upload parts and signed downloads do not count.")
     api_threads: int = Field(default=16, description="Threads serving API requests in one process (about the "
                              "database pool's size: more would only wait for a connection).")
     url_ttl_seconds: int = 3600
@@ -71,6 +79,12 @@ class Settings(BaseSettings):
     top_k: list[int] = [1, 2, 4]
     value_permutations: int = Field(default=200, ge=2, le=100_000, description="Random orderings of the ELMs "
                                     "behind each Shapley value (btm.value); the standard error is reported.")
+
+    # mixture-of-experts exports (btm.moe): router tuning a maintainer starts on the coordinator
+    moe_tune_max_steps: int = Field(default=2000, ge=1, description="Most training updates one router tuning may "
+                                    "ask for (POST /forests/{name}/moe/{id}/tune).")
+    moe_tune_max_batch_tokens: int = Field(default=65_536, ge=64, description="Most tokens one update of a router "
+                                           "tuning may take (batch size x block size).")
 
     # jobs
     job_retries: int = 3

@@ -83,7 +83,9 @@ class Coordinator:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "ELMFOREST_DATA_DIR": str(data_dir), "ELMFOREST_PUBLIC_URL": self.url,
                     "ELMFOREST_EVAL_SCORED_BLOCKS": "8", "ELMFOREST_POSTERIOR_PRIOR_BLOCKS": "4", "ELMFOREST_EVAL_BLOCK_SIZE": "64",
-                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    # every test's requests come from one address: counted, never limited, unless a test says
+                    "ELMFOREST_REQUESTS_PER_MINUTE": "1000000", **env}
         self.procs: list[subprocess.Popen] = []
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(data_dir.parent / f"{data_dir.name}-server.log", "ab")

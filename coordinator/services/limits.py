@@ -1,9 +1,19 @@
-"""Per-address and per-user rate limits, counted in the database so that they hold across
-API processes and backends alike."""
+"""Rate limits. Per-address and per-user limits on what costs (accounts, wrong passwords,
+uploads), counted in the database so that they hold across API processes and backends
+alike; and the per-client limit on requests (coordinator.middleware.RateLimit), counted per
+minute where every process sees the counts without a write to the database on each read:
+in Redis when the broker is Redis (every process of every replica), else in a small SQLite
+file in the data directory (every process of this machine, which is every process of an
+embedded deployment: its queue is a directory there too)."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -39,3 +49,69 @@ def purge(db: Session, older_than: timedelta = timedelta(days=1)) -> int:
 
 def _span(w: timedelta) -> str:
     return "hour" if w == HOUR else f"{int(w.total_seconds())} s"
+
+
+# ----------------------------------------------------------------------------- requests per minute
+
+
+class RedisWindows:
+    """Counts per key and fixed window in Redis: one INCR (and EXPIRE) per hit."""
+
+    def __init__(self, url: str, prefix: str):
+        self.url, self.prefix = url, prefix
+        self._client = None
+
+    def hit(self, key: str, window: int) -> tuple[int, float]:
+        """Count a hit of `key`; the hits in its current window so far, and the seconds left of it."""
+        if self._client is None:
+            import redis
+
+            self._client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        now = time.time()
+        k = f"{self.prefix}:rate:{key}:{int(now // window)}"
+        p = self._client.pipeline(transaction=True)
+        p.incr(k)
+        p.expire(k, 2 * window)
+        n, _ = p.execute()
+        return int(n), window - now % window
+
+
+class FileWindows:
+    """Counts per key and fixed window in a SQLite file of their own (not the coordinator's
+    database: no request waits behind a job's write for them). One connection per thread."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._purged = 0
+
+    def _conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            c = sqlite3.connect(self.path, timeout=2, isolation_level=None, check_same_thread=False)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=OFF")  # counts, not records: a crash may lose a few
+            c.execute("CREATE TABLE IF NOT EXISTS hits (k TEXT, w INTEGER, n INTEGER, PRIMARY KEY (k, w)) WITHOUT ROWID")
+            self._local.conn = c
+        return c
+
+    def hit(self, key: str, window: int) -> tuple[int, float]:
+        now = time.time()
+        w = int(now // window)
+        c = self._conn()
+        n = c.execute("INSERT INTO hits VALUES (?, ?, 1) ON CONFLICT (k, w) DO UPDATE SET n = n + 1 RETURNING n",
+                      (key, w)).fetchone()[0]
+        if w > self._purged:  # once a window per process: forget the windows before the last
+            self._purged = w
+            c.execute("DELETE FROM hits WHERE w < ?", (w - 1,))
+        return int(n), window - now % window
+
+
+def request_counter(settings) -> RedisWindows | FileWindows:
+    """Where the per-client request counts live (see the module's docstring)."""
+    url = settings.broker_url or ""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisWindows(url, settings.queue)
+    return FileWindows(settings.data_dir / "ratelimit.db")

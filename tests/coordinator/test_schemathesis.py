@@ -17,7 +17,8 @@ from coordinator.models import Role
 from coordinator.services import users
 from coordinator.settings import Settings
 
-_settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="elmforest-schemathesis-")))
+_settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="elmforest-schemathesis-")),
+                     requests_per_minute=0)  # fuzzing the routes, not the rate limit (tests/coordinator/test_limits.py)
 migrate.upgrade(_settings.db_url)
 with session_scope(_settings.db_url) as _db:
     _u = users.create_user(_db, "maint", "password123", Role.maintainer)
