@@ -19,7 +19,7 @@ position only. The last line is JSON.
 
     python bench/generate.py                                   # small preset, vocab 8192, n = 8, k = 1 2 4
     python bench/generate.py --preset gpt2-125m --vocab 50257 --batch 1 --batch 8
-    python bench/generate.py --preset llama-tiny --vocab 32000 --new-tokens 128 --threads 2
+    python bench/generate.py --preset tiny --vocab 32000 --new-tokens 128 --threads 2
     python bench/generate.py --prompt-len 192 --vocab 50257    # a longer prompt: the prefill's cost
     python bench/generate.py --forest path/to/forest --k 2      # an existing forest (uniform prior)
 """

@@ -35,9 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 @dataclass
 class Preset:
-    n_layer: int
-    n_head: int
-    n_embd: int
+    model: str  # a model preset of btm.family (its architecture and shape)
     vocab: int
     block: int
     updates: int  # N
@@ -48,10 +46,13 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset(2, 2, 64, 1024, 64, 40, 16, 3e-3, 8, 8),
-    "ci": Preset(4, 4, 128, 4096, 128, 640, 32, 2e-3, 64, 100),
-    "gpu": Preset(12, 12, 768, 32768, 1024, 8000, 64, 5e-4, 200, 100),
+    "smoke": Preset("tiny", 1024, 64, 40, 16, 3e-3, 8, 8),
+    "ci": Preset("mini", 4096, 128, 640, 32, 2e-3, 64, 100),
+    "gpu": Preset("125m", 32768, 1024, 8000, 64, 5e-4, 200, 100),
 }
+
+
+PRESETS_MODEL = {name: p.model for name, p in PRESETS.items()}
 
 
 def log(msg: str) -> None:
@@ -59,13 +60,9 @@ def log(msg: str) -> None:
 
 
 def config_for(p: Preset, tok):
-    from transformers import GPT2Config
+    from btm.family import preset_config
 
-    from btm.tokenizer import bos_id
-
-    return GPT2Config(vocab_size=len(tok), n_positions=p.block, n_layer=p.n_layer, n_head=p.n_head,
-                      n_embd=p.n_embd, bos_token_id=bos_id(tok), eos_token_id=bos_id(tok),
-                      embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    return preset_config(p.model, tok)
 
 
 def train_phase(job: dict) -> str:
@@ -84,9 +81,10 @@ def train_phase(job: dict) -> str:
         model = load_model(job["init"])
         opt = checkpoint_optimizer(job["init"]) if job.get("carry_optimizer") else None
     else:
-        from transformers import GPT2Config
+        from transformers import AutoConfig
 
-        model = new_model(GPT2Config.from_dict(job["config"]), seed=job["seed"])
+        config = dict(job["config"])
+        model = new_model(AutoConfig.for_model(config.pop("model_type"), **config), seed=job["seed"])
         opt = None
     cfg = TrainConfig(**job["train"])
     card = Card(name=Path(job["out"]).name, kind=job["kind"], domain=job.get("domain"),
@@ -137,6 +135,8 @@ class Run:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="ci")
+    ap.add_argument("--model", default=None, help="the model preset of btm.family instead of the preset's "
+                    "(its architecture and shape), e.g. gpt2-mini for the GPT-2 form of `ci`")
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--train-domains", default=None, help="comma-separated (default: the corpus's train domains)")
     ap.add_argument("--eval-domains", default=None, help="comma-separated (default: the corpus's eval domains)")
@@ -161,6 +161,8 @@ def setup_run(args: argparse.Namespace) -> Run:
 
     t0 = time.time()
     p = PRESETS[args.preset]
+    if args.model:
+        p.model = args.model
     if args.updates:
         p.updates = args.updates
     if args.vocab_size:
@@ -175,12 +177,13 @@ def setup_run(args: argparse.Namespace) -> Run:
         sys.exit(f"batch {p.batch} is not divisible by the {k} train domains")
     n_seed = round(args.seed_share * p.updates)
     n_branch = p.updates - n_seed
-    work = args.work_dir or ROOT / "runs" / f"repro-{args.preset}-s{int(args.seed_share * 100)}-v{p.vocab}-n{p.updates}"
+    arch = "" if p.model == PRESETS_MODEL[args.preset] else f"-{p.model}"
+    work = args.work_dir or ROOT / "runs" / f"repro-{args.preset}{arch}-s{int(args.seed_share * 100)}-v{p.vocab}-n{p.updates}"
     work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     jobs = args.jobs or (1 if cuda else max(1, os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    log(f"preset {args.preset}: N={p.updates} updates at batch {p.batch}x{p.block}; seed {n_seed}, "
+    log(f"preset {args.preset} (model {p.model}): N={p.updates} updates at batch {p.batch}x{p.block}; seed {n_seed}, "
         f"{k} ELMs x {n_branch} updates at batch {p.batch // k}; work dir {work}")
     return Run(args, p, corpus, train_doms, eval_doms, k, n_seed, n_branch, work, work / "tokens", jobs, threads, t0)
 
@@ -387,7 +390,7 @@ def n_params_m(model_dir: Path) -> float:
 def print_table(run: Run, tok, all_doms: list, per: dict, extra_names: list[str]) -> None:
     args, p = run.args, run.p
     print()
-    print(f"BTM reproduction, preset {args.preset}: N={p.updates} updates of {p.batch}x{p.block} tokens, "
+    print(f"BTM reproduction, preset {args.preset} (model {p.model}): N={p.updates} updates of {p.batch}x{p.block} tokens, "
           f"seed share {args.seed_share:.0%}, {run.k} ELMs of "
           f"{n_params_m(run.work / 'seed'):.2f}M parameters, "
           f"vocab {len(tok)}; perplexity per token (lower is better)")
@@ -436,7 +439,7 @@ def figures(run: Run, tok, per: dict, extra_names: list[str]) -> dict:
         for x in ("dense", "ensemble", "posterior_avg"):
             fig[f"extra_eval_{short}_{x}"] = per[n][x]
     p = run.p
-    fig.update({"preset": run.args.preset, "seed_share": run.args.seed_share, "updates": p.updates, "batch": p.batch,
+    fig.update({"preset": run.args.preset, "model": p.model, "seed_share": run.args.seed_share, "updates": p.updates, "batch": p.batch,
                 "block": p.block, "vocab": len(tok), "seconds": round(time.time() - run.t0, 1)})
     return fig
 

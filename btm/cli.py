@@ -128,7 +128,7 @@ def seed(
     corpus: Annotated[Path, typer.Option(help="Corpus directory; the seed trains on a balanced mixture of its train domains.")],
     out: Annotated[Path, typer.Option(help="Directory of the seed LM (a Hugging Face model directory).")],
     domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: the corpus's train domains).")] = None,
-    preset: Annotated[str, typer.Option(help="Architecture preset: tiny, small, base, gpt2-125m.")] = "small",
+    preset: Annotated[str, typer.Option(help="Architecture preset: tiny, mini, small, base, 125m (Llama); gpt2-tiny ... gpt2-125m; qwen2-tiny, gpt-neox-tiny, opt-tiny.")] = "small",
     config: Annotated[Path | None, typer.Option(help="Any Hugging Face causal-LM config directory instead of a preset.")] = None,
     init: Annotated[str | None, typer.Option(help="Start from a pretrained model: a directory or a Hub id org/name[@rev] (its config and tokenizer).")] = None,
     revision: Revision = None,

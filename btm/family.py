@@ -35,14 +35,27 @@ hf_logging.disable_progress_bar()  # one bar per loaded ELM drowns the output of
 # architectures; everything else goes through AutoConfig / AutoModelForCausalLM. Dropout is off:
 # these runs are short and data-rich, and it keeps training bit-for-bit reproducible on resume.
 PRESETS: dict[str, tuple[str, dict[str, int | bool]]] = {
-    "tiny": ("gpt2", dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)),  # tests
-    "mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128, n_positions=256)),  # the demo: minutes on a laptop CPU
-    "small": ("gpt2", dict(n_layer=4, n_head=4, n_embd=256, n_positions=512)),  # CPU runs
-    "base": ("gpt2", dict(n_layer=6, n_head=8, n_embd=512, n_positions=1024)),  # a bigger CPU/GPU run
-    "gpt2-125m": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)),  # GPUs
+    # Llama architecture (RoPE, SwiGLU, RMSNorm, grouped-query attention), as open LMs are today;
+    # the MLP is 8/3 as wide as the model (rounded up to 32), so it holds as many weights as
+    # GPT-2's 4x one. Untied embeddings, as Llama 2 and Mistral: the families with a native
+    # mixture-of-experts form (Mixtral) expect it.
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)),  # tests
+    "mini": ("llama", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)),  # the demo
+    "small": ("llama", dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)),  # CPU runs
+    "base": ("llama", dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                           num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False)),
+    "125m": ("llama", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                           num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False)),  # GPUs
+    # GPT-2 (learned positions, GELU MLP, LayerNorm, tied embeddings): no mixture-of-experts form
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)),
+    "gpt2-mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128, n_positions=256)),
+    "gpt2-small": ("gpt2", dict(n_layer=4, n_head=4, n_embd=256, n_positions=512)),
+    "gpt2-base": ("gpt2", dict(n_layer=6, n_head=8, n_embd=512, n_positions=1024)),
+    "gpt2-125m": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)),
     # other families, tiny (tests, examples)
-    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)),
     "qwen2-tiny": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
     "gpt-neox-tiny": ("gpt_neox", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,

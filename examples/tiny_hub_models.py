@@ -54,7 +54,7 @@ def build(cache: Path | None = None, base_steps: int = 60, tune_steps: int = 40,
             (clean / "README.md").write_text(f"# {repo}\n\nA tiny Llama-family model made for elmforest's examples.\n")
             commits[repo] = add_to_cache(clean, repo, "main", cache)
 
-        model = new_model(preset_config("llama-tiny", tok), seed=0)
+        model = new_model(preset_config("tiny", tok), seed=0)
         train(model, tok, stream(train_domains), cfg(base_steps), td / "base", Card(name="base", kind="seed"))
         publish(td / "base", "example/tiny-llama-base")
         for name, domain in FINE_TUNES.items():

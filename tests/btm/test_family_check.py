@@ -34,7 +34,7 @@ def _eval(tmp_path, corpus_dir, *extra, check=True):
                      tmp_path / "eval", *extra, cwd=tmp_path, check=check)
 
 
-@pytest.mark.parametrize("preset", ["qwen2-tiny", "tiny"])
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "gpt2-tiny"])
 def test_untied_model_is_refused_at_forest_add_and_the_forest_keeps_working(tmp_path, tok, corpus_dir, preset):
     assert preset_config(preset, tok).tie_word_embeddings  # both presets tie: the untied one is the stranger
     seed = _model(tok, preset, tmp_path / "seed")
@@ -61,8 +61,8 @@ def test_untied_model_is_refused_at_forest_add_and_the_forest_keeps_working(tmp_
 
 
 def test_other_architecture_message_starts_with_model_type_and_names_both(tmp_path, tok):
-    f = Forest.init(tmp_path / "forest", _model(tok, "tiny", tmp_path / "seed"))
-    llama = _model(tok, "llama-tiny", tmp_path / "llama")
+    f = Forest.init(tmp_path / "forest", _model(tok, "gpt2-tiny", tmp_path / "seed"))
+    llama = _model(tok, "tiny", tmp_path / "llama")
     with pytest.raises(FamilyError) as e:
         f.add(llama)
     msg = str(e.value)
@@ -77,9 +77,9 @@ def test_other_architecture_message_starts_with_model_type_and_names_both(tmp_pa
 def test_a_bf16_copy_is_of_the_family_and_averages_with_fp32(tmp_path, tok):
     """Floating precision is storage, not family: a bf16 ELM in an fp32 forest averages (each
     input read in its own dtype, accumulated in fp32)."""
-    f = Forest.init(tmp_path / "forest", _model(tok, "tiny", tmp_path / "seed"))
-    f.add(_model(tok, "tiny", tmp_path / "fp32", seed=1))
-    f.add(_model(tok, "tiny", tmp_path / "bf16", seed=2, dtype=torch.bfloat16))
+    f = Forest.init(tmp_path / "forest", _model(tok, "gpt2-tiny", tmp_path / "seed"))
+    f.add(_model(tok, "gpt2-tiny", tmp_path / "fp32", seed=1))
+    f.add(_model(tok, "gpt2-tiny", tmp_path / "bf16", seed=2, dtype=torch.bfloat16))
     paths = [e.path for e in f.elms]
     assert open_weights(paths[1]).signature()["transformer.wte.weight"][0] == "BF16"
     out = average_models(paths, [0.5, 0.5], tmp_path / "avg")

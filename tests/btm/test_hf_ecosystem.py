@@ -87,14 +87,17 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_one_expert_forest_generates_exactly_what_the_expert_does(family, forest_dir, llama_forest, tok):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "hub llama"])
+def test_one_expert_forest_generates_exactly_what_the_expert_does(family, forest_dir, llama_forest, tok, tmp_path):
+    from btm.family import Card, new_model, preset_config, save_elm
     from btm.forest_model import ForestForCausalLM
     from btm.tokenizer import load_tokenizer
 
-    fdir = forest_dir if family == "gpt2" else llama_forest
-    expert_dir = _experts(fdir)[0]
-    tokenizer = tok if family == "gpt2" else load_tokenizer(expert_dir)
+    if family == "gpt2":  # another cache layout and position scheme; random weights are enough here
+        expert_dir = save_elm(new_model(preset_config("gpt2-tiny", tok), seed=0), tok, tmp_path / "g", Card(name="g"))
+    else:
+        expert_dir = _experts(forest_dir if family == "llama" else llama_forest)[0]
+    tokenizer = tok if family != "hub llama" else load_tokenizer(expert_dir)
     expert = AutoModelForCausalLM.from_pretrained(expert_dir).eval()
     forest = ForestForCausalLM.from_experts([expert_dir])
     batch = _batch(tokenizer, ["def parse(x):", "And God said", "SELECT"])  # three lengths: left padding

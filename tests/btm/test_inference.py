@@ -154,7 +154,7 @@ def test_models_of_different_families_are_refused(tmp_path, tok, forest_dir):
     other = new_model(preset_config("small", tok))
     save_elm(other, tok, tmp_path / "other", Card(name="other"))
     f = Forest.load(forest_dir)
-    with pytest.raises(FamilyError, match="different model families.*n_embd: 256 vs 64"):
+    with pytest.raises(FamilyError, match="different model families.*hidden_size: 256 vs 64"):
         average_models([f.elms[0].path, tmp_path / "other"], [0.5, 0.5], tmp_path / "x")
     with pytest.raises(FamilyError, match="different model families"):
         f.add(tmp_path / "other")

@@ -33,7 +33,7 @@ def _samples(corpus_dir, f):
     return {n: corpus_dir / n for n in f.names()}
 
 
-@pytest.mark.parametrize("preset,arch", [("llama-tiny", "MixtralForCausalLM"), ("qwen2-tiny", "Qwen2MoeForCausalLM")])
+@pytest.mark.parametrize("preset,arch", [("tiny", "MixtralForCausalLM"), ("qwen2-tiny", "Qwen2MoeForCausalLM")])
 def test_the_moe_of_a_one_elm_forest_is_that_elm(tmp_path, tok, corpus_dir, preset, arch):
     f = _forest(tmp_path, preset, tok, 1)
     out = export_moe(f, tmp_path / "moe", experts_per_token=2, samples=_samples(corpus_dir, f))
@@ -45,7 +45,7 @@ def test_the_moe_of_a_one_elm_forest_is_that_elm(tmp_path, tok, corpus_dir, pres
         torch.testing.assert_close(moe(ids).logits, elm(ids).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "qwen2-tiny"])
 def test_experts_are_the_elms_mlps_and_the_rest_is_the_average(tmp_path, tok, corpus_dir, preset):
     from btm.average import average_models
 
@@ -54,7 +54,7 @@ def test_experts_are_the_elms_mlps_and_the_rest_is_the_average(tmp_path, tok, co
     got = dict(iter_tensors(open_weights(out)))
     avg = dict(iter_tensors(open_weights(average_models([e.path for e in f.elms], [1 / 3] * 3, tmp_path / "avg"))))
     elms = [dict(iter_tensors(open_weights(e.path))) for e in f.elms]
-    moe_name = {"llama-tiny": "block_sparse_moe.experts.{j}.{w}.weight", "qwen2-tiny": "mlp.experts.{j}.{p}_proj.weight"}
+    moe_name = {"tiny": "block_sparse_moe.experts.{j}.{w}.weight", "qwen2-tiny": "mlp.experts.{j}.{p}_proj.weight"}
     w = {"gate": "w1", "down": "w2", "up": "w3"}
     for name, t in avg.items():
         m = MLP_TENSOR.match(name)
@@ -66,7 +66,7 @@ def test_experts_are_the_elms_mlps_and_the_rest_is_the_average(tmp_path, tok, co
             assert torch.equal(got[key], elms[j][name]), key  # the ELM's own MLP
     layers = AutoModelForCausalLM.from_pretrained(f.seed_dir).config.num_hidden_layers
     for i in range(layers):
-        router = got[f"model.layers.{i}.{'block_sparse_moe' if preset == 'llama-tiny' else 'mlp'}.gate.weight"]
+        router = got[f"model.layers.{i}.{'block_sparse_moe' if preset == 'tiny' else 'mlp'}.gate.weight"]
         assert router.shape == (3, got["model.norm.weight"].shape[0])
         torch.testing.assert_close(router.norm(dim=-1), torch.ones(3))  # centred, unit rows
     if preset == "qwen2-tiny":  # biases averaged, embeddings tied (no output matrix), a zero-width shared expert
@@ -74,23 +74,24 @@ def test_experts_are_the_elms_mlps_and_the_rest_is_the_average(tmp_path, tok, co
         assert got["model.layers.0.mlp.shared_expert.up_proj.weight"].numel() == 0
     moe = AutoModelForCausalLM.from_pretrained(out)
     cfg = moe.config
-    assert (cfg.num_local_experts if preset == "llama-tiny" else cfg.num_experts) == 3
+    assert (cfg.num_local_experts if preset == "tiny" else cfg.num_experts) == 3
     assert cfg.num_experts_per_tok == 2
     ids = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
     assert moe.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 8)
 
 
-def test_families_without_an_moe_form_and_missing_router_samples_are_refused(tmp_path, forest_dir, tok, corpus_dir):
+def test_families_without_an_moe_form_and_missing_router_samples_are_refused(tmp_path, tok, corpus_dir):
+    g = _forest(tmp_path / "g", "gpt2-tiny", tok, 2)
     with pytest.raises(FamilyError, match=r"gpt2 forest has no mixture-of-experts form.*llama \(as mixtral\)"):
-        export_moe(Forest.load(forest_dir), tmp_path / "gpt2-moe", samples=_samples(corpus_dir, Forest.load(forest_dir)))
-    f = _forest(tmp_path / "l", "llama-tiny", tok, 2)
+        export_moe(g, tmp_path / "gpt2-moe", samples=_samples(corpus_dir, g))
+    f = _forest(tmp_path / "l", "tiny", tok, 2)
     with pytest.raises(DataError, match=r"no router sample for ELM 'kjv_bible' \(domain kjv_bible\)"):
         export_moe(f, tmp_path / "moe", samples={"python": corpus_dir / "python"})
     assert not (tmp_path / "moe").exists() or not any((tmp_path / "moe").iterdir())
 
 
 def test_cli_exports_an_moe_that_runs_without_elmforest_and_in_lm_eval(tmp_path, tok, corpus_dir):
-    f = _forest(tmp_path, "llama-tiny", tok, 3)
+    f = _forest(tmp_path, "tiny", tok, 3)
     elmforest("forest", "export", f.root, "moe", "--moe", "--experts-per-token", 2, "--router-corpus", corpus_dir,
               cwd=tmp_path)
     card = (tmp_path / "moe" / "README.md").read_text()
@@ -111,7 +112,7 @@ def test_cli_exports_an_moe_that_runs_without_elmforest_and_in_lm_eval(tmp_path,
 def test_router_tuning_changes_only_the_routers(tmp_path, tok, corpus_dir, cache_dir):
     from btm.family import read_card
 
-    f = _forest(tmp_path, "llama-tiny", tok, 3)
+    f = _forest(tmp_path, "tiny", tok, 3)
     export_moe(f, tmp_path / "moe", experts_per_token=1, samples=_samples(corpus_dir, f))
     tiny = ["--batch-size", 6, "--block-size", 32, "--lr", 3e-2, "--no-progress", "--cache-dir", cache_dir]
     elmforest("tune-router", "moe", "--out", "tuned", "--steps", 6, *tiny, cwd=tmp_path)

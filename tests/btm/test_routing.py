@@ -222,4 +222,4 @@ def test_forest_add_keeps_the_routing_vector_of_its_domain(tmp_path, forest_dir,
     r = elmforest("forest", "add", "f", src, "--name", "py", "--sample", corpus_dir / "python", cwd=tmp_path)
     assert "routing vector" not in r.output
     f = Forest.load(tmp_path / "f")
-    assert len(f.get("py").entry["routing_vector"]) == AutoModelForCausalLM.from_pretrained(src).config.n_embd
+    assert len(f.get("py").entry["routing_vector"]) == AutoModelForCausalLM.from_pretrained(src).config.hidden_size

@@ -72,9 +72,9 @@ def test_bad_requests_leave_nothing_behind(small, seed_dir, tmp_path):
     expect_error(alice, "POST", "/contributions", {"forest": "one", "branch_init_id": b["id"], "forest_version": 7,
                  "sha256": "a" * 64, "size": 100, "config": cfg, "tokenizer_sha256": tok_sha}, 400, ["not v7"])
     # a config of another family, a foreign tokenizer
-    other = {**cfg, "n_embd": 128}
+    other = {**cfg, "hidden_size": 128}
     expect_error(alice, "POST", "/contributions", {"forest": "one", "branch_init_id": b["id"], "sha256": "a" * 64,
-                 "size": 100, "config": other, "tokenizer_sha256": tok_sha}, 422, ["not of the forest's family", "n_embd"])
+                 "size": 100, "config": other, "tokenizer_sha256": tok_sha}, 422, ["not of the forest's family", "hidden_size"])
     expect_error(alice, "POST", "/contributions", {"forest": "one", "branch_init_id": b["id"], "sha256": "a" * 64,
                  "size": 100, "config": cfg, "tokenizer_sha256": "b" * 64}, 422, ["tokenizer"])
     # malformed body

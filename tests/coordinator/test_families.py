@@ -24,7 +24,7 @@ def family_seed(preset: str, out, tok, cache_dir):
     return out
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen2-tiny"])
 def test_a_seed_of_another_family_goes_through_the_coordinator(preset, tmp_path, tok, cache_dir, seed_dir,
                                                                monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -45,7 +45,7 @@ def test_a_seed_of_another_family_goes_through_the_coordinator(preset, tmp_path,
         avg = commands.download_average(admin, "demo", "posterior", "python", tmp_path / "avg")
         assert AutoConfig.from_pretrained(avg).model_type == model_type
         AutoModelForCausalLM.from_pretrained(avg)
-        if preset != "llama-tiny":
+        if preset != "gpt2-tiny":
             return  # one family is enough for the import
 
         # a fine-tune of the seed made elsewhere, arriving as a Hub model (a local cache, offline)
@@ -54,24 +54,24 @@ def test_a_seed_of_another_family_goes_through_the_coordinator(preset, tmp_path,
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         add_domain(admin, "kjv_bible", CORPUS)
         ft = train_elm(seed, tmp_path / "bible-ft", tok, "kjv_bible", cache_dir, steps=12)
-        commit = add_to_cache(ft, "example/tiny-llama-bible", "main", hub)
+        commit = add_to_cache(ft, "example/tiny-gpt2-bible", "main", hub)
         with pytest.raises(ClientError, match="maintain"):  # maintainers only
-            commands.import_checkpoint(alice, "demo", "example/tiny-llama-bible", "kjv_bible")
-        x = commands.import_checkpoint(admin, "demo", "example/tiny-llama-bible", "kjv_bible", name="bible")
-        assert x["branch_init_id"] is None and x["source"]["hub"] == "example/tiny-llama-bible"
+            commands.import_checkpoint(alice, "demo", "example/tiny-gpt2-bible", "kjv_bible")
+        x = commands.import_checkpoint(admin, "demo", "example/tiny-gpt2-bible", "kjv_bible", name="bible")
+        assert x["branch_init_id"] is None and x["source"]["hub"] == "example/tiny-gpt2-bible"
         assert x["source"]["revision"] == commit and x["source"]["files"]["model.safetensors"] == x["weights_sha256"]
         x = wait_state(admin, x["id"], {"evaluated", "rejected"})
         assert x["state"] == "evaluated", x["history"]
-        assert x["history"][0]["reason"].startswith("imported from example/tiny-llama-bible@")
+        assert x["history"][0]["reason"].startswith("imported from example/tiny-gpt2-bible@")
         assert "the forest's seed" in x["history"][-1]["reason"]  # evaluated against the seed
         admin.post(f"/contributions/{x['id']}/approve", {"reason": "a known fine-tune"})
         admin.finish(admin.post("/forests/demo/publish", {"note": "imported bible"}), "publish")
         f = Forest.load(commands.download_forest(admin, "demo", tmp_path / "forest"))
         assert sorted(f.names()) == ["bible", "python"] and f.verify() == []
         entry = {e["name"]: e for e in json.loads((tmp_path / "forest" / "forest.json").read_text())["elms"]}["bible"]
-        assert entry["parents"] == [] and entry["source"]["hub"] == "example/tiny-llama-bible"
+        assert entry["parents"] == [] and entry["source"]["hub"] == "example/tiny-gpt2-bible"
         page = httpx.get(f"{c.url}/forests/demo/elms/bible").text
-        assert "imported from example/tiny-llama-bible@" + commit[:12] in page
+        assert "imported from example/tiny-gpt2-bible@" + commit[:12] in page
 
         # the same bytes again, or a model of another family: refused, saying why
         again = commands.import_checkpoint(admin, "demo", str(ft), "kjv_bible", name="bible-again")
