@@ -13,7 +13,7 @@ from coordinator.api.deps import (
     StorageDep,
 )
 from coordinator.errors import NotFound
-from coordinator.models import BranchInit, Contribution, Job
+from coordinator.models import BranchInit, Contribution, Job, State
 from coordinator.schemas import (
     AbandonIn,
     BranchIn,
@@ -104,9 +104,8 @@ def import_checkpoint(forest: str, body: ImportIn, user: Maintainer, db: DB, sto
 
 
 @router.get("/contributions", response_model=list[ContributionOut])
-def list_contributions(db: DB, user: OptionalUser, state: str | None = Query(default=None, max_length=16,
-                       pattern="^(uploading|uploaded|validating|validated|rejected|evaluated|approved|declined|merged|removed)$"),
-                       mine: bool = False, forest: str | None = Query(default=None, max_length=64)):
+def list_contributions(db: DB, user: OptionalUser, state: State | None = None, mine: bool = False,
+                       forest: str | None = Query(default=None, max_length=64)):
     return [contribution_out(c, history=False) for c in contributions.list_(db, user, state, mine, forest)]
 
 

@@ -50,7 +50,7 @@ def get(db: Session, user: User | None, cid: int) -> Contribution:
     return c
 
 
-def list_(db: Session, user: User | None, state: str | None = None, mine: bool = False, forest: str | None = None,
+def list_(db: Session, user: User | None, state: State | str | None = None, mine: bool = False, forest: str | None = None,
           limit: int = 200) -> list[Contribution]:
     q = select(Contribution).order_by(Contribution.id.desc()).limit(limit)
     if state:

@@ -109,3 +109,14 @@ def test_revoked_and_expired_tokens_are_refused(small):
     expect_error(Client(small.url, secret), "GET", "/me", None, 401, ["expired"])
     expect_error(Client(small.url, "elf_not-a-token"), "GET", "/me", None, 401, ["unknown API token"])
     expect_error(small.anonymous(), "POST", "/domains", {"name": "xyz"}, 401, ["log in"])
+
+
+def test_the_state_filter_takes_every_state_and_names_them_for_a_made_up_one(small):
+    from coordinator.models import State
+
+    admin = small.user("admin", "admin")
+    for s in State:  # every state of the lifecycle is a filter, abandoned included
+        r = admin.http.get("/contributions", params={"state": s.value})
+        assert r.status_code == 200, (s, r.text)
+    msg = expect_error(admin, "GET", "/contributions?state=lost", None, 422, ["state"])
+    assert all(s.value in msg for s in State), msg  # the error lists what is accepted
