@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,11 +164,13 @@ ROUTER_PARAM = re.compile(r"\.(block_sparse_moe|mlp)\.gate\.weight$")
 
 
 def tune_router(moe_dir: str | os.PathLike, out: str | os.PathLike, cfg, samples: dict[str, str | os.PathLike] | None = None,
-                whole: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
+                whole: bool = False, cache_dir: str | os.PathLike | None = None,
+                provenance: dict[str, str] | None = None, recipe: str | None = None) -> Path:
     """Train the router of an MoE export (or, with `whole`, every tensor, as BTX does) on a
     balanced mix of its experts' domain samples (their train split where there is one), with
     the architecture's load-balancing loss; btm's training loop (progress bar, resumable).
-    `samples`: {expert: text}, by default the router samples its card records."""
+    `samples`: {expert: text}, by default the router samples its card records. The card
+    records `provenance[expert]` for each sample instead of its path, and `recipe`."""
     from btm.data import BlockSampler, split_source, tokenize_file
     from btm.family import load_model, read_card
     from btm.tokenizer import load_tokenizer
@@ -189,10 +191,11 @@ def tune_router(moe_dir: str | os.PathLike, out: str | os.PathLike, cfg, samples
     for name, p in model.named_parameters():
         p.requires_grad = whole or ROUTER_PARAM.search(name) is not None
     model.config.output_router_logits = True  # so the forward returns the load-balancing loss
-    card.data = {**card.data, "tuned": {"what": "all" if whole else "router", "samples": {e: found[e] for e in experts},
+    card.data = {**card.data, "tuned": {"what": "all" if whole else "router",
+                                        "samples": {e: (provenance or {}).get(e, found[e]) for e in experts},
                                         "aux_loss_coef": model.config.router_aux_loss_coef}}
-    card.recipe = (f"elmforest tune-router {moe_dir} --out {out} --steps {cfg.steps} --batch-size {cfg.batch_size} "
-                   f"--block-size {cfg.block_size} --lr {cfg.lr}" + (" --all" if whole else ""))
+    card.recipe = recipe or (f"elmforest tune-router {moe_dir} --out {out} --steps {cfg.steps} --batch-size "
+                             f"{cfg.batch_size} --block-size {cfg.block_size} --lr {cfg.lr}" + (" --all" if whole else ""))
     train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card)
     _serving_layout(out)
     return out
@@ -241,8 +244,13 @@ def _mlp_input_means(model, blocks: torch.Tensor) -> torch.Tensor:
 
 def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 2, backbone: str = "uniform",
                target: str | os.PathLike | None = None,
-               samples: dict[str, str | os.PathLike] | None = None, corpus: str | os.PathLike | None = None) -> Path:
-    """Write the forest as a native MoE model directory at `out`."""
+               samples: dict[str, str | os.PathLike] | None = None, corpus: str | os.PathLike | None = None,
+               weights: Sequence[float] | None = None, provenance: dict[str, str] | None = None,
+               recipe: str | None = None) -> Path:
+    """Write the forest as a native MoE model directory at `out`. `weights`: the backbone's
+    weights over the ELMs when the caller has them (e.g. a target's cached prior computed
+    elsewhere) instead of computing them from `target`. The card records `provenance[elm]`
+    for each router sample instead of its path, and `recipe` as the command that made it."""
     from btm.average import average_models
     from btm.family import Card, load_config
     from btm.tokenizer import load_tokenizer
@@ -255,7 +263,12 @@ def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 
     dense = load_config(forest.seed_dir)
     form = moe_form(dense)
     k = max(1, min(experts_per_token, len(forest)))
-    weights = backbone_weights(forest, backbone, target)
+    if weights is None:
+        weights = backbone_weights(forest, backbone, target)
+    elif len(weights) != len(forest):
+        raise DataError(f"{len(forest)} ELMs but {len(weights)} backbone weights")
+    else:
+        weights = [float(w) for w in weights]
     found = router_samples(forest, samples, corpus)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         if weights is None:
@@ -270,8 +283,8 @@ def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 
             **({"backbone_weights": {n: round(w, 6) for n, w in zip(forest.names(), weights, strict=True)}}
                if weights else {}),
             "router": "mean hidden state entering each layer's MLP over each ELM's domain sample, centred, unit length",
-            "router_samples": {n: str(p) for n, p in found.items()}},
-            recipe=f"elmforest forest export {forest.root} {out} --moe --experts-per-token {k} --backbone {backbone}")
+            "router_samples": {n: (provenance or {}).get(n, str(p)) for n, p in found.items()}},
+            recipe=recipe or f"elmforest forest export {forest.root} {out} --moe --experts-per-token {k} --backbone {backbone}")
         _write_moe(forest, out, form, form.config(dense.to_dict(), len(forest), k), back, rows, card)
     return out
 

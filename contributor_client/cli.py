@@ -340,7 +340,8 @@ def status(
 
 # ----------------------------------------------------------------------------- downloads
 
-download_app = typer.Typer(help="Download a forest version, one ELM or an averaged model.", no_args_is_help=True)
+download_app = typer.Typer(help="Download a forest version, one ELM, an averaged model or an MoE model.",
+                           no_args_is_help=True)
 
 
 @download_app.command("forest")
@@ -394,10 +395,44 @@ def download_average(
     console.print(f"averaged model ({method}{' for ' + domain if domain else ''}) saved to {out_dir}")
 
 
+Backbone = Annotated[str, typer.Option(help="Every tensor but the MLPs: uniform (the ELMs' average), posterior "
+                                        "(weighted by --domain's posterior) or seed.")]
+
+
+def _describe_moe(m: dict) -> str:
+    return (f"MoE {m['id']} of {m['forest']} v{m['version']} ({m['experts_per_token']} expert(s) per token, "
+            f"{m['backbone']} backbone" + (f" for {m['target']}" if m["target"] else "") + ")")
+
+
+@download_app.command("moe")
+def download_moe(
+    forest: str,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
+    version: Annotated[int | None, typer.Option(help="Default: the current version.")] = None,
+    experts_per_token: Annotated[int | None, typer.Option("--experts-per-token", help="Experts each token runs (default 2, or every ELM when there are fewer).")] = None,
+    backbone: Backbone = "uniform",
+    domain: Annotated[str | None, typer.Option(help="The target domain of the posterior backbone.")] = None,
+    moe_id: Annotated[int | None, typer.Option("--id", help="An MoE export or router tuning by its id (the web page and `review tune-router` name it).")] = None,
+    url: Url = None,
+):
+    """A forest version as one native mixture-of-experts model (Mixtral for Llama and Mistral
+    forests, Qwen2-MoE for Qwen2), built by the coordinator if nobody asked for it before; each
+    file is checked against its sha256. It loads with plain transformers.
+
+    EXAMPLES
+      elmforest download moe demo --out demo-moe
+      elmforest download moe demo --version 3 --experts-per-token 1 --backbone posterior --domain go --out go-moe
+      elmforest download moe demo --id 7 --out demo-moe-tuned
+    """
+    c = client(url)
+    m = commands.download_moe(c, forest, out_dir, version, experts_per_token, backbone, domain, moe_id, log=_log)
+    console.print(f"{_describe_moe(m)} saved to {out_dir}")
+
+
 # ----------------------------------------------------------------------------- maintainers
 
 review_app = typer.Typer(help="For maintainers: the review queue (list), what a merge would change (preview), jobs, "
-                                "retry, import, approve, decline, publish, remove.",
+                                "retry, import, approve, decline, publish, remove, tune-router.",
                          no_args_is_help=True)
 
 
@@ -480,6 +515,40 @@ def review_import(
     console.print(f"contribution {x['id']} ({x['name']}, domain {x['domain']}, imported) is {x['state']}")
     if wait:
         _follow(c, x["id"])
+
+
+@review_app.command("tune-router")
+def review_tune_router(
+    forest: str,
+    steps: Annotated[int, typer.Option(help="Training updates (the coordinator bounds them: ELMFOREST_MOE_TUNE_MAX_STEPS).")] = 100,
+    version: Annotated[int | None, typer.Option(help="Default: the current version.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Train every tensor, not only the routers (as Branch-Train-MiX does).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Sequences per update.")] = 8,
+    block_size: Annotated[int, typer.Option(help="Tokens per sequence (at most the model's context).")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    experts_per_token: Annotated[int | None, typer.Option("--experts-per-token", help="Of the MoE export to tune (made first if need be).")] = None,
+    backbone: Backbone = "uniform",
+    domain: Annotated[str | None, typer.Option(help="The target domain of the posterior backbone.")] = None,
+    moe_id: Annotated[int | None, typer.Option("--moe", help="Tune this MoE export (its id) instead.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Also download the tuned model here.")] = None,
+    url: Url = None,
+):
+    """Tune the routers of a version's MoE export on the coordinator (maintainers): a job trains
+    them (or every tensor, --all) on a balanced mix of the domains' text with the load-balancing
+    loss. The tuned model is a new artifact with its recipe in its card.
+
+    EXAMPLES
+      elmforest review tune-router demo --version 3 --steps 200
+      elmforest review tune-router demo --moe 7 --steps 500 --all --lr 1e-4 --out demo-btx
+    """
+    c = client(url)
+    t = commands.tune_router(c, forest, steps, version, all_, batch_size, block_size, lr, experts_per_token, backbone,
+                             domain, moe_id, log=_log)
+    console.print(f"{_describe_moe(t)}: routers tuned from MoE {t['parent_id']} ({t['tuning']['what']}, "
+                  f"{t['tuning']['steps']} steps)")
+    if out_dir is not None:
+        commands.download_files(c, t["files"], t["urls"], out_dir, log=_log)
+        console.print(f"saved to {out_dir}")
 
 
 @review_app.command("approve")

@@ -1,9 +1,9 @@
 """The contributor's workflow as functions over the HTTP client and btm: request a branch
 init (with a sample, or privately: the posterior and the routing vector computed here) and
-download it, submit a trained ELM (resumable upload) and follow it, download forests and
-averaged models; for maintainers, register a seed or a baseline and import an existing
-checkpoint. Training itself is btm's (`elmforest train`). The CLI, the demo and the Flower
-ClientApp are thin layers over these."""
+download it, submit a trained ELM (resumable upload) and follow it, download forests,
+averaged models and MoE exports; for maintainers, register a seed or a baseline, import an
+existing checkpoint and tune an MoE export's routers. Training itself is btm's (`elmforest
+train`). The CLI, the demo and the Flower ClientApp are thin layers over these."""
 
 from __future__ import annotations
 
@@ -321,6 +321,51 @@ def download_average(client: Client, forest: str, method: str, domain: str | Non
     if a["status"] == "failed":
         raise ClientError(f"the coordinator could not build the averaged model: {a['error']}")
     return download_files(client, a["files"], a["urls"], dest, log)
+
+
+def moe_export(client: Client, forest: str, version: int | None = None, experts_per_token: int | None = None,
+               backbone: str = "uniform", domain: str | None = None, log: Log = _quiet) -> dict:
+    """A version's MoE export with these options (default: the current version), built by the
+    coordinator if it is new; waits until it is ready."""
+    m = client.post(f"/forests/{forest}/moe", {"experts_per_token": experts_per_token, "backbone": backbone,
+                                               "domain": domain}, version=version)
+    return _ready(client, forest, m, "the MoE export", log)
+
+
+def _ready(client: Client, forest: str, m: dict, what: str, log: Log) -> dict:
+    if m["status"] == "requested":
+        log(f"{what} (MoE {m['id']}) is being built")
+        m = client.wait(lambda: client.get(f"/forests/{forest}/moe/{m['id']}"), lambda x: x["status"] != "requested")
+    if m["status"] == "failed":
+        raise ClientError(f"the coordinator could not build {what} (MoE {m['id']}): {m['error']}")
+    return m
+
+
+def download_moe(client: Client, forest: str, dest: Path, version: int | None = None,
+                 experts_per_token: int | None = None, backbone: str = "uniform", domain: str | None = None,
+                 moe_id: int | None = None, log: Log = _quiet) -> dict:
+    """A version as one native mixture-of-experts model in `dest` (each file checked against
+    its sha256), or the MoE export or tuning `moe_id`. Returns its description."""
+    if moe_id is not None:
+        m = _ready(client, forest, client.get(f"/forests/{forest}/moe/{moe_id}"), "the MoE model", log)
+    else:
+        m = moe_export(client, forest, version, experts_per_token, backbone, domain, log)
+    download_files(client, m["files"], m["urls"], dest, log)
+    return m
+
+
+def tune_router(client: Client, forest: str, steps: int, version: int | None = None, whole: bool = False,
+                batch_size: int = 8, block_size: int = 128, lr: float = 1e-3, experts_per_token: int | None = None,
+                backbone: str = "uniform", domain: str | None = None, moe_id: int | None = None,
+                log: Log = _quiet) -> dict:
+    """For maintainers: tune the routers of a version's MoE export (made first if need be, or
+    the export `moe_id`) on the coordinator; waits until the tuned model is ready."""
+    parent = (_ready(client, forest, client.get(f"/forests/{forest}/moe/{moe_id}"), "the MoE export", log)
+              if moe_id is not None else moe_export(client, forest, version, experts_per_token, backbone, domain, log))
+    t = client.post(f"/forests/{forest}/moe/{parent['id']}/tune", {"steps": steps, "whole": whole,
+                                                                   "batch_size": batch_size,
+                                                                   "block_size": block_size, "lr": lr})
+    return _ready(client, forest, t, "the router tuning", log)
 
 
 # ----------------------------------------------------------------------------- values

@@ -422,6 +422,30 @@ class AveragedModel(Base):
     version: Mapped[ForestVersion] = relationship()
 
 
+class MoeExport(Base):
+    """A published version as one native mixture-of-experts model (btm.moe), or a router tuning
+    of one (`parent_id`, `tuning`); cached per (version, options)."""
+
+    __tablename__ = "moe_exports"
+    __table_args__ = (UniqueConstraint("version_id", "options_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("forest_versions.id", ondelete="CASCADE"))
+    options_key: Mapped[str] = mapped_column(String(128))  # what it was built with, e.g. "k2:posterior:python"
+    experts_per_token: Mapped[int] = mapped_column(Integer)
+    backbone: Mapped[str] = mapped_column(String(16))  # uniform | posterior | seed
+    target: Mapped[str] = mapped_column(String(64), default="")  # the posterior backbone's domain ("" otherwise)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("moe_exports.id", ondelete="CASCADE"))
+    tuning: Mapped[dict[str, Any] | None] = mapped_column(JSON_)  # steps, what (router | all), batch, lr
+    samples: Mapped[dict[str, Any] | None] = mapped_column(JSON_)  # {elm: {domain, text, sha256}}: router text
+    recipe: Mapped[str | None] = mapped_column(Text)
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSON_)
+    status: Mapped[BranchStatus] = mapped_column(_enum(BranchStatus, "moe_status"), default=BranchStatus.requested)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    version: Mapped[ForestVersion] = relationship()
+    parent: Mapped[MoeExport | None] = relationship(remote_side="MoeExport.id")
+
+
 class Job(Base):
     """A unit of asynchronous work. The row, not the broker, is the truth about a job."""
 

@@ -252,6 +252,53 @@ class AverageOut(Orm):
     job_id: int | None = None
 
 
+class MoeIn(BaseModel):
+    experts_per_token: int | None = Field(default=None, ge=1, le=1024, description="Experts each token runs "
+                                          "(default 2, or every ELM when the version has fewer); at most the "
+                                          "version's number of ELMs.")
+    backbone: Literal["uniform", "posterior", "seed"] = Field(
+        default="uniform", description="Every tensor but the MLPs: the uniform average of the ELMs, the posterior "
+        "average for `domain`, or the seed's own.")
+    domain: str | None = Field(default=None, max_length=64, description="The target domain of the posterior backbone.")
+
+
+class MoeTuneIn(BaseModel):
+    steps: int = Field(default=100, ge=1, le=2**31 - 1, description="Training updates (at most the coordinator's "
+                       "ELMFOREST_MOE_TUNE_MAX_STEPS).")
+    whole: bool = Field(default=False, description="Train every tensor (as Branch-Train-MiX), not only the routers.")
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    block_size: int = Field(default=128, ge=8, le=131_072, description="Tokens per sequence (at most the model's "
+                            "context).")
+    lr: float = Field(default=1e-3, gt=0, le=1)
+
+
+class MoeOut(BaseModel):
+    id: int
+    forest: str
+    version: int
+    experts_per_token: int
+    backbone: str
+    target: str
+    parent_id: int | None = Field(description="For a router tuning: the export it tuned.")
+    tuning: dict[str, Any] | None
+    samples: dict[str, str] = Field(default={}, description="ELM -> the text of its domain behind its router rows "
+                                    "(and the tuning).")
+    status: str
+    error: str | None
+    recipe: str | None
+    files: dict[str, str] | None = Field(description="file name -> sha256")
+    urls: dict[str, str] = {}
+    job_id: int | None = None
+
+
+class MoeListOut(BaseModel):
+    forest: str
+    version: int
+    available: bool = Field(description="Whether this version can become an MoE model at all.")
+    reason: str | None = Field(description="Why not, when it cannot (its family, no ELMs, no text of a domain).")
+    exports: list[MoeOut]
+
+
 class BoardDomain(BaseModel):
     name: str
     role: str

@@ -1,7 +1,7 @@
 """The web pages. Queries go through coordinator.services (the API's own logic), except a
 few plain reads made here: the session's user (`session_user`), an ELM's
 lineage and per-domain figures (`_elm_figures`), and the averaged models of a version
-(`download_page`, `average_page`). Forms post back here with a CSRF token and a session
+(`download_page`, `average_page`); MoE exports go through coordinator.services.moe. Forms post back here with a CSRF token and a session
 cookie."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from coordinator.services import (
     forests,
     jobs,
     leaderboard,
+    moe,
     users,
     values,
 )
@@ -402,13 +403,17 @@ def download_page(request: Request, name: str, db: DB, user: WebUser, storage: S
     f = forests.get(db, name)
     v = forests.version(db, f, version)
     built = db.scalars(select(AveragedModel).where(AveragedModel.version_id == v.id)).all()
+    moes = moe.of_version(db, v)
     # weak: its download links are signed afresh (see coordinator.caching.url_epoch)
     published_page(request, user, v.id, caching.url_epoch(request.app.state.settings), f.current_version,
-                   domains.stamp(db), [(a.id, a.status.value) for a in built], weak=True)
+                   domains.stamp(db), [(a.id, a.status.value) for a in built], [(m.id, m.status.value) for m in moes],
+                   weak=True)
     d = forests.version_download(db, storage, v)
     return render(request, "download.html", user, title=f"Download · {f.name} v{v.number}", forest=f, version=v,
                   versions=forests.versions(db, f), files=d["files"], domains=domains.list_(db), averages=built,
-                  base=str(request.base_url).rstrip("/"))
+                  base=str(request.base_url).rstrip("/"), moes=moes, moe_why=moe.unavailable(db, v),
+                  n_elms=len(forests.manifest_of(db, v)["elms"]),
+                  moe_urls={m.id: forests.file_urls(storage, m.files) for m in moes if m.files})
 
 
 @router.post("/forests/{name}/averages")
@@ -440,6 +445,52 @@ def average_page(request: Request, name: str, average_id: Id, db: DB, user: WebU
     if request.headers.get("hx-request"):
         return templates.TemplateResponse(request, "_average.html", ctx)
     return render(request, "average.html", user, title=f"Averaged model · {name}", **ctx)
+
+
+@router.post("/forests/{name}/moe")
+def request_moe(request: Request, name: str, db: DB, user: WebUser, csrf: Annotated[str, Form()] = "",
+                experts_per_token: Annotated[int | None, Form(ge=1, le=1024)] = None,
+                backbone: Annotated[str, Form(max_length=16)] = "uniform", domain: Annotated[str, Form()] = "",
+                version: Annotated[int | None, Form()] = None):
+    if user is None:
+        raise _LoginRequired(f"/forests/{name}/download")
+    check_csrf(request, csrf)
+    v = forests.version(db, forests.get(db, name), version)
+    try:  # the form always sends a domain; it counts for the posterior backbone only
+        m, needs_job = moe.request(db, v, experts_per_token, backbone, domain if backbone == "posterior" else None)
+    except ServiceError as e:
+        flash(request, f"not done: {e.message}")
+        return RedirectResponse(f"/forests/{name}/download?version={v.number}#moe", status_code=303)
+    if needs_job:
+        jobs.enqueue(db, "moe_export", f"moe:{m.id}", {"moe_id": m.id}, owner=user)
+    return RedirectResponse(f"/forests/{name}/moe/{m.id}", status_code=303)
+
+
+@router.get("/forests/{name}/moe/{moe_id}", response_class=HTMLResponse)
+def moe_page(request: Request, name: str, moe_id: Id, db: DB, user: WebUser, storage: StorageDep,
+             settings: SettingsDep):
+    m = moe.get(db, name, moe_id)
+    ctx = dict(forest=m.version.forest, m=m, urls=forests.file_urls(storage, m.files) if m.files else {},
+               samples=moe.describe_samples(m), max_steps=settings.moe_tune_max_steps)
+    if request.headers.get("hx-request"):
+        return templates.TemplateResponse(request, "_moe.html", ctx)
+    return render(request, "moe.html", user, title=f"MoE model · {name}", **ctx)
+
+
+@router.post("/forests/{name}/moe/{moe_id}/tune")
+def tune_moe(request: Request, name: str, moe_id: Id, db: DB, user: WebUser, settings: SettingsDep,
+             csrf: Annotated[str, Form()] = "", steps: Annotated[int, Form(ge=1, le=2**31 - 1)] = 100,
+             whole: Annotated[bool, Form()] = False):
+    require_maintainer(request, user)
+    check_csrf(request, csrf)
+    try:
+        m, needs_job = moe.request_tuning(db, settings, moe.get(db, name, moe_id), steps, whole)
+    except ServiceError as e:
+        flash(request, f"not done: {e.message}")
+        return RedirectResponse(f"/forests/{name}/moe/{moe_id}", status_code=303)
+    if needs_job:
+        jobs.enqueue(db, "moe_tune", f"moe:{m.id}", {"moe_id": m.id}, owner=user)
+    return RedirectResponse(f"/forests/{name}/moe/{m.id}", status_code=303)
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -20,10 +20,14 @@ from coordinator.schemas import (
     ForestOut,
     JobOut,
     LeaderboardOut,
+    MoeIn,
+    MoeListOut,
+    MoeOut,
+    MoeTuneIn,
     PublishIn,
     VersionOut,
 )
-from coordinator.services import averages, cache, domains, forests, jobs, leaderboard
+from coordinator.services import averages, cache, domains, forests, jobs, leaderboard, moe
 
 router = APIRouter(prefix="/forests", tags=["forests"],
                    responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
@@ -171,3 +175,51 @@ def get_average(name: str, average_id: Id, db: DB, storage: StorageDep):
     if a is None or a.version.forest.name != name:
         raise NotFound(f"no averaged model {average_id} of forest {name!r}")
     return average_out(storage, a)
+
+
+def moe_out(storage, m, job: Job | None = None) -> MoeOut:
+    return MoeOut(id=m.id, forest=m.version.forest.name, version=m.version.number,
+                  experts_per_token=m.experts_per_token, backbone=m.backbone, target=m.target, parent_id=m.parent_id,
+                  tuning=m.tuning, samples=moe.describe_samples(m), status=m.status.value, error=m.error,
+                  recipe=m.recipe, files=m.files, urls=forests.file_urls(storage, m.files) if m.files else {},
+                  job_id=job.id if job else None)
+
+
+@router.get("/{name}/moe", response_model=MoeListOut)
+def list_moe(name: str, db: DB, storage: StorageDep, version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+    """The mixture-of-experts exports of a version (default: current) and their tunings, or why
+    the version cannot have one."""
+    v = forests.version(db, forests.get(db, name), version)
+    why = moe.unavailable(db, v)
+    return MoeListOut(forest=name, version=v.number, available=why is None, reason=why,
+                      exports=[moe_out(storage, m) for m in moe.of_version(db, v)])
+
+
+@router.post("/{name}/moe", status_code=status.HTTP_202_ACCEPTED, response_model=MoeOut)
+def request_moe(name: str, body: MoeIn, user: Reader, db: DB, storage: StorageDep,
+                version: int | None = Query(default=None, ge=1, le=2**31 - 1)):
+    """A version as one native mixture-of-experts model (Mixtral for Llama and Mistral forests,
+    Qwen2-MoE for Qwen2): each ELM's MLP an expert, the rest the chosen backbone, router rows
+    from each domain's text. Cached per options; built by a job. A family with no MoE form: 422."""
+    v = forests.version(db, forests.get(db, name), version)
+    m, needs_job = moe.request(db, v, body.experts_per_token, body.backbone, body.domain)
+    job = jobs.enqueue(db, "moe_export", f"moe:{m.id}", {"moe_id": m.id}, owner=user) if needs_job else None
+    return moe_out(storage, m, job)
+
+
+@router.get("/{name}/moe/{moe_id}", response_model=MoeOut)
+def get_moe(name: str, moe_id: Id, db: DB, storage: StorageDep):
+    """An MoE export or tuning: its status, and once ready its files (sha256) and download URLs."""
+    return moe_out(storage, moe.get(db, name, moe_id))
+
+
+@router.post("/{name}/moe/{moe_id}/tune", status_code=status.HTTP_202_ACCEPTED, response_model=MoeOut)
+def tune_moe(name: str, moe_id: Id, body: MoeTuneIn, user: Maintainer, db: DB, storage: StorageDep,
+             settings: SettingsDep):
+    """Train the routers of a ready MoE export (or every tensor, `whole`) on a balanced mix of its
+    domains' text, with the load-balancing loss, as a job (maintainers). The result is a new
+    artifact; steps are bounded by ELMFOREST_MOE_TUNE_MAX_STEPS."""
+    m, needs_job = moe.request_tuning(db, settings, moe.get(db, name, moe_id), body.steps, body.whole,
+                                      body.batch_size, body.block_size, body.lr)
+    job = jobs.enqueue(db, "moe_tune", f"moe:{m.id}", {"moe_id": m.id}, owner=user) if needs_job else None
+    return moe_out(storage, m, job)

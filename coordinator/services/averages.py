@@ -41,13 +41,31 @@ def request(db: Session, v: ForestVersion, method: str, target: str | None) -> t
     return a, True
 
 
+def target_posterior(db: Session, storage, settings, v: ForestVersion, forest, target: str) -> dict[str, float]:
+    """The cached prior of domain `target` over the version's ELMs ({ELM: weight}): the one its
+    evaluation stored, else computed now from the domain's held-out data (`forest`: the
+    version on disk)."""
+    from btm.posterior import domain_prior
+    from coordinator.services.leaderboard import posteriors
+
+    names = forest.names()
+    post = posteriors(db, v).get(target)
+    if post is None or set(post) != set(names):
+        from btm.tokenizer import load_tokenizer
+
+        d = domains_svc.get(db, target)
+        blocks = domains_svc.held_out_blocks(storage, settings, d, load_tokenizer(forest.seed_dir))
+        if blocks is None:
+            raise BadRequest(domains_svc.too_short(settings, d))
+        post = dict(zip(names, domain_prior([e.path for e in forest.elms], blocks.dev).tolist(), strict=True))
+    return post
+
+
 def build(db: Session, storage, settings, avg_id: int) -> dict:
     from btm.average import average_models, method_weights
     from btm.family import Card
     from btm.forest import Forest
-    from btm.posterior import domain_prior
     from coordinator.materialize import forest_dir
-    from coordinator.services.leaderboard import posteriors
 
     a = db.get(AveragedModel, avg_id)
     if a is None:
@@ -60,15 +78,7 @@ def build(db: Session, storage, settings, avg_id: int) -> dict:
     if a.method == "uniform":
         w = method_weights("uniform", None, len(names))
     else:
-        post = posteriors(db, v).get(a.target)
-        if post is None or set(post) != set(names):
-            from btm.tokenizer import load_tokenizer
-
-            d = domains_svc.get(db, a.target)
-            blocks = domains_svc.held_out_blocks(storage, settings, d, load_tokenizer(forest.seed_dir))
-            if blocks is None:
-                raise BadRequest(domains_svc.too_short(settings, d))
-            post = dict(zip(names, domain_prior([e.path for e in forest.elms], blocks.dev).tolist(), strict=True))
+        post = target_posterior(db, storage, settings, v, forest, a.target)
         w = method_weights(a.method, [post[n] for n in names], len(names))
     card = Card(name=f"{v.forest.name}-v{v.number}-{a.method}" + (f"-{a.target}" if a.target else ""), kind="average",
                 domain=a.target or None, data={"forest": v.forest.name, "version": v.number, "method": a.method},

@@ -35,6 +35,7 @@ from coordinator.models import (
     ContributionEvent,
     Job,
     JobStatus,
+    MoeExport,
     User,
     utcnow,
 )
@@ -48,7 +49,15 @@ class Transient(Exception):
 
 
 def _handlers() -> dict[str, Callable]:
-    from coordinator.services import averages, branches, contributions, forests, leaderboard, values
+    from coordinator.services import (
+        averages,
+        branches,
+        contributions,
+        forests,
+        leaderboard,
+        moe,
+        values,
+    )
 
     def publish(db, storage, settings, payload):
         f = forests.get(db, payload["forest"])
@@ -73,10 +82,16 @@ def _handlers() -> dict[str, Callable]:
         "evaluate_version": lambda db, s, st, p: leaderboard.evaluate_version(db, s, st, p["version_id"]),
         "average": lambda db, s, st, p: averages.build(db, s, st, p["average_id"]),
         "values": lambda db, s, st, p: values.compute(db, s, st, p["version_id"]),
+        "moe_export": lambda db, s, st, p: moe.build(db, s, st, p["moe_id"]),
+        "moe_tune": lambda db, s, st, p: moe.tune(db, s, st, p["moe_id"]),
     }
 
 
-KINDS = ("branch_init", "validate", "evaluate", "publish", "evaluate_version", "average", "values")
+KINDS = ("branch_init", "validate", "evaluate", "publish", "evaluate_version", "average", "values", "moe_export",
+         "moe_tune")
+# jobs that build one artifact row, which shows their failure (and is asked for again on a retry)
+ARTIFACT_ROWS = {"branch_init": (BranchInit, "branch_init_id"), "average": (AveragedModel, "average_id"),
+                 "moe_export": (MoeExport, "moe_id"), "moe_tune": (MoeExport, "moe_id")}
 
 
 # ----------------------------------------------------------------------------- enqueue, read
@@ -134,14 +149,9 @@ def retry(db: Session, job_id: int, user: User) -> Job:
         raise Conflict(f"job {job_id} is {j.status.value}; only a failed job can be retried")
     j.status, j.error, j.attempts, j.runner, j.dispatched_at = JobStatus.queued, None, 0, None, utcnow()
     _note(db, j, f"retried by {user.username}")
-    if j.kind == "branch_init":
-        b = db.get(BranchInit, j.payload["branch_init_id"])
-        if b is not None and b.status == BranchStatus.failed:
-            b.status, b.error = BranchStatus.requested, None
-    elif j.kind == "average":
-        a = db.get(AveragedModel, j.payload["average_id"])
-        if a is not None and a.status == BranchStatus.failed:
-            a.status, a.error = BranchStatus.requested, None
+    row = _artifact_row(db, j)
+    if row is not None and row.status == BranchStatus.failed:
+        row.status, row.error = BranchStatus.requested, None
     after_commit(db, lambda: dispatch(j.id))
     return j
 
@@ -336,16 +346,17 @@ def _fail_row(db: Session, job: Job, msg: str) -> None:
     model, the contribution's history)."""
     msg = public(msg)[:4000]
     job.status, job.error, job.finished_at, job.runner = JobStatus.failed, msg, utcnow(), None
-    if job.kind == "branch_init":
-        b = db.get(BranchInit, job.payload["branch_init_id"])
-        if b:
-            b.status, b.error = BranchStatus.failed, msg
-    elif job.kind == "average":
-        a = db.get(AveragedModel, job.payload["average_id"])
-        if a:
-            a.status, a.error = BranchStatus.failed, msg
+    row = _artifact_row(db, job)
+    if row is not None:
+        row.status, row.error = BranchStatus.failed, msg
     _note(db, job, f"{job.kind} job failed: {msg}; a maintainer can retry it (`elmforest review retry {job.id}`), "
                    "or its owner can abandon the contribution")
+
+
+def _artifact_row(db: Session, job: Job):
+    """The branch init, averaged model or MoE export a job builds, if it is one of those."""
+    model, key = ARTIFACT_ROWS.get(job.kind, (None, None))
+    return db.get(model, job.payload[key]) if model is not None and key in job.payload else None
 
 
 def _note(db: Session, job: Job, reason: str) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from btm.model_files import is_weights_file
+from btm.model_files import is_model_file, is_weights_file
 from coordinator.crash import crash_point
 from coordinator.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
 from coordinator.models import Artifact, Upload, User, utcnow
@@ -344,9 +344,10 @@ def _artifact(db: Session, sha: str, size: int, kind: str, origin: str) -> Artif
 
 
 def put_dir(db: Session, storage: Storage, directory: Path, origin: str) -> dict[str, str]:
-    """Every file of a model directory the service wrote, as artifacts: {file name: sha256}."""
+    """Every file of a model directory the service wrote, as artifacts: {file name: sha256}
+    (not the training state a run leaves there, e.g. metrics.jsonl)."""
     return {p.name: put_file(db, storage, p, "weights" if is_weights_file(p.name) else "file", origin).sha256
-            for p in sorted(directory.iterdir()) if p.is_file()}
+            for p in sorted(directory.iterdir()) if p.is_file() and is_model_file(p.name)}
 
 
 def _started(key: str, reported: float) -> float:
