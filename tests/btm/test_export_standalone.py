@@ -98,3 +98,25 @@ def test_an_export_still_imports_back_whole(exported, tmp_path):
     assert back.verify() == []
     for name in ("forest_model.py", "routing.py", "config.json", "tokenizer.json"):
         assert sha256_file(tmp_path / "back" / name) == sha256_file(out / name)
+
+
+def test_a_corrupt_export_is_refused_on_import_and_nothing_is_left(exported, tmp_path):
+    import shutil
+
+    from btm.errors import ForestError
+    from btm.export import import_
+
+    out, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    weights = next((bad / "elms").rglob("model.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ForestError, match=r"files differ from its manifest.*nothing imported"):
+        import_(bad, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+    (bad / "forest.json").write_text("{not json")
+    with pytest.raises(ForestError, match="forest.json"):
+        import_(bad, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
