@@ -42,10 +42,7 @@ def upload_body(i):
 
 # (method, path, body, {role: status}); order matters where a call changes state
 def cases(w):
-    from btm.moe import FORMS
-
     n = iter(range(10_000))
-    no_moe = 400 if w["cfg"]["model_type"] in FORMS else 422
     return [
         ("GET", "/me", None, dict(anon=401, owner=200, other=200, maint=200)),
         ("GET", "/tokens", None, dict(anon=401, owner=200, other=200, maint=200)),
@@ -76,8 +73,8 @@ def cases(w):
         ("POST", "/forests/authz/averages", lambda: {"method": "uniform"}, dict(anon=401, owner=400, other=400, maint=400)),
         ("GET", "/forests/authz/averages/999", None, dict(anon=404, owner=404, other=404, maint=404)),
         ("GET", "/forests/authz/moe", None, dict(anon=200, owner=200, other=200, maint=200)),
-        # v1 has no ELMs (400); a seed of a family with no MoE form is refused before that (422)
-        ("POST", "/forests/authz/moe", lambda: {}, dict(anon=401, owner=no_moe, other=no_moe, maint=no_moe)),
+        # a Llama forest, but v1 has no ELMs to make experts of
+        ("POST", "/forests/authz/moe", lambda: {}, dict(anon=401, owner=400, other=400, maint=400)),
         ("GET", "/forests/authz/moe/999", None, dict(anon=404, owner=404, other=404, maint=404)),
         ("POST", "/forests/authz/moe/999/tune", lambda: {"steps": 5}, dict(anon=401, owner=403, other=403, maint=404)),
         ("POST", "/forests/authz/evaluate", lambda: {}, dict(anon=401, owner=403, other=403, maint=202)),

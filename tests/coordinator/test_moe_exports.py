@@ -17,19 +17,12 @@ from contributor_client import commands
 from contributor_client.http import ClientError
 
 
-def tiny_preset(family: str) -> str:
-    """The tiny preset of a family, whatever the presets call it."""
-    from btm.family import PRESETS
-
-    return next(n for n, (model_type, _) in PRESETS.items() if model_type == family and "tiny" in n)
-
-
-def seed_of(family: str, out, tok, cache_dir, steps: int = 30):
+def seed_of(preset: str, out, tok, cache_dir, steps: int = 30):
     from btm.data import BlockSampler
     from btm.family import Card, new_model, preset_config
     from btm.train import train
 
-    train(new_model(preset_config(tiny_preset(family), tok), seed=0), tok,
+    train(new_model(preset_config(preset, tok), seed=0), tok,
           BlockSampler(streams(tok, cache_dir, TRAIN_DOMAINS), 64), tiny_train_config(steps), out,
           Card(name="seed", kind="seed"))
     return out
@@ -56,8 +49,8 @@ def site(backend, tmp_path_factory, tok, cache_dir):
     tmp = tmp_path_factory.mktemp("moe")
     c = Coordinator(tmp / "coord", {"ELMFOREST_MOE_TUNE_MAX_STEPS": "20", **backend})
     admin, alice, bob = c.user("admin", "admin"), c.user("alice"), c.user("bob")
-    admin.create_forest("llm", seed_of("llama", tmp / "llama-seed", tok, cache_dir))
-    admin.create_forest("gpt", seed_of("gpt2", tmp / "gpt2-seed", tok, cache_dir, steps=1))
+    admin.create_forest("llm", seed_of("tiny", tmp / "llama-seed", tok, cache_dir))  # Llama
+    admin.create_forest("gpt", seed_of("gpt2-tiny", tmp / "gpt2-seed", tok, cache_dir, steps=1))
     add_domain(alice, "python", CORPUS)
     add_domain(bob, "kjv_bible", CORPUS)
     for who, d in ((alice, "python"), (bob, "kjv_bible")):
