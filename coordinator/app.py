@@ -36,19 +36,18 @@ def secure_data_dir(settings: Settings) -> None:
     os.chmod(settings.data_dir, 0o700)
 
 
-def create_app(settings: Settings | None = None, worker: bool | None = None,
-               extend: Callable[[FastAPI], None] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, extend: Callable[[FastAPI], None] | None = None) -> FastAPI:
     """The API. `extend(app)` adds more routes (the web pages) before the admission and body
-    limits wrap everything, so they hold for those routes too."""
+    limits wrap everything, so they hold for those routes too. No job runs in this process:
+    jobs run in `elmforest worker` processes (on the embedded default, the one `elmforest
+    serve` starts as its child: coordinator.jobs.supervisor)."""
     settings = settings or get_settings()
     secure_data_dir(settings)
-    run_worker = settings.embedded_broker and settings.embedded_worker if worker is None else worker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from coordinator.jobs import celery_app
         from coordinator.migrate import check_at_head
-        from coordinator.services import jobs
 
         check_at_head(settings.db_url)
         import anyio.to_thread
@@ -56,17 +55,10 @@ def create_app(settings: Settings | None = None, worker: bool | None = None,
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         if hasattr(app.state.storage, "ensure_bucket"):
             app.state.storage.ensure_bucket()
-        if run_worker:
-            import btm.evaluate  # noqa: F401 - the jobs' libraries, loaded now rather than mid-request
-
-            celery_app.start_embedded_worker()
         celery_app.start_sweeper(settings)  # dead jobs run again, expired uploads go: on every backend
         share_the_interpreter()
         settle_memory()
         yield
-        ids = jobs.release_running(settings)  # a stop hands back the job in flight
-        if ids:
-            log.warning("stopping: handed back jobs %s", ids)
 
     app = FastAPI(
         title="elmforest coordinator",

@@ -24,13 +24,16 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="API processes (production; needs a broker for jobs).")] = 1,
-    no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not run a job worker in this process.")] = False,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Start no job worker (run `elmforest worker` "
+                                                               "yourself).")] = False,
     migrate: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Upgrade the database schema first.")] = True,
 ):
     """Run the coordinator: the API under /api/v1, the web pages at /.
 
     With no settings it needs no servers: a SQLite database, a local artifact directory and
-    a job queue under ELMFOREST_DATA_DIR, with a worker inside this process.
+    a job queue under ELMFOREST_DATA_DIR, with a job worker in a child process (the same as
+    `elmforest worker`), stopped with the server and started again if it dies. With a broker
+    (ELMFOREST_BROKER_URL) jobs go to `elmforest worker` processes run on their own.
 
     EXAMPLES
       elmforest serve --port 8000
@@ -55,12 +58,36 @@ def serve(
         os.environ["ELMFOREST_EMBEDDED_WORKER"] = "false"
         get_settings.cache_clear()
     console.print(f"coordinator on http://{host}:{port}  (data: {s.data_dir}, database: {s.db_url.split('@')[-1]})")
-    uvicorn.run(_composed["app_factory"], factory=True, host=host, port=port, workers=workers,
-                log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS)
-    # SIGTERM/Ctrl-C: uvicorn has stopped and the app has handed back its job in flight; end the
-    # process now rather than wait on a job worker thread still busy with it
-    import logging
+    child = None
+    if s.embedded_broker and s.embedded_worker and not no_worker:
+        from coordinator.jobs.supervisor import WorkerProcess
 
+        child = WorkerProcess().start()
+    _end_with(child)
+    try:
+        uvicorn.run(_composed["app_factory"], factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    finally:
+        _end(child)
+
+
+def _end_with(child) -> None:
+    """SIGTERM/Ctrl-C: uvicorn stops answering, then gives the signal back to the handler that
+    was here before it: this one, which stops the job worker and ends the process."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: _end(child))
+
+
+def _end(child) -> None:
+    """Stop the worker child (it hands back its job in flight) and end the process now, rather
+    than wait on the app's background threads."""
+    import logging
+    import os
+
+    if child is not None:
+        child.stop()
     logging.shutdown()
     os._exit(0)
 
@@ -68,8 +95,10 @@ def serve(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Jobs at a time.")] = 1,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No start-up banner.")] = False,
 ):
-    """Run a job worker (Celery) against the configured broker.
+    """Run a job worker (Celery) against the configured broker; with none, against the
+    embedded queue in ELMFOREST_DATA_DIR (as the worker `elmforest serve` starts does).
 
     EXAMPLES
       ELMFOREST_BROKER_URL=redis://127.0.0.1:6379/0 elmforest worker --concurrency 2
@@ -80,7 +109,7 @@ def worker(
 
     os.umask(0o077)
     # threads, not prefork: the jobs in flight live in this process, so a stop can hand them back
-    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
+    app.worker_main(["--quiet"] * quiet + ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
                      "--pool=threads" if concurrency > 1 else "--pool=solo", "--without-gossip", "--without-mingle"])
 
 

@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(default=60, description="A running job whose worker sent no heartbeat for this long is run again.")
     queue: str = Field(default="elmforest", description="The Celery queue name (one per deployment on a shared broker).")
     visibility_timeout: int = 3600
-    embedded_worker: bool = Field(default=True, description="Run a job worker inside `elmforest serve` when no broker is set.")
+    embedded_worker: bool = Field(default=True, description="When no broker is set, `elmforest serve` starts a job "
+                                  "worker as its child process (stopped with it, started again if it dies).")
     sweep_seconds: float = Field(default=15, description="How often dead jobs are run again and expired uploads deleted.")
 
     @property

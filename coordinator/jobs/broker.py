@@ -1,7 +1,7 @@
 """The Celery app, configured from the settings: what both sides of the job queue share.
 Production: Redis as the broker. Embedded default: kombu's filesystem transport under the
-data directory, so `elmforest serve` needs no broker server yet stays asynchronous (a worker
-thread in the same process consumes the queue). Results live in the jobs table, not in a
+data directory, so `elmforest serve` needs no broker server yet stays asynchronous (the worker
+process it starts as its child consumes the queue: coordinator.jobs.supervisor). Results live in the jobs table, not in a
 Celery result backend. Senders name the task (RUN_JOB); its code is coordinator.jobs.celery_app.
 """
 

@@ -1,6 +1,6 @@
-"""The worker side of the job queue: the task that runs a Job row, the recovery sweeper, the
-embedded worker thread and the worker's clean stop. (The Celery app itself, which senders
-need too, is coordinator.jobs.broker.)"""
+"""The worker side of the job queue: the task that runs a Job row, the recovery sweeper and
+the worker's clean stop. (The Celery app itself, which senders need too, is
+coordinator.jobs.broker; the embedded default's worker process, coordinator.jobs.supervisor.)"""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def start_sweeper(settings: Settings | None = None) -> None:
 @worker_ready.connect
 def _on_ready(sender=None, **kw):
     start_sweeper()
-    if threading.current_thread() is threading.main_thread():  # `elmforest worker`, not the embedded one
+    if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _hand_back_and_exit)
 
@@ -59,15 +59,3 @@ def _hand_back_and_exit(signum, frame) -> None:
         logging.shutdown()
         os._exit(0)
 
-
-def start_embedded_worker() -> threading.Thread:
-    """A worker inside this process (for the broker-less default)."""
-
-    def target():
-        w = app.WorkController(pool_cls="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True,
-                               without_mingle=True, without_gossip=True, hostname="embedded@elmforest")
-        w.start()
-
-    t = threading.Thread(target=target, name="elmforest-worker", daemon=True)
-    t.start()
-    return t

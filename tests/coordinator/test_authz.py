@@ -116,7 +116,7 @@ def test_every_route_against_every_role(world, coordinator):
     from coordinator.settings import Settings
 
     table = cases(world)
-    app = create_app(Settings(data_dir=coordinator.data_dir / "introspect"), worker=False)
+    app = create_app(Settings(data_dir=coordinator.data_dir / "introspect"))
     routes = {(m, r.path.removeprefix("/api/v1")) for r in api_routes(app)
               if r.path.startswith("/api/v1") and "/storage/" not in r.path for m in r.methods if m != "HEAD"}
     assert len(routes) > 40  # the table below must cover every one of them

@@ -1,7 +1,8 @@
 """Faults an operator meets: the process running a job is killed (SIGKILL) in the middle of
 it, a job fails, a process is told to stop. Every job finishes exactly once, every state has
-a way out, and a stop leaves no process behind. On the embedded default (the job runs inside
-`elmforest serve`) and with a real Celery worker on Redis."""
+a way out, and a stop leaves no process behind. On the embedded default (the job runs in the
+worker process `elmforest serve` starts, and starts again when it dies) and with a real
+Celery worker on Redis."""
 
 import contextlib
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 import uuid
 
+import httpx
 import psutil
 import pytest
 from helpers import CORPUS
@@ -44,6 +46,7 @@ def site(request, tmp_path_factory, seed_dir, tok, cache_dir):
     else:
         c = Coordinator(tmp / "coord", FAST)
         c.worker = None
+    c.killed = set()
     try:
         admin, alice, bob = c.user("admin", "admin"), c.user("alice"), c.user("bob")
         admin.create_forest("kf", seed_dir)
@@ -58,18 +61,35 @@ def site(request, tmp_path_factory, seed_dir, tok, cache_dir):
         c.stop()
 
 
-def runner(site):
-    """The process that runs jobs: the server (embedded) or the worker."""
+def embedded_worker(c, timeout: float = 60) -> int:
+    """The pid of the job worker `elmforest serve` runs as its child, once it runs (a new one
+    after one was killed: the server starts it again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kids = [p for p in psutil.Process(c.server.pid).children()
+                    if "coordinator.jobs" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE
+                    and p.pid not in c.killed]
+            if kids:
+                return kids[0].pid
+        time.sleep(0.05)
+    raise AssertionError("the server runs no job worker")
+
+
+def runner(site) -> int:
+    """The pid of the process that runs jobs (the leader of its own process group): the
+    worker `elmforest serve` started (embedded) or the Celery worker."""
     c = site["c"]
-    return c.worker if site["kind"] == "celery" else c.server
+    return c.worker.pid if site["kind"] == "celery" else embedded_worker(c)
 
 
 def start_runner(site, wait: bool = True) -> None:
+    """A runner again: a new Celery worker; on the embedded default the server starts its own."""
     c = site["c"]
     if site["kind"] == "celery":
         c.worker = c.spawn(["worker", "--loglevel", "WARNING"])
-    else:
-        c.start(wait)
+    elif wait:
+        embedded_worker(c)
 
 
 def kill_mid_job(site, kind: str, timeout: float = 120, restart: bool = True, duty: float = 0.1) -> int:
@@ -77,19 +97,23 @@ def kill_mid_job(site, kind: str, timeout: float = 120, restart: bool = True, du
     `kind`, SIGKILL the runner (and all it started), start it again unless told not to.
     Returns the job's id."""
     c = site["c"]
-    proc = runner(site)
-    slow = Stutter(proc.pid, duty=duty)
+    pid = runner(site)
+    slow = Stutter(pid, duty=duty)
     try:
         deadline = time.monotonic() + timeout
         job = None
         while time.monotonic() < deadline and job is None:
             with c.db() as db:  # running in this very process (not a dead one's leftover)
                 job = db.scalar(select(Job).where(Job.kind == kind, Job.status == "running",
-                                                  Job.runner.like(f"%:{proc.pid}:%")).order_by(Job.id.desc()))
+                                                  Job.runner.like(f"%:{pid}:%")).order_by(Job.id.desc()))
                 jid = job.id if job else None
             time.sleep(0.01)
         assert job is not None, f"no {kind} job ever ran"
-        c.kill(proc)
+        c.killed.add(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if site["kind"] == "celery":
+            c.worker.wait(10)
     finally:
         slow.stop()
     with c.db() as db:  # killed mid-job: nothing recorded (a sweeper may already have queued it again)
@@ -248,8 +272,8 @@ def test_sigterm_stops_serve_and_worker_and_hands_back_the_job(site):
     job it was running is handed back and finished after a restart."""
     c, admin = site["c"], site["admin"]
     a = admin.post("/forests/kf/averages", {"method": "uniform", "domain": None}, version=2)
-    proc = runner(site)
-    slow = Stutter(proc.pid, duty=0.2)
+    told = c.worker if site["kind"] == "celery" else c.server  # embedded: the server stops its worker
+    slow = Stutter(runner(site), duty=0.2)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -257,8 +281,8 @@ def test_sigterm_stops_serve_and_worker_and_hands_back_the_job(site):
                 if db.get(Job, a["job_id"]).status.value == "running":
                     break
             time.sleep(0.01)
-        pids = tree(proc.pid)
-        os.kill(proc.pid, signal.SIGTERM)
+        pids = tree(told.pid)
+        os.kill(told.pid, signal.SIGTERM)
     finally:
         slow.stop()
     deadline = time.monotonic() + 10
@@ -345,3 +369,42 @@ def test_overload_is_answered_with_retry_after_and_the_client_waits(tmp_path_fac
         hold.join()
     finally:
         c.stop()
+
+
+def test_the_embedded_worker_is_a_child_process_started_again_when_it_dies(tmp_path_factory):
+    """`elmforest serve` on the embedded default answers requests in one process and runs jobs
+    in another, its child (the code of `elmforest worker`): killed, the child is started again;
+    the server's SIGTERM stops it too; `--no-worker` starts none."""
+    c = Coordinator(tmp_path_factory.mktemp("child"), FAST)
+    c.killed = set()
+    try:
+        first = embedded_worker(c)
+        assert first != c.server.pid and os.getpgid(first) == first  # its own process group
+        assert "--quiet" in psutil.Process(first).cmdline()
+        os.kill(first, signal.SIGKILL)
+        c.killed.add(first)
+        second = embedded_worker(c, timeout=30)
+        assert second != first and psutil.Process(second).ppid() == c.server.pid
+        assert httpx.get(c.url + "/healthz").status_code == 200  # the server never stopped
+        pids = tree(c.server.pid)
+        os.kill(c.server.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pids), f"still running 10 s after SIGTERM: {alive(pids)}"
+        # and a SIGKILLed server's worker follows it
+        c.start()
+        orphan = embedded_worker(c)
+        os.kill(c.server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive([orphan]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive([orphan]), "the worker outlived its server"
+    finally:
+        c.stop()
+    bare = Coordinator(tmp_path_factory.mktemp("no-worker"), FAST, worker=False)
+    try:
+        time.sleep(3)
+        assert psutil.Process(bare.server.pid).children(recursive=True) == []
+    finally:
+        bare.stop()

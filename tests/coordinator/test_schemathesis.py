@@ -23,7 +23,7 @@ migrate.upgrade(_settings.db_url)
 with session_scope(_settings.db_url) as _db:
     _u = users.create_user(_db, "maint", "password123", Role.maintainer)
     _, TOKEN = users.create_token(_db, _u, "fuzz")
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_settings, worker=False))
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_settings))
 CHECKS = [not_a_server_error, status_code_conformance]
 FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 
