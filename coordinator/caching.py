@@ -7,9 +7,10 @@ or hashing the body, and `conditional` answers a matching If-None-Match with 304
 rendering happens.
 
 Every other answer depends, or may depend, on who asks: `CacheHeaders` marks each response
-that no route declared public `private, no-store`, and every response `Vary: Authorization,
-Cookie`, so that no shared cache hands one caller's answer to another. A response that sets
-a cookie is never public, whatever its route declared."""
+that no route declared public `private, no-store`, with `Vary: Authorization, Cookie` (as are
+the public web pages, which a signed-in user sees otherwise), so that no shared cache hands
+one caller's answer to another. A response that sets a cookie is never public, whatever its
+route declared."""
 
 from __future__ import annotations
 
