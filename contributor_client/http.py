@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -21,6 +21,7 @@ from btm.hashing import sha256_file  # noqa: F401 - part of this module's API
 from btm.model_files import is_upload_file, is_weights_file
 
 CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 class ClientError(Exception):
@@ -182,8 +183,9 @@ class Client:
 
     # ------------------------------------------------------------------ jobs
 
-    def wait(self, fetch: Callable[[], dict], done: Callable[[dict], bool], timeout: float = 3600,
-             interval: float = 0.5, on_poll: Callable[[dict], None] | None = None) -> dict:
+    def wait(self, fetch: Callable[[], T], done: Callable[[T], bool], timeout: float = 3600,
+             interval: float = 0.5, on_poll: Callable[[T], None] | None = None) -> T:
+        """Call `fetch` until `done` says its answer is final (polling less and less often)."""
         end = time.monotonic() + timeout
         while True:
             x = fetch()
@@ -192,7 +194,7 @@ class Client:
             if done(x):
                 return x
             if time.monotonic() > end:
-                raise ClientError(f"still not done after {timeout:.0f}s: {json.dumps(x)[:300]}")
+                raise ClientError(f"still not done after {timeout:.0f}s: {json.dumps(x, default=_json)[:300]}")
             time.sleep(interval)
             interval = min(interval * 1.5, 5.0)
 
@@ -311,3 +313,22 @@ class Client:
             if sha256 and h.hexdigest() != sha256:
                 raise ClientError(f"{dest.name} arrived corrupted (sha256 mismatch); run the command again")
         return dest
+
+    def download_files(self, files: dict[str, str], urls: dict[str, str], dest: Path,
+                       log: Callable[[str], None] | None = None) -> Path:
+        """Download a model's files ({name: sha256}, from {name: URL}) into `dest`, each checked
+        against its sha256; a file already there with the right hash is kept."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, sha in files.items():
+            p = dest / name
+            if p.exists() and sha256_file(p) == sha:
+                continue
+            if log:
+                log(f"downloading {name}")
+            self.download(urls[name], p, sha)
+        return dest
+
+
+def _json(x: Any) -> Any:
+    """A record of the typed API in an error message: the JSON it was made from."""
+    return getattr(x, "raw", repr(x))
