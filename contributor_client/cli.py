@@ -1,7 +1,7 @@
 """`elmforest` commands for contributors and maintainers talking to a coordinator over HTTP:
 login, logout, whoami, domain, branch request, submit, status, abandon, token, invite,
-download, review, round, register-seed, register-baseline, values; and the demo. Thin over
-commands.py and the HTTP client."""
+download, review, round, register-seed, register-baseline, values; and the demo. Each parses
+its options, calls the typed API (api.Coordinator) and prints what it answered."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from rich.table import Table
 
 from btm.train_config import TrainConfig
 from contributor_client import commands, config
-from contributor_client.http import Client, ClientError
+from contributor_client.api import SETTLED, Coordinator
+from contributor_client.http import ClientError
+from contributor_client.records import Contribution, Moe, Round
 
 console = Console(stderr=True)
 out = Console()
@@ -27,12 +29,8 @@ out = Console()
 Url = Annotated[str | None, typer.Option("--url", help="The coordinator (default: the one you logged in to, or ELMFOREST_URL).")]
 
 
-def client(url: str | None = None, need_login: bool = True, token: str | None = None) -> Client:
-    cred = config.load()
-    token = token or cred.token
-    if need_login and not token:
-        raise ClientError("not logged in: run `elmforest login` first (or set ELMFOREST_TOKEN)")
-    return Client(url or cred.url, token)
+def client(url: str | None = None, need_login: bool = True, token: str | None = None) -> Coordinator:
+    return Coordinator.from_login(url, token, need_login)
 
 
 def _log(msg: str) -> None:
@@ -56,17 +54,17 @@ def login(
       elmforest login --url https://forest.example.org
       elmforest login --url http://127.0.0.1:8000 --username alice --register
     """
-    c = Client(url)
+    c = Coordinator(url)
     if token:
-        me = Client(url, token).me()
-        path = config.save(url, token, me["username"])
+        me = Coordinator(url, token).whoami()
+        path = config.save(url, token, me.username)
     else:
         username = username or typer.prompt("username")
         password = password or getpass.getpass("password: ")
         r = c.register(username, password, invite) if register else c.login(username, password)
-        path = config.save(url, r["token"], r["user"]["username"])
-        me = r["user"]
-    console.print(f"logged in to {url} as {me['username']} ({me['role']}); token saved in {path}")
+        path = config.save(url, r.token, r.user.username)
+        me = r.user
+    console.print(f"logged in to {url} as {me.username} ({me.role}); token saved in {path}")
 
 
 def logout():
@@ -86,8 +84,8 @@ def whoami(url: Url = None):
       elmforest whoami
       elmforest whoami --url https://forest.example.org
     """
-    me = client(url).me()
-    out.print(f"{me['username']} ({me['role']}) at {url if url else config.load().url}")
+    me = client(url).whoami()
+    out.print(f"{me.username} ({me.role}) at {url if url else config.load().url}")
 
 
 # ----------------------------------------------------------------------------- domains
@@ -144,8 +142,8 @@ def domain_list(url: Url = None):
     for col in ("name", "role", "category", "held-out data", "provenance"):
         t.add_column(col)
     for d in client(url, need_login=False).domains():
-        t.add_row(d["name"], d["role"], d["category"], f"{d['eval_data_bytes'] or 0:,} B" if d["eval_data_sha256"] else "none",
-                  d["provenance"][:50])
+        t.add_row(d.name, d.role, d.category, f"{d.eval_data_bytes or 0:,} B" if d.eval_data_sha256 else "none",
+                  d.provenance[:50])
     out.print(t)
 
 
@@ -173,10 +171,10 @@ def branch_request(
       elmforest branch request --forest demo --domain mine --data ~/mytexts --private --out runs/init
     """
     c = client(url)
-    b = commands.request_branch(c, forest, domain, data, private, method, log=_log)
-    commands.download_init(c, b, out_dir, log=_log)
-    parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in b["parents"] or [])
-    console.print(f"branch init {b['id']} ({forest} v{b['version']}; parents: {parents}) saved to {out_dir}")
+    b = c.request_branch(forest, domain, data, private, method, log=_log)
+    c.download_init(b, out_dir, log=_log)
+    parents = ", ".join(f"{p.name} {p.weight:.2f}" for p in b.parents or [])
+    console.print(f"branch init {b.id} ({forest} v{b.version}; parents: {parents}) saved to {out_dir}")
     console.print(f"next: elmforest train --init {out_dir} --data <your data> --out <elm dir>")
 
 
@@ -203,11 +201,11 @@ def submit(
         raise ClientError(f"{elm}: not a directory; pass the directory `elmforest train --out` wrote")
     with _progress() as prog:
         task = prog.add_task(f"uploading {elm.name}", total=None)
-        c_ = commands.submit(c, elm, forest, branch_init, name, progress=lambda done, total: prog.update(
+        x = c.submit(elm, forest, branch_init, name, progress=lambda done, total: prog.update(
             task, completed=done, total=total), log=_log)
-    console.print(f"contribution {c_['id']} ({c_['name']}, domain {c_['domain']}) is {c_['state']}")
+    console.print(f"contribution {x.id} ({x.name}, domain {x.domain}) is {x.state}")
     if wait:
-        _follow(c, c_["id"])
+        _follow(c, x.id)
 
 
 def abandon(
@@ -220,8 +218,8 @@ def abandon(
     EXAMPLES
       elmforest abandon 12 --reason "trained on the wrong split"
     """
-    x = client(url).post(f"/contributions/{cid}/abandon", {"reason": reason})
-    console.print(f"contribution {cid} is {x['state']}")
+    x = client(url).abandon(cid, reason)
+    console.print(f"contribution {cid} is {x.state}")
 
 
 # ----------------------------------------------------------------------------- tokens, invitations
@@ -240,9 +238,9 @@ def token_list(user: Annotated[str | None, typer.Option(help="Another user's tok
     t = Table()
     for col in ("id", "name", "prefix", "scopes", "expires", "last used", "revoked"):
         t.add_column(col)
-    for x in client(url).get("/tokens", username=user):
-        t.add_row(str(x["id"]), x["name"], x["prefix"], ",".join(x["scopes"]), (x["expires_at"] or "never")[:10],
-                  (x["last_used_at"] or "")[:19], (x["revoked_at"] or "")[:19])
+    for x in client(url).tokens(user):
+        t.add_row(str(x.id), x.name, x.prefix, ",".join(x.scopes), (x.expires_at or "never")[:10],
+                  (x.last_used_at or "")[:19], (x.revoked_at or "")[:19])
     out.print(t)
 
 
@@ -260,9 +258,9 @@ def token_create(
     EXAMPLES
       elmforest token create ci-readonly --scope read --days 30
     """
-    r = client(url).post("/tokens", {"name": name, "scopes": scope or None, "expires_days": days})
-    console.print(f"token {r['info']['id']} ({','.join(r['info']['scopes'])}), shown once:")
-    print(r["token"])
+    r = client(url).create_token(name, scope or None, days)
+    console.print(f"token {r.info.id} ({','.join(r.info.scopes)}), shown once:")
+    print(r.token)
 
 
 @token_app.command("revoke")
@@ -272,8 +270,8 @@ def token_revoke(token_id: Annotated[int, typer.Argument(help="The token's id (`
     EXAMPLES
       elmforest token revoke 4
     """
-    x = client(url).request("DELETE", f"/tokens/{token_id}")
-    console.print(f"token {x['id']} ({x['name']}) revoked")
+    x = client(url).revoke_token(token_id)
+    console.print(f"token {x.id} ({x.name}) revoked")
 
 
 def invite(
@@ -287,24 +285,23 @@ def invite(
       elmforest invite --note "Dana, legal texts"
       elmforest login --url URL --register --invite CODE        (what the new contributor runs)
     """
-    r = client(url).post("/invites", {"note": note, "days": days})
-    console.print(f"one-use invitation, valid until {r['expires_at'][:16]} (shown once):")
-    print(r["code"])
+    r = client(url).create_invite(note, days)
+    console.print(f"one-use invitation, valid until {r.expires_at[:16]} (shown once):")
+    print(r.code)
 
 
-def _follow(c: Client, cid: int) -> dict:
-    def show(x):
-        last = x["history"][-1] if x.get("history") else {}
-        console.print(f"  {x['state']:<11} {last.get('reason', '')}")
+def _follow(c: Coordinator, cid: int) -> Contribution:
+    def show(x: Contribution) -> None:
+        console.print(f"  {x.state:<11} {x.history[-1].reason if x.history else ''}")
 
-    x = commands.follow(c, cid, on_change=show)
-    job = x.get("job") or {}
-    if job.get("status") == "failed" and x["state"] not in commands.SETTLED:
-        raise ClientError(f"contribution {cid} is stuck at {x['state']}: its {job['kind']} job {job['id']} failed: "
-                          f"{job['error']}. A maintainer can retry it (`elmforest review retry {job['id']}`); "
+    x = c.follow(cid, on_change=show)
+    job = x.job
+    if job is not None and job.status == "failed" and x.state not in SETTLED:
+        raise ClientError(f"contribution {cid} is stuck at {x.state}: its {job.kind} job {job.id} failed: "
+                          f"{job.error}. A maintainer can retry it (`elmforest review retry {job.id}`); "
                           f"you can abandon it (`elmforest abandon {cid}`)")
-    if x["state"] == "evaluated" and x.get("evaluation"):
-        e = x["evaluation"]
+    if x.state == "evaluated" and x.evaluation:
+        e = x.evaluation
         console.print(f"perplexity on {e['domain']}: {e['ppl']:.2f} (its init: {e['init_ppl']:.2f}); waiting for a maintainer")
     return x
 
@@ -325,17 +322,17 @@ def status(
         t = Table()
         for col in ("id", "name", "domain", "forest", "state", "updated"):
             t.add_column(col)
-        for x in c.get("/contributions", mine=True):
-            t.add_row(str(x["id"]), x["name"], x["domain"], x["forest"], x["state"], x["updated_at"][:19])
+        for x in c.contributions(mine=True):
+            t.add_row(str(x.id), x.name, x.domain, x.forest, x.state, x.updated_at[:19])
         out.print(t)
         return
     if follow:
         _follow(c, cid)
         return
-    x = c.get(f"/contributions/{cid}")
-    out.print(f"contribution {x['id']} {x['name']} ({x['domain']}, {x['forest']}): {x['state']}")
-    for h in x["history"]:
-        out.print(f"  {h['at'][:19]}  {h['to_state']:<11} {h['actor'] or 'system':<10} {h['reason']}")
+    x = c.contribution(cid)
+    out.print(f"contribution {x.id} {x.name} ({x.domain}, {x.forest}): {x.state}")
+    for h in x.history:
+        out.print(f"  {h.at[:19]}  {h.to_state:<11} {h.actor or 'system':<10} {h.reason}")
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -356,8 +353,7 @@ def download_forest(
     EXAMPLES
       elmforest download forest demo --out forest
     """
-    c = client(url, need_login=False)
-    commands.download_forest(c, name, out_dir, version, log=_log)
+    client(url, need_login=False).download_forest(name, out_dir, version, log=_log)
     m = json.loads((out_dir / "forest.json").read_text())
     console.print(f"{name} v{m['version']} ({len(m['elms'])} ELMs) saved to {out_dir}")
 
@@ -369,11 +365,8 @@ def download_elm(cid: int, out_dir: Annotated[Path, typer.Option("--out")], url:
     EXAMPLES
       elmforest download elm 12 --out elms/legal
     """
-    c = client(url, need_login=False)
-    d = c.get(f"/contributions/{cid}/download")
-    x = c.get(f"/contributions/{cid}")
-    commands.download_files(c, d["files"], d["urls"], out_dir, log=_log)  # each file's sha256 checked
-    console.print(f"ELM {x['name']} saved to {out_dir}")
+    x = client(url, need_login=False).download_elm(cid, out_dir, log=_log)  # each file's sha256 checked
+    console.print(f"ELM {x.name} saved to {out_dir}")
 
 
 @download_app.command("average")
@@ -390,8 +383,7 @@ def download_average(
     EXAMPLES
       elmforest download average demo --domain go --out go-model
     """
-    c = client(url)
-    commands.download_average(c, forest, method, domain, out_dir, version, log=_log)
+    client(url).download_average(forest, out_dir, method, domain, version, log=_log)
     console.print(f"averaged model ({method}{' for ' + domain if domain else ''}) saved to {out_dir}")
 
 
@@ -399,9 +391,9 @@ Backbone = Annotated[str, typer.Option(help="Every tensor but the MLPs: uniform 
                                         "(weighted by --domain's posterior) or seed.")]
 
 
-def _describe_moe(m: dict) -> str:
-    return (f"MoE {m['id']} of {m['forest']} v{m['version']} ({m['experts_per_token']} expert(s) per token, "
-            f"{m['backbone']} backbone" + (f" for {m['target']}" if m["target"] else "") + ")")
+def _describe_moe(m: Moe) -> str:
+    return (f"MoE {m.id} of {m.forest} v{m.version} ({m.experts_per_token} expert(s) per token, "
+            f"{m.backbone} backbone" + (f" for {m.target}" if m.target else "") + ")")
 
 
 @download_app.command("moe")
@@ -424,8 +416,7 @@ def download_moe(
       elmforest download moe demo --version 3 --experts-per-token 1 --backbone posterior --domain go --out go-moe
       elmforest download moe demo --id 7 --out demo-moe-tuned
     """
-    c = client(url)
-    m = commands.download_moe(c, forest, out_dir, version, experts_per_token, backbone, domain, moe_id, log=_log)
+    m = client(url).download_moe(forest, out_dir, version, experts_per_token, backbone, domain, moe_id, log=_log)
     console.print(f"{_describe_moe(m)} saved to {out_dir}")
 
 
@@ -448,13 +439,13 @@ def review_list(state: str = "evaluated", url: Url = None):
     t = Table()
     for col in ("id", "name", "owner", "domain", "ppl", "init ppl", "forest ppl"):
         t.add_column(col)
-    for x in c.get("/contributions", state=state):
-        e = x.get("evaluation") or {}
+    for x in c.contributions(state=state):
+        e = x.evaluation or {}
 
         def num(k, e=e):
             return f"{e[k]:.2f}" if isinstance(e.get(k), (int, float)) else "not evaluated"
 
-        t.add_row(str(x["id"]), x["name"], x["owner"], x["domain"], num("ppl"), num("init_ppl"),
+        t.add_row(str(x.id), x.name, x.owner, x.domain, num("ppl"), num("init_ppl"),
                   num("forest_ensemble_ppl") if e else "not evaluated")
     out.print(t)
 
@@ -469,8 +460,8 @@ def review_jobs(url: Url = None):
     t = Table()
     for col in ("job", "kind", "on", "why"):
         t.add_column(col)
-    for j in client(url).get("/jobs", status="failed"):
-        t.add_row(str(j["id"]), j["kind"], j["key"], j["error"] or "")
+    for j in client(url).jobs(status="failed"):
+        t.add_row(str(j.id), j.kind, j.key, j.error or "")
     out.print(t)
 
 
@@ -482,11 +473,11 @@ def review_retry(job: Annotated[int, typer.Argument(help="A failed job's id.")],
       elmforest review retry 17
     """
     c = client(url)
-    j = c.post(f"/jobs/{job}/retry")
-    console.print(f"job {j['id']} ({j['kind']}) queued again")
+    j = c.retry_job(job)
+    console.print(f"job {j.id} ({j.kind}) queued again")
     if wait:
         j = c.finish(j, f"job {job}")
-        console.print(f"job {j['id']} {j['status']}")
+        console.print(f"job {j.id} {j.status}")
 
 
 @review_app.command("import")
@@ -510,11 +501,11 @@ def review_import(
     c = client(url)
     with _progress() as prog:
         task = prog.add_task(f"uploading {source}", total=None)
-        x = commands.import_checkpoint(c, forest, source, domain, name, revision, progress=lambda done, total:
-                                       prog.update(task, completed=done, total=total), log=_log)
-    console.print(f"contribution {x['id']} ({x['name']}, domain {x['domain']}, imported) is {x['state']}")
+        x = c.import_checkpoint(forest, source, domain, name, revision, progress=lambda done, total:
+                                prog.update(task, completed=done, total=total), log=_log)
+    console.print(f"contribution {x.id} ({x.name}, domain {x.domain}, imported) is {x.state}")
     if wait:
-        _follow(c, x["id"])
+        _follow(c, x.id)
 
 
 @review_app.command("tune-router")
@@ -542,12 +533,12 @@ def review_tune_router(
       elmforest review tune-router demo --moe 7 --steps 500 --all --lr 1e-4 --out demo-btx
     """
     c = client(url)
-    t = commands.tune_router(c, forest, steps, version, all_, batch_size, block_size, lr, experts_per_token, backbone,
-                             domain, moe_id, log=_log)
-    console.print(f"{_describe_moe(t)}: routers tuned from MoE {t['parent_id']} ({t['tuning']['what']}, "
-                  f"{t['tuning']['steps']} steps)")
+    t = c.tune_router(forest, steps, version, all_, batch_size, block_size, lr, experts_per_token, backbone, domain,
+                      moe_id, log=_log)
+    console.print(f"{_describe_moe(t)}: routers tuned from MoE {t.parent_id} ({t.tuning['what']}, "
+                  f"{t.tuning['steps']} steps)")
     if out_dir is not None:
-        commands.download_files(c, t["files"], t["urls"], out_dir, log=_log)
+        c.download_files(t.files, t.urls, out_dir, log=_log)
         console.print(f"saved to {out_dir}")
 
 
@@ -558,8 +549,8 @@ def review_approve(cid: int, reason: str = "", url: Url = None):
     EXAMPLES
       elmforest review approve 12 --reason "beats its init on legal"
     """
-    x = client(url).post(f"/contributions/{cid}/approve", {"reason": reason})
-    console.print(f"contribution {cid} is {x['state']}")
+    x = client(url).approve(cid, reason)
+    console.print(f"contribution {cid} is {x.state}")
 
 
 @review_app.command("decline")
@@ -569,8 +560,8 @@ def review_decline(cid: int, reason: Annotated[str, typer.Option(help="Why (reco
     EXAMPLES
       elmforest review decline 13 --reason "trained on the held-out split"
     """
-    x = client(url).post(f"/contributions/{cid}/decline", {"reason": reason})
-    console.print(f"contribution {cid} is {x['state']}")
+    x = client(url).decline(cid, reason)
+    console.print(f"contribution {cid} is {x.state}")
 
 
 @review_app.command("publish")
@@ -580,9 +571,8 @@ def review_publish(forest: str, note: str = "", url: Url = None):
     EXAMPLES
       elmforest review publish debian --note "adds legal"
     """
-    c = client(url)
-    job = c.finish(c.post(f"/forests/{forest}/publish", {"note": note}), "publishing")
-    console.print(f"{forest} v{job['result']['version']} published")
+    job = client(url).publish(forest, note)
+    console.print(f"{forest} v{job.result['version']} published")
 
 
 @review_app.command("remove")
@@ -592,9 +582,8 @@ def review_remove(cid: int, reason: Annotated[str, typer.Option(help="Why (recor
     EXAMPLES
       elmforest review remove 7 --reason "license withdrawn"
     """
-    c = client(url)
-    job = c.finish(c.post(f"/contributions/{cid}/remove", {"reason": reason}), "removal")
-    console.print(f"removed; forest is now v{job['result']['version']}")
+    job = client(url).remove(cid, reason)
+    console.print(f"removed; forest is now v{job.result['version']}")
 
 
 def register_seed(
@@ -611,12 +600,12 @@ def register_seed(
     c = client(url)
     with _progress() as prog:
         task = prog.add_task("uploading the seed", total=None)
-        f, created = commands.register_seed(c, name, seed_dir, description,
-                                            progress=lambda d, t: prog.update(task, completed=d, total=t))
+        f, created = c.register_seed(name, seed_dir, description,
+                                     progress=lambda d, t: prog.update(task, completed=d, total=t))
     if created:
-        console.print(f"forest {f['name']} created (version {f['current_version']}, family {f['family']})")
+        console.print(f"forest {f.name} created (version {f.current_version}, family {f.family})")
     else:
-        console.print(f"forest {f['name']} already has this seed as its root; nothing to do")
+        console.print(f"forest {f.name} already has this seed as its root; nothing to do")
 
 
 def register_baseline(
@@ -631,8 +620,8 @@ def register_baseline(
     EXAMPLES
       elmforest register-baseline debian dense runs/dense
     """
-    b = commands.register_baseline(client(url), forest, name, model_dir, description)
-    console.print(f"baseline {b['name']} registered for {forest}; it is scored when a version is evaluated")
+    b = client(url).register_baseline(forest, name, model_dir, description)
+    console.print(f"baseline {b.name} registered for {forest}; it is scored when a version is evaluated")
 
 
 # ----------------------------------------------------------------------------- federated rounds
@@ -648,16 +637,16 @@ ACTIVE_ROUND = ("pending", "running")
 _simulate: dict = {"round": None}
 
 
-def _print_round(r: dict) -> None:
-    out.print(f"round {r['id']}  forest {r['forest']}" + (f" v{r['version']}" if r["version"] else "")
-              + f"  [bold]{r['status']}[/bold]" + (f"  flower run {r['flower_run_id']}" if r["flower_run_id"] else "")
-              + (f"\n  [red]{r['error']}[/red]" if r["error"] else ""))
-    if not r["nodes"]:
+def _print_round(r: Round) -> None:
+    out.print(f"round {r.id}  forest {r.forest}" + (f" v{r.version}" if r.version else "")
+              + f"  [bold]{r.status}[/bold]" + (f"  flower run {r.flower_run_id}" if r.flower_run_id else "")
+              + (f"\n  [red]{r.error}[/red]" if r.error else ""))
+    if not r.nodes:
         return
     t = Table("node", "domain", "owner", "status", "contribution", "why", show_lines=False)
-    for n in r["nodes"]:
-        c = f"{n['contribution_id']} ({n['contribution_state']})" if n["contribution_id"] else ""
-        t.add_row(n["node_id"], n["domain"] or "?", n["owner"] or "", n["status"], c, n["reason"])
+    for n in r.nodes:
+        c = f"{n.contribution_id} ({n.contribution_state})" if n.contribution_id else ""
+        t.add_row(n.node_id, n.domain or "?", n.owner or "", n.status, c, n.reason)
     out.print(t)
 
 
@@ -703,49 +692,48 @@ def round_start(
     from contributor_client import flower_run
 
     c = client(url, token=token)
-    body = {"forest": forest, "note": note, "steps": steps, "batch_size": batch_size, "block_size": block_size,
-            "lr": lr, "min_nodes": min_nodes, "node_wait_s": node_wait, "query_timeout_s": query_timeout,
-            "branch_timeout_s": branch_timeout, "init_timeout_s": init_timeout, "train_timeout_s": train_timeout,
-            "max_attempts": max_attempts}
-    r = c.post("/rounds", body)
-    console.print(f"round {r['id']} created for forest {forest}")
+    r = c.start_round(forest, note, steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
+                      min_nodes=min_nodes, node_wait_s=node_wait, query_timeout_s=query_timeout,
+                      branch_timeout_s=branch_timeout, init_timeout_s=init_timeout, train_timeout_s=train_timeout,
+                      max_attempts=max_attempts)
+    console.print(f"round {r.id} created for forest {forest}")
     if node:
         from flwr.common.config import parse_config_args
 
         configs = [parse_config_args([n]) for n in node]
         console.print(f"simulating {len(configs)} nodes in this process")
-        _print_round(_simulate["round"](r["id"], configs))
+        _print_round(Round.from_json(_simulate["round"](r.id, configs)))
         return
     with tempfile.TemporaryDirectory() as td:
         app_dir = flower_run.write_app(Path(td) / flower_run.APP_NAME)
         try:
-            run_id = flower_run.submit(r["id"], app_dir, superlink)
+            run_id = flower_run.submit(r.id, app_dir, superlink)
         except (flower_run.SubmitError, OSError) as e:
-            c.post(f"/rounds/{r['id']}/cancel")
-            raise ClientError(f"{e}\n(round {r['id']} cancelled)") from None
-    console.print(f"submitted as Flower run {run_id}; follow it with `elmforest round status {r['id']}`")
-    print(r["id"])
+            c.cancel_round(r.id)
+            raise ClientError(f"{e}\n(round {r.id} cancelled)") from None
+    console.print(f"submitted as Flower run {run_id}; follow it with `elmforest round status {r.id}`")
+    print(r.id)
     if wait:
         r = _follow_round(c, r, run_id)
         _print_round(r)
-        if r["status"] not in ("succeeded", "partial", "empty"):
+        if r.status not in ("succeeded", "partial", "empty"):
             raise typer.Exit(1)
 
 
-def _follow_round(c: Client, r: dict, run_id: str) -> dict:
+def _follow_round(c: Coordinator, r: Round, run_id: str) -> Round:
     """Poll a submitted round until it ends, printing each change of its nodes."""
     seen, submitted = None, time.monotonic()
-    while r["status"] in ACTIVE_ROUND:
+    while r.status in ACTIVE_ROUND:
         time.sleep(3)
-        r = c.get(f"/rounds/{r['id']}")
-        if r["status"] == "pending" and time.monotonic() - submitted > 300:
-            raise ClientError(f"no ServerApp picked round {r['id']} up within 5 minutes; see `flwr log {run_id}` and "
+        r = c.round(r.id)
+        if r.status == "pending" and time.monotonic() - submitted > 300:
+            raise ClientError(f"no ServerApp picked round {r.id} up within 5 minutes; see `flwr log {run_id}` and "
                               "the SuperLink's log (does it run with the coordinator's ELMFOREST_* settings?), then "
-                              f"`elmforest round cancel {r['id']}`")
-        key = (r["status"], tuple((n["node_id"], n["status"]) for n in r["nodes"]))
+                              f"`elmforest round cancel {r.id}`")
+        key = (r.status, tuple((n.node_id, n.status) for n in r.nodes))
         if key != seen:
             seen = key
-            console.print(f"  {r['status']}: " + ", ".join(f"{n['domain'] or n['node_id']} {n['status']}" for n in r["nodes"]))
+            console.print(f"  {r.status}: " + ", ".join(f"{n.domain or n.node_id} {n.status}" for n in r.nodes))
     return r
 
 
@@ -764,11 +752,10 @@ def round_status(
       elmforest round status --forest demo --json
     """
     c = client(url, token=token)
-    data = c.get(f"/rounds/{round_id}") if round_id is not None else c.get("/rounds", forest=forest)
+    rows = [c.round(round_id)] if round_id is not None else c.rounds(forest)
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(rows[0].raw if round_id is not None else [r.raw for r in rows], indent=2))
         return
-    rows = [data] if round_id is not None else data
     if not rows:
         console.print("no rounds yet (`elmforest round start FOREST`)")
     for r in rows:
@@ -782,7 +769,7 @@ def round_cancel(round_id: Annotated[int, typer.Argument()], url: Url = None, to
     EXAMPLES
       elmforest round cancel 3
     """
-    _print_round(client(url, token=token).post(f"/rounds/{round_id}/cancel"))
+    _print_round(client(url, token=token).cancel_round(round_id))
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -845,9 +832,9 @@ def values(
       elmforest values demo --contributors
     """
     c = client(url, need_login=False)
-    rep = commands.values(c, forest, version, contributors, wait, _log)
+    rep = (c.contributor_values if contributors else c.values)(forest, version, wait, _log)
     if as_json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps(rep.raw, indent=2))
     else:
         out.print(commands.contributors_table(rep) if contributors else commands.values_table(rep), highlight=False)
 
@@ -862,9 +849,9 @@ def review_preview(cid: int, as_json: Annotated[bool, typer.Option("--json", hel
       elmforest review preview 12
       elmforest review preview 12 --json
     """
-    p = client(url).get(f"/contributions/{cid}/merge-preview")
+    p = client(url).merge_preview(cid)
     if as_json:
-        print(json.dumps(p, indent=2))
+        print(json.dumps(p.raw, indent=2))
     else:
         out.print(commands.preview_table(p), highlight=False)
 

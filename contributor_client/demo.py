@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from btm.model_files import CARD
-from contributor_client import commands
-from contributor_client.http import Client, ClientError
+from contributor_client.api import Coordinator
+from contributor_client.http import ClientError
+from contributor_client.records import Contribution, Leaderboard
 
 CORPUS = Path(__file__).resolve().parents[1] / "btm" / "demo_corpus"
 FOREST = "demo"
@@ -77,11 +76,9 @@ class Demo:
         return out
 
     def start_coordinator(self) -> None:
-        try:
-            httpx.get(self.url + "/healthz", timeout=1)
+        probe = Coordinator(self.url)
+        if probe.health(timeout=1) is not None:
             raise ClientError(f"something already listens on port {self.port}; stop it or pass --port")
-        except httpx.HTTPError:
-            pass
         (self.work / "coordinator").mkdir(parents=True, exist_ok=True)
         log = open(self.work / "coordinator.log", "ab")
         self.server = subprocess.Popen([sys.executable, "-m", "elmforest_cli", "serve", "--port", str(self.port)],
@@ -90,32 +87,30 @@ class Demo:
         while time.monotonic() < end:
             if self.server.poll() is not None:
                 raise ClientError(f"the coordinator exited; see {self.work / 'coordinator.log'}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    self.say(f"coordinator running at {self.url} (data in {self.work / 'coordinator'})")
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
+            if probe.health(timeout=2) == 200:
+                self.say(f"coordinator running at {self.url} (data in {self.work / 'coordinator'})")
+                return
+            time.sleep(0.3)
         raise ClientError("the coordinator did not start within 2 minutes")
 
-    def account(self, name: str, role: str = "contributor") -> Client:
+    def account(self, name: str, role: str = "contributor") -> Coordinator:
         f = self.work / "accounts" / f"{name}.json"
         if f.exists():
             saved = json.loads(f.read_text())
-            return Client(self.url, saved["token"])
+            return Coordinator(self.url, saved["token"])
         f.parent.mkdir(parents=True, exist_ok=True)
         password = secrets.token_urlsafe(12)
         if role == "contributor":
-            token = Client(self.url).register(name, password)["token"]
+            token = Coordinator(self.url).register(name, password).token
         else:  # maintainers are made by the operator, on the coordinator's machine
             r = subprocess.run([sys.executable, "-m", "elmforest_cli", "user", "create", name, "--role", role,
                                 "--password", password], env=self.env, capture_output=True, text=True, check=True)
             token = r.stdout.strip().splitlines()[-1]
         f.write_text(json.dumps({"username": name, "password": password, "token": token}))
         f.chmod(0o600)
-        return Client(self.url, token)
+        return Coordinator(self.url, token)
 
-    def forest(self, maint: Client, seed: Path) -> None:
+    def forest(self, maint: Coordinator, seed: Path) -> None:
         try:
             maint.forest(FOREST)
             self.say(f"forest {FOREST!r} already registered")
@@ -123,8 +118,8 @@ class Demo:
             self.say(f"registering the seed as the root of forest {FOREST!r}")
             maint.create_forest(FOREST, seed, "The demo forest: four Debian-sourced domains")
 
-    def domains(self, maint: Client, contributors: dict[str, Client]) -> None:
-        have = {d["name"] for d in maint.domains()}
+    def domains(self, maint: Coordinator, contributors: dict[str, Coordinator]) -> None:
+        have = {d.name for d in maint.domains()}
         for rnd in ROUNDS:
             for who, dom, _ in rnd:
                 if dom not in have:
@@ -136,11 +131,11 @@ class Demo:
                 maint.create_domain(dom, description=f"{dom} text (never trained on)", role="eval", category="demo")
                 maint.set_eval_data(dom, CORPUS / dom / "test.jsonl")
 
-    def contribute(self, client: Client, who: str, domain: str, private: bool) -> dict:
-        done = [x for x in client.get("/contributions", mine=True) if x["name"] == domain
-                and x["state"] in ("evaluated", "approved", "merged")]
+    def contribute(self, client: Coordinator, who: str, domain: str, private: bool) -> Contribution:
+        done = [x for x in client.contributions(mine=True) if x.name == domain
+                and x.state in ("evaluated", "approved", "merged")]
         if done:
-            self.say(f"{who}: {domain} ELM already contributed ({done[0]['state']})")
+            self.say(f"{who}: {domain} ELM already contributed ({done[0].state})")
             return done[0]
         from btm.data import BlockSampler, Corpus, tokenize_file
         from btm.family import Card, load_model, read_card
@@ -150,10 +145,10 @@ class Demo:
         base = self.work / "contributors" / who / domain
         how = "computing the posterior privately" if private else "with a sample of the text"
         self.say(f"{who}: requesting a branch init for {domain} ({how})")
-        b = commands.request_branch(client, FOREST, domain, CORPUS / domain, private=private)
-        parents = ", ".join(f"{p['name']} {p['weight']:.2f}" for p in b["parents"])
-        self.say(f"{who}: init {b['id']} from {FOREST} v{b['version']}: {parents}")
-        init = commands.download_init(client, b, base / "init")
+        b = client.request_branch(FOREST, domain, CORPUS / domain, private=private)
+        parents = ", ".join(f"{p.name} {p.weight:.2f}" for p in b.parents)
+        self.say(f"{who}: init {b.id} from {FOREST} v{b.version}: {parents}")
+        init = client.download_init(b, base / "init")
         tok = load_tokenizer(init)
         stream = tokenize_file(Corpus(CORPUS)[domain].split_path("train"), tok, self.work / "tokens")
         self.say(f"{who}: training the {domain} ELM on local data ({self.elm_steps} updates)")
@@ -162,24 +157,23 @@ class Demo:
         train(load_model(init), tok, BlockSampler([stream], 128), cfg, base / "elm",
               Card(name=domain, domain=domain, parents=init_card.parents, origin=init_card.origin,
                    data={"source": f"btm/demo_corpus/{domain}/train.jsonl"}))
-        c = commands.submit(client, base / "elm")
-        self.say(f"{who}: submitted contribution {c['id']}; validating and evaluating")
-        c = commands.follow(client, c["id"], timeout=600)
-        e = c.get("evaluation") or {}
-        if c["state"] != "evaluated":
-            raise ClientError(f"contribution {c['id']} ended {c['state']}: {c['history'][-1]['reason']}")
+        c = client.submit(base / "elm")
+        self.say(f"{who}: submitted contribution {c.id}; validating and evaluating")
+        c = client.follow(c.id, timeout=600)
+        e = c.evaluation or {}
+        if c.state != "evaluated":
+            raise ClientError(f"contribution {c.id} ended {c.state}: {c.history[-1].reason}")
         self.say(f"{who}: {domain} ELM evaluated: perplexity {e['ppl']:.1f} (its init: {e['init_ppl']:.1f})")
         return c
 
-    def approve_and_publish(self, maint: Client, contribs: list[dict]) -> None:
-        pending = [c for c in contribs if c["state"] == "evaluated"]
+    def approve_and_publish(self, maint: Coordinator, contribs: list[Contribution]) -> None:
+        pending = [c for c in contribs if c.state == "evaluated"]
         for c in pending:
-            maint.post(f"/contributions/{c['id']}/approve", {"reason": "beats its branch init; welcome"})
+            maint.approve(c.id, "beats its branch init; welcome")
         if not pending:
             return
-        job = maint.finish(maint.post(f"/forests/{FOREST}/publish",
-                                      {"note": "demo round: " + ", ".join(c["name"] for c in pending)}), "publishing")
-        self.say(f"maintainer approved {', '.join(c['name'] for c in pending)}; published {FOREST} v{job['result']['version']}")
+        job = maint.publish(FOREST, "demo round: " + ", ".join(c.name for c in pending))
+        self.say(f"maintainer approved {', '.join(c.name for c in pending)}; published {FOREST} v{job.result['version']}")
 
     def run(self) -> dict:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -192,10 +186,9 @@ class Demo:
         for rnd in ROUNDS:
             contribs = [self.contribute(contributors[who], who, dom, private) for who, dom, private in rnd]
             self.approve_and_publish(maint, contribs)
-        version = maint.forest(FOREST)["current_version"]
+        version = maint.forest(FOREST).current_version
         self.say("waiting for the leaderboard of the latest version")
-        lb = maint.wait(lambda: maint.get(f"/forests/{FOREST}/leaderboard", version=version),
-                        lambda x: len(x["domains"]) >= 5, timeout=600)
+        lb = maint.wait(lambda: maint.leaderboard(FOREST, version), lambda x: len(x.domains) >= 5, timeout=600)
         return {"version": version, "leaderboard": lb}
 
     def stop(self) -> None:
@@ -207,9 +200,9 @@ class Demo:
                 self.server.kill()
 
 
-def summary(lb: dict) -> str:
-    by = {r["subject"]: r["ppl"] for r in lb["rows"]}
-    doms = [d["name"] for d in lb["domains"]]
+def summary(lb: Leaderboard) -> str:
+    by = {r.subject: r.ppl for r in lb.rows}
+    doms = [d.name for d in lb.domains]
     subjects = [s for s in ("ensemble", "ensemble/top1", "average/posterior", "average/uniform") if s in by]
     subjects += sorted(s for s in by if "/" not in s and s != "ensemble")
     w = max(len(s) for s in subjects)

@@ -1,7 +1,7 @@
 """The Flower ClientApp of federated BTM rounds (`contributor_client.flower:app`): what an
 institution's SuperNode runs. Its data never leaves it; it talks to the coordinator over
-HTTP with its owner's API token, exactly as `elmforest branch request` and `elmforest
-submit` do, and to the round's ServerApp through Flower with control messages only.
+HTTP with its owner's API token through the same typed API (`Coordinator`) as `elmforest
+branch request` and `elmforest submit`, and to the round's ServerApp through Flower with control messages only.
 
 Node config (`flower-supernode --node-config "domain='python' data-dir='/data/python' ..."`):
 
@@ -41,8 +41,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from contributor_client import commands
-from contributor_client.http import Client, ClientError
+from contributor_client.api import Coordinator
+from contributor_client.http import ClientError
+from contributor_client.local import set_init_vector
 
 log = logging.getLogger("elmforest.flower")
 
@@ -71,8 +72,8 @@ class Node:
     max_steps: int | None = None
     keep_files: bool = False
 
-    def client(self) -> Client:
-        return Client(self.url, self.token, timeout=120)
+    def client(self) -> Coordinator:
+        return Coordinator(self.url, self.token, timeout=120)
 
 
 def node_settings(context: Context) -> Node:
@@ -157,7 +158,7 @@ def query(msg: Message, context: Context) -> Message:
     info: dict[str, Any] = {"domain": str(context.node_config.get("domain") or "")}
     try:
         node = node_settings(context)
-        info["owner"] = str(node.client().me()["username"])
+        info["owner"] = str(node.client().whoami().username)
         info["documents"], info["bytes"] = data_size(node.data)
         import torch
 
@@ -179,12 +180,12 @@ def branch(msg: Message, context: Context) -> Message:
         if domain != node.domain:
             raise NodeConfigError(f"asked to branch for domain {domain!r}; this node serves {node.domain!r}")
         with _MODELS:
-            b = commands.request_branch(node.client(), forest, node.domain, data=node.data, private=True,
-                                        wait=False, log=log.info)
-        if b.get("routing_vector") is not None:  # computed here; goes into the init when it comes down
+            b = node.client().request_branch(forest, node.domain, data=node.data, private=True, wait=False,
+                                             log=log.info)
+        if b.routing_vector is not None:  # computed here; goes into the init when it comes down
             node.work_dir.mkdir(parents=True, exist_ok=True)
-            (node.work_dir / f"routing-vector-{int(b['id'])}.json").write_text(json.dumps(b["routing_vector"]))
-        return reply(msg, {BRANCH: {"ok": True, "branch-init-id": int(b["id"])}})
+            (node.work_dir / f"routing-vector-{int(b.id)}.json").write_text(json.dumps(b.routing_vector))
+        return reply(msg, {BRANCH: {"ok": True, "branch-init-id": int(b.id)}})
     except Exception as e:
         log.exception("branch request failed")
         return reply(msg, {BRANCH: {"ok": False, "error": describe(e)}})
@@ -215,17 +216,17 @@ def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any])
     client = node.client()
     # the init must be this owner's, for this node's domain, with exactly these files: the
     # node trusts its coordinator (reached with its owner's token), not the message
-    mine = client.get(f"/branch-inits/{init_id}")
-    if mine["domain"] != node.domain:
-        raise NodeConfigError(f"branch init {init_id} is for domain {mine['domain']!r}; this node serves {node.domain!r}")
-    if mine["files"] != files or mine["forest"] != forest:
+    mine = client.branch_init(init_id)
+    if mine.domain != node.domain:
+        raise NodeConfigError(f"branch init {init_id} is for domain {mine.domain!r}; this node serves {node.domain!r}")
+    if mine.files != files or mine.forest != forest:
         raise NodeConfigError(f"the files the round names for branch init {init_id} differ from the coordinator's")
     work = node.work_dir / f"round-{round_id}-init-{init_id}"
-    init_dir = commands.download_files(client, files, same_origin(urls, mine["urls"]), work / "init",
-                                       log=log.info)  # every file sha256-checked
+    init_dir = client.download_files(files, same_origin(urls, mine.urls), work / "init",
+                                     log=log.info)  # every file sha256-checked
     vector = node.work_dir / f"routing-vector-{init_id}.json"
     if vector.exists():
-        commands.set_init_vector(init_dir, json.loads(vector.read_text()))
+        set_init_vector(init_dir, json.loads(vector.read_text()))
 
     steps = int(settings["steps"])
     if node.max_steps:
@@ -242,14 +243,14 @@ def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any])
     out = btm_train(model, tok, BlockSampler([stream], cfg.block_size), cfg, work / "elm", card,
                     init_optimizer=checkpoint_optimizer(init_dir))
     seconds = time.perf_counter() - t0
-    c = commands.submit(client, out, forest=forest, branch_init_id=init_id, name=name, log=log.info)
+    c = client.submit(out, forest=forest, branch_init_id=init_id, name=name, log=log.info)
     trained = read_card(out).training
     if not node.keep_files:
         shutil.rmtree(work, ignore_errors=True)
         vector.unlink(missing_ok=True)
     metrics = {"loss": float(trained.get("final_loss", float("nan"))), "steps": float(steps),
                "tokens": float(trained.get("tokens", 0)), "seconds": round(seconds, 3)}
-    return {"contribution-id": int(c["id"]), "state": str(c["state"]), "name": str(c["name"])}, metrics
+    return {"contribution-id": int(c.id), "state": str(c.state), "name": str(c.name)}, metrics
 
 
 
