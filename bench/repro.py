@@ -69,10 +69,11 @@ def train_phase(job: dict) -> str:
     """One training phase in a worker process (so several small ELMs train side by side)."""
     import torch
 
+    from btm.checkpoint import checkpoint_optimizer
     from btm.data import BlockSampler, load_token_file
     from btm.family import Card, load_model, new_model
     from btm.tokenizer import load_tokenizer
-    from btm.train import TrainConfig, checkpoint_optimizer, train
+    from btm.train import TrainConfig, train
 
     torch.set_num_threads(job["threads"])
     tok = load_tokenizer(job["tokenizer"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from btm.average import average_files, average_models, method_weights
+from btm.checkpoint import checkpoint_optimizer
 from btm.data import encode_texts, eval_blocks, read_documents, split_source
 from btm.errors import DataError
 from btm.family import Card, read_card, write_card
@@ -19,7 +20,6 @@ from btm.forest import Forest, copy_model_dir
 from btm.model_files import OPTIMIZER, WEIGHTS_FILE
 from btm.posterior import domain_prior
 from btm.tokenizer import load_tokenizer
-from btm.train import checkpoint_optimizer
 
 BRANCH_METHODS = ("posterior", "argmax", "uniform", "seed")
 

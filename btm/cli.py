@@ -213,10 +213,11 @@ def train_cmd(
       elmforest train --init runs/init-python --corpus ../shared/corpus --domain python --out runs/python --steps 300
       elmforest train --init runs/init-mine --data ~/my-texts --domain my-notes --out runs/mine
     """
+    from btm.checkpoint import read_checkpoint_state
     from btm.data import BlockSampler, Corpus, split_source, tokenize_file
     from btm.family import Card, load_model, read_card
     from btm.tokenizer import load_tokenizer
-    from btm.train import read_checkpoint_state, setup_distributed, train
+    from btm.train import setup_distributed, train
 
     d = setup_distributed()
     tok = load_tokenizer(init)
@@ -251,7 +252,7 @@ def train_cmd(
     model = load_model(init)
     opt_state = None
     if not fresh_optimizer:
-        from btm.train import checkpoint_optimizer
+        from btm.checkpoint import checkpoint_optimizer
 
         opt_state = checkpoint_optimizer(init)
     card = Card(name=out.name, kind="dense" if mixture else "elm", domain=None if mixture else (domain or init_card.domain),
