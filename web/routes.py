@@ -356,10 +356,7 @@ def publish(request: Request, name: str, db: DB, user: WebUser, csrf: Annotated[
     if not approved:
         flash(request, "nothing to publish: approve a contribution first")
         return RedirectResponse("/review", status_code=303)
-    key = f"{f.name}:v{f.current_version}:approved:[]"
-    job = jobs.enqueue(db, "publish", key, {"forest": f.name, "add": None, "remove": [],
-                                            "note": note or "published from the review queue", "actor_id": user.id},
-                       owner=user)
+    job = jobs.request_publish(db, f, user, note=note or "published from the review queue", owner=user)
     flash(request, f"publishing {len(approved)} ELM(s) into {f.name} v{f.current_version + 1} (job {job.id})")
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 

@@ -100,9 +100,7 @@ def download(request: Request, name: str, db: DB, storage: StorageDep, settings:
 def publish(name: str, body: PublishIn, user: Maintainer, db: DB):
     """Merge approved contributions (and forget removed ones) into a new version, as a job."""
     f = forests.get(db, name)
-    key = f"{f.name}:v{f.current_version}:{sorted(body.add) if body.add is not None else 'approved'}:{sorted(body.remove)}"
-    return jobs.enqueue(db, "publish", key, {"forest": f.name, "add": body.add, "remove": body.remove,
-                                             "note": body.note, "actor_id": user.id})
+    return jobs.request_publish(db, f, user, body.add, body.remove, body.note)
 
 
 @router.post("/{name}/evaluate", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)

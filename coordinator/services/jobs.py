@@ -116,6 +116,17 @@ def enqueue(db: Session, kind: str, key: str, payload: dict, owner: User | None 
     return job
 
 
+def request_publish(db: Session, forest, user: User, add: list[int] | None = None, remove: list[int] | None = None,
+                    note: str = "", owner: User | None = None) -> Job:
+    """The publish job merging `add` (None: every approved contribution) and forgetting
+    `remove` into the forest's next version. Keyed by the version it starts from and what it
+    merges, so asking twice (a retried request, a double click) queues it once."""
+    remove = remove or []
+    key = f"{forest.name}:v{forest.current_version}:{sorted(add) if add is not None else 'approved'}:{sorted(remove)}"
+    return enqueue(db, "publish", key, {"forest": forest.name, "add": add, "remove": remove, "note": note,
+                                        "actor_id": user.id}, owner=owner)
+
+
 def get(db: Session, job_id: int, user: User | None = None) -> Job:
     """A job, as `user` may see it: their own, or any for maintainers (None: no check)."""
     j = db.get(Job, job_id)
