@@ -213,56 +213,37 @@ def train_cmd(
       elmforest train --init runs/init-python --corpus ../shared/corpus --domain python --out runs/python --steps 300
       elmforest train --init runs/init-mine --data ~/my-texts --domain my-notes --out runs/mine
     """
-    from btm.checkpoint import read_checkpoint_state
-    from btm.data import BlockSampler, Corpus, split_source, tokenize_file
-    from btm.family import Card, load_model, read_card
-    from btm.tokenizer import load_tokenizer
-    from btm.train import setup_distributed, train
+    from btm.recipes import train_elm
+    from btm.train import setup_distributed
 
     d = setup_distributed()
-    tok = load_tokenizer(init)
+    sources, data_desc = _training_sources(data, corpus, domain, mixture)
+    train_elm(init, out, sources, cfg, domain=domain, kind="dense" if mixture else "elm", data=data_desc,
+              cache_dir=cache_dir, carry_optimizer=not fresh_optimizer, continue_schedule=continue_schedule,
+              recipe=f"elmforest train --init {init} --out {out} --steps {cfg.steps} --batch-size {cfg.batch_size} "
+              f"--block-size {cfg.block_size}", dist_info=d)
+    if d.main:
+        console.print(f"[green]ELM saved to {out}[/green]")
+
+
+def _training_sources(data: Path | None, corpus: Path | None, domain: str | None,
+                      mixture: bool) -> tuple[list[Path], dict]:
+    """What `elmforest train` trains on (its text files) and how its card describes that."""
+    from btm.data import Corpus, split_source
+
     if mixture:
         if corpus is None:
             raise DataError("--mixture needs --corpus")
         c = Corpus(corpus)
         names = c.names("train") or c.names()
-        sources = [c[n].split_path("train") for n in names]
-        data_desc = {"corpus": str(corpus), "domains": names, "mixture": "balanced"}
-    elif corpus is not None:
+        return [c[n].split_path("train") for n in names], {"corpus": str(corpus), "domains": names, "mixture": "balanced"}
+    if corpus is not None:
         if not domain:
             raise DataError("--corpus needs --domain (which domain to train on)")
-        sources = [Corpus(corpus)[domain].split_path("train")]
-        data_desc = {"corpus": str(corpus), "domain": domain}
-    elif data is not None:
-        sources = [split_source(data, ("train",))]
-        data_desc = {"source": str(data)}
-    else:
-        raise DataError("say what to train on: --corpus DIR --domain NAME, or --data PATH")
-    streams = [tokenize_file(s, tok, cache_dir) for s in sources]
-    if continue_schedule:
-        from dataclasses import replace
-
-        st = read_checkpoint_state(init)
-        if st is None:
-            raise BTMError(f"{init}: no checkpoint/state.json to continue a schedule from")
-        start = int(st["global_step"])
-        cfg = replace(cfg, schedule_start=start,
-                      schedule_steps=cfg.schedule_steps or st["config"].get("schedule_steps") or start + cfg.steps)
-    init_card = read_card(init)
-    model = load_model(init)
-    opt_state = None
-    if not fresh_optimizer:
-        from btm.checkpoint import checkpoint_optimizer
-
-        opt_state = checkpoint_optimizer(init)
-    card = Card(name=out.name, kind="dense" if mixture else "elm", domain=None if mixture else (domain or init_card.domain),
-                parents=init_card.parents if init_card.kind == "branch-init" else [{"name": init_card.name, "weight": 1.0}],
-                origin=init_card.origin,
-                data=data_desc, recipe=f"elmforest train --init {init} --out {out} --steps {cfg.steps} "
-                f"--batch-size {cfg.batch_size} --block-size {cfg.block_size}")
-    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card, init_optimizer=opt_state, dist_info=d)
-    if d.main:
-        console.print(f"[green]ELM saved to {out}[/green]")
+        return [Corpus(corpus)[domain].split_path("train")], {"corpus": str(corpus), "domain": domain}
+    if data is not None:
+        return [split_source(data, ("train",))], {"source": str(data)}
+    raise DataError("say what to train on: --corpus DIR --domain NAME, or --data PATH")
 
 
 branch_app = typer.Typer(help="Make a new ELM's initialisation (locally; `branch request` asks a coordinator).")

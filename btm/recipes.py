@@ -6,6 +6,7 @@ coordinator's jobs), each written once over the library's parts.
     vector_sample(card)               where an ELM's own domain sample is, from its card
     add_elm(forest, model_dir, ...)   add an ELM with its routing vector
     compute_vectors(forest, samples)  routing vectors for the ELMs of a forest made without them
+    train_elm(init, out, sources, cfg) an ELM trained from its branch init (or the dense baseline)
 """
 
 from __future__ import annotations
@@ -132,3 +133,40 @@ def compute_vectors(forest: Forest, samples: dict[str, str | os.PathLike]) -> li
     if samples:
         forest.set_routing_vectors({n: routing_vector(forest.seed_dir, s) for n, s in samples.items()})
     return [e.name for e in forest.elms if e.entry.get("routing_vector") is None]
+
+
+def train_elm(init: str | os.PathLike, out: str | os.PathLike, sources: Sequence[str | os.PathLike], cfg,
+              *, domain: str | None = None, name: str | None = None, kind: str = "elm", data: dict | None = None,
+              cache_dir: str | os.PathLike | None = None, carry_optimizer: bool = True,
+              continue_schedule: bool = False, recipe: str = "", dist_info=None) -> Path:
+    """Train a model from `init` (a branch init, or any model directory) on `sources` (text
+    files or domain directories' train splits, mixed evenly) and save it at `out` with a card
+    naming its parents (the init's, for a branch init), domain, data and recipe. The
+    optimizer state the init carries is continued unless `carry_optimizer` is off; with
+    `continue_schedule` the learning-rate schedule goes on from where the init's run stopped
+    (compute-matched BTM). `kind="dense"` is the dense baseline: no domain, no parent weights."""
+    from dataclasses import replace
+
+    from btm.checkpoint import checkpoint_optimizer, read_checkpoint_state
+    from btm.data import BlockSampler, tokenize_file
+    from btm.family import Card, load_model, read_card
+    from btm.tokenizer import load_tokenizer
+    from btm.train import train
+
+    init, out = Path(init), Path(out)
+    tok = load_tokenizer(init)
+    streams = [tokenize_file(s, tok, cache_dir) for s in sources]
+    if continue_schedule:
+        st = read_checkpoint_state(init)
+        if st is None:
+            raise BTMError(f"{init}: no checkpoint/state.json to continue a schedule from")
+        start = int(st["global_step"])
+        cfg = replace(cfg, schedule_start=start,
+                      schedule_steps=cfg.schedule_steps or st["config"].get("schedule_steps") or start + cfg.steps)
+    init_card = read_card(init)
+    parents = init_card.parents if init_card.kind == "branch-init" else [{"name": init_card.name, "weight": 1.0}]
+    card = Card(name=name or out.name, kind=kind, domain=None if kind == "dense" else (domain or init_card.domain),
+                parents=parents, origin=init_card.origin, data=data or {}, recipe=recipe)
+    train(load_model(init), tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card,
+          init_optimizer=checkpoint_optimizer(init) if carry_optimizer else None, dist_info=dist_info)
+    return out
