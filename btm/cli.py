@@ -147,12 +147,9 @@ def seed(
       elmforest seed --corpus ../shared/corpus --out runs/seed --preset small --steps 300
       torchrun --nproc-per-node 2 --no-python elmforest seed --corpus data --out runs/seed
     """
-    import torch.distributed as dist
-
-    from btm.data import BlockSampler, Corpus, tokenize_file
-    from btm.family import Card, load_model, new_model, preset_config
-    from btm.tokenizer import iter_balanced_texts, load_tokenizer, train_bpe
-    from btm.train import setup_distributed, train
+    from btm.data import Corpus
+    from btm.recipes import train_seed
+    from btm.train import setup_distributed
 
     d = setup_distributed()
     c = Corpus(corpus)
@@ -160,38 +157,46 @@ def seed(
     for n in names:
         c[n]  # noqa: B018 - clear error for a missing domain
     start = _model(init, revision)
-    init = start.path if start else None
-    tok_dir = out / "tokenizer"
-    if init is not None:
-        tok = load_tokenizer(init)
-    elif tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        if d.main and not (tok_dir / "tokenizer.json").exists():
-            console.print(f"training a {vocab_size}-token byte-level BPE on {', '.join(names)}")
-            texts = iter_balanced_texts({n: c[n].documents("train") for n in names}, 2_000_000)
-            train_bpe(texts, vocab_size).save_pretrained(str(tok_dir))
-        if d.world > 1:
-            dist.barrier()
-        tok = load_tokenizer(tok_dir)
-    streams = [tokenize_file(c[n].split_path("train"), tok, cache_dir) for n in names]
-    if init is not None:
-        model = load_model(init)
-    elif config is not None:
-        from transformers import AutoConfig
-
-        model = new_model(AutoConfig.from_pretrained(str(config)), cfg.seed)
-    else:
-        model = new_model(preset_config(preset, tok), cfg.seed)
-    if cfg.block_size > _max_positions(model.config):
-        raise BTMError(f"--block-size {cfg.block_size} exceeds the model's {_max_positions(model.config)} positions")
-    card = Card(name=out.name, kind=kind, data={"corpus": str(corpus), "domains": names, "mixture": "balanced"},
-                source=start.source or {} if start else {},
-                recipe=f"elmforest seed --corpus {corpus} --out {out} --preset {preset} --steps {cfg.steps} "
-                f"--batch-size {cfg.batch_size} --block-size {cfg.block_size}")
-    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card, dist_info=d)
+    tok = _seed_tokenizer(start.path if start else None, tokenizer, out / "tokenizer", c, names, vocab_size, d)
+    model = _seed_model(start.path if start else None, config, preset, tok, cfg.seed)
+    train_seed(model, tok, out, [c[n].split_path("train") for n in names], cfg, kind=kind,
+               data={"corpus": str(corpus), "domains": names, "mixture": "balanced"},
+               source=start.source or {} if start else {}, cache_dir=cache_dir, dist_info=d,
+               recipe=f"elmforest seed --corpus {corpus} --out {out} --preset {preset} --steps {cfg.steps} "
+               f"--batch-size {cfg.batch_size} --block-size {cfg.block_size}")
     if d.main:
         console.print(f"[green]{kind} LM saved to {out}[/green]")
+
+
+def _seed_tokenizer(init: Path | None, tokenizer: Path | None, tok_dir: Path, c, names: list[str], vocab_size: int, d):
+    """The start's tokenizer, the one given, or a byte-level BPE trained on the domains (by
+    the first process; the others wait for it)."""
+    from btm.tokenizer import iter_balanced_texts, load_tokenizer, train_bpe
+
+    if init is not None or tokenizer is not None:
+        return load_tokenizer(init if init is not None else tokenizer)
+    if d.main and not (tok_dir / "tokenizer.json").exists():
+        console.print(f"training a {vocab_size}-token byte-level BPE on {', '.join(names)}")
+        train_bpe(iter_balanced_texts({n: c[n].documents("train") for n in names}, 2_000_000),
+                  vocab_size).save_pretrained(str(tok_dir))
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return load_tokenizer(tok_dir)
+
+
+def _seed_model(init: Path | None, config: Path | None, preset: str, tok, seed: int):
+    """A pretrained start, a model of any transformers config, or one of a preset."""
+    from btm.family import load_model, new_model, preset_config
+
+    if init is not None:
+        return load_model(init)
+    if config is not None:
+        from transformers import AutoConfig
+
+        return new_model(AutoConfig.from_pretrained(str(config)), seed)
+    return new_model(preset_config(preset, tok), seed)
 
 
 @training_options(steps=500)

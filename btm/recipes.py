@@ -7,6 +7,7 @@ coordinator's jobs), each written once over the library's parts.
     add_elm(forest, model_dir, ...)   add an ELM with its routing vector
     compute_vectors(forest, samples)  routing vectors for the ELMs of a forest made without them
     train_elm(init, out, sources, cfg) an ELM trained from its branch init (or the dense baseline)
+    train_seed(model, tok, out, sources, cfg) the seed LM on a balanced mixture of domains
 """
 
 from __future__ import annotations
@@ -169,4 +170,25 @@ def train_elm(init: str | os.PathLike, out: str | os.PathLike, sources: Sequence
                 parents=parents, origin=init_card.origin, data=data or {}, recipe=recipe)
     train(load_model(init), tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card,
           init_optimizer=checkpoint_optimizer(init) if carry_optimizer else None, dist_info=dist_info)
+    return out
+
+
+def train_seed(model, tokenizer, out: str | os.PathLike, sources: Sequence[str | os.PathLike], cfg, *,
+               kind: str = "seed", data: dict | None = None, source: dict | None = None, recipe: str = "",
+               cache_dir: str | os.PathLike | None = None, dist_info=None) -> Path:
+    """Train `model` (new, or a pretrained start) on a balanced mixture of `sources` (one
+    stream per domain, sampled evenly) and save it at `out` as the seed (or, with
+    kind="dense", the dense baseline)."""
+    from btm.data import BlockSampler, tokenize_file
+    from btm.family import Card
+    from btm.model_files import max_positions
+    from btm.train import train
+
+    out = Path(out)
+    limit = max_positions(model.config)
+    if limit and cfg.block_size > limit:
+        raise BTMError(f"--block-size {cfg.block_size} exceeds the model's {limit} positions")
+    streams = [tokenize_file(s, tokenizer, cache_dir) for s in sources]
+    card = Card(name=out.name, kind=kind, data=data or {}, source=source or {}, recipe=recipe)
+    train(model, tokenizer, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card, dist_info=dist_info)
     return out
