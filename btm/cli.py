@@ -645,35 +645,14 @@ def average_cmd(
       elmforest average --forest forest --target ../shared/corpus/go/valid.jsonl --out runs/avg-go
       elmforest average --forest forest --method uniform --out runs/avg-uniform
     """
-    from btm.average import average_models, method_weights
-    from btm.branch import sample_blocks
-    from btm.family import Card
     from btm.forest import Forest
-    from btm.posterior import domain_prior
+    from btm.recipes import average_forest
 
+    explicit = {n: float(x) for n, x in (p.split("=", 1) for p in _split_list(weights) or [])} if weights else None
     f = Forest.load(forest)
-    elms = f.elms
-    if not elms:
-        raise BTMError(f"{forest}: the forest has no ELMs to average")
-    names = [e.name for e in elms]
-    if weights:
-        pairs = dict(p.split("=", 1) for p in _split_list(weights) or [])
-        unknown = set(pairs) - set(names)
-        if unknown:
-            raise BTMError(f"--weights names unknown ELMs {sorted(unknown)}; ELMs: {', '.join(names)}")
-        w = [float(pairs.get(n, 0.0)) for n in names]
-        method = "explicit"
-    elif method == "uniform":
-        w = method_weights("uniform", None, len(names))
-    else:
-        if target is None:
-            raise DataError(f"--method {method} needs --target (development text of the target domain)")
-        post = domain_prior([e.path for e in elms], sample_blocks(f, target, block_size, max_blocks)).tolist()
-        w = method_weights(method, post, len(names))
-    card = Card(name=out.name, kind="average", data={"method": method, "forest_version": f.version,
-                "target": str(target) if target else None},
-                recipe=f"elmforest average --forest {forest} --out {out} --method {method}" + (f" --target {target}" if target else ""))
-    average_models([e.path for e in elms], w, out, card, names=names, out_dtype=dtype, max_shard_bytes=max_shard_size)
+    _, method, w = average_forest(f, out, method, target, explicit, out_dtype=dtype, max_shard_bytes=max_shard_size,
+                                  block_size=block_size, max_blocks=max_blocks)
+    names = f.names()
     console.print(f"averaged model ({method}) saved to {out}")
     for n, x in zip(names, w, strict=True):
         if x > 0:

@@ -8,6 +8,9 @@ coordinator's jobs), each written once over the library's parts.
     compute_vectors(forest, samples)  routing vectors for the ELMs of a forest made without them
     train_elm(init, out, sources, cfg) an ELM trained from its branch init (or the dense baseline)
     train_seed(model, tok, out, sources, cfg) the seed LM on a balanced mixture of domains
+    average_weights(forest, method, ...)  the weights of a parameter average: uniform, a target's
+                                      posterior or argmax, or given per ELM
+    average_forest(forest, out, ...)  the forest collapsed into one model by such an average
 """
 
 from __future__ import annotations
@@ -192,3 +195,44 @@ def train_seed(model, tokenizer, out: str | os.PathLike, sources: Sequence[str |
     card = Card(name=out.name, kind=kind, data=data or {}, source=source or {}, recipe=recipe)
     train(model, tokenizer, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card, dist_info=dist_info)
     return out
+
+
+def average_weights(forest: Forest, method: str = "posterior", target: str | os.PathLike | None = None,
+                    explicit: dict[str, float] | None = None, block_size: int = 256,
+                    max_blocks: int = 100) -> tuple[str, list[float]]:
+    """(method, weights over the forest's ELMs): `explicit` {ELM: weight} (method "explicit"),
+    uniform, or the posterior / argmax of the target domain's cached prior."""
+    from btm.average import method_weights
+
+    names = forest.names()
+    if not names:
+        raise BTMError(f"{forest.root}: the forest has no ELMs to average")
+    if explicit:
+        unknown = set(explicit) - set(names)
+        if unknown:
+            raise BTMError(f"--weights names unknown ELMs {sorted(unknown)}; ELMs: {', '.join(names)}")
+        return "explicit", [float(explicit.get(n, 0.0)) for n in names]
+    if method == "uniform":
+        return method, method_weights("uniform", None, len(names))
+    if target is None:
+        raise DataError(f"--method {method} needs --target (development text of the target domain)")
+    return method, method_weights(method, domain_prior_of(forest, target, block_size, max_blocks), len(names))
+
+
+def average_forest(forest: Forest, out: str | os.PathLike, method: str = "posterior",
+                   target: str | os.PathLike | None = None, explicit: dict[str, float] | None = None,
+                   out_dtype: str | None = None, max_shard_bytes: int | None = None, block_size: int = 256,
+                   max_blocks: int = 100) -> tuple[Path, str, list[float]]:
+    """The forest as one model, its parameters averaged with average_weights' weights (streamed
+    tensor by tensor); returns (the model directory, the method, the weights)."""
+    from btm.average import average_models
+    from btm.family import Card
+
+    method, w = average_weights(forest, method, target, explicit, block_size, max_blocks)
+    card = Card(name=Path(out).name, kind="average", data={"method": method, "forest_version": forest.version,
+                "target": str(target) if target else None},
+                recipe=f"elmforest average --forest {forest.root} --out {out} --method {method}"
+                + (f" --target {target}" if target else ""))
+    path = average_models([e.path for e in forest.elms], w, out, card, names=forest.names(), out_dtype=out_dtype,
+                          max_shard_bytes=max_shard_bytes)
+    return Path(path), method, w
