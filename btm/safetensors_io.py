@@ -195,6 +195,42 @@ def read_tensor(path: str | os.PathLike, info: TensorInfo, fd: int | None = None
     return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
 
 
+def stream_tensors(header: Header, chunks: Iterable[bytes]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a file whose header is `header`, in the order they lie in the file,
+    from one sequential pass over its bytes (`chunks`, from its first byte): a file read
+    once, as it streams from a store, holding one tensor at a time. The file must be one the
+    reference library accepted (read_header): tensors back to back, nothing after the last."""
+    order = sorted(header.tensors.values(), key=lambda t: (t.begin, t.end))
+    it = iter(chunks)
+    pending = memoryview(b"")
+    pos = 0  # file offset of pending[0]
+
+    def take(n: int) -> bytearray:
+        nonlocal pending, pos
+        out, got = bytearray(n), 0
+        while got < n:
+            if not pending:
+                try:
+                    pending = memoryview(next(it))
+                except StopIteration:
+                    raise WeightsError(f"{header.path}: unexpected end of file") from None
+                continue
+            k = min(n - got, len(pending))
+            out[got:got + k] = pending[:k]
+            pending, pos, got = pending[k:], pos + k, got + k
+        return out
+
+    take(header.data_start)  # the header itself
+    for info in order:
+        if info.begin != pos:  # never expected of a file the library accepted
+            raise WeightsError(f"{header.path}: tensor {info.name!r} is not where the file's order puts it")
+        buf = take(info.nbytes)
+        if info.nbytes == 0:
+            yield info.name, torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        else:
+            yield info.name, torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
 # --------------------------------------------------------------------------- model directories
 
 

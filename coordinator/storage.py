@@ -56,29 +56,6 @@ def _disk_writers():
     return _writers[0]
 
 
-def _copy(src, dst, n: int) -> None:
-    """Append the n bytes of src to dst inside the kernel where it can (no copy through
-    Python), the ordinary way where it cannot (another file system, an older kernel)."""
-    dst.flush()
-    start = dst.tell()
-    try:
-        done = 0
-        while done < n:
-            k = os.copy_file_range(src.fileno(), dst.fileno(), n - done)
-            if k == 0:
-                break
-            done += k
-        if done == n:
-            dst.seek(start + n)
-            return
-    except OSError:
-        pass
-    src.seek(0)
-    dst.seek(start)
-    dst.truncate()
-    shutil.copyfileobj(src, dst, CHUNK)
-
-
 class Storage(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -109,10 +86,38 @@ class Storage(ABC):
                 f.write(c)
 
     @contextmanager
-    def local_copy(self, key: str, scratch: Path) -> Iterator[Path]:
-        """The object as a local file for as long as the block runs (a download, removed after)."""
+    def local_copy(self, key: str, scratch: Path, hasher=None) -> Iterator[Path]:
+        """The object as a local file for as long as the block runs (a download, removed after).
+        With `hasher` (a hashlib object) every byte is hashed on the way: one read for both."""
         tmp = Path(scratch) / f"copy-{uuid.uuid4().hex}"
-        self.get_file(key, tmp)
+        if hasher is None:
+            self.get_file(key, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                for c in self.iter_chunks(key):
+                    hasher.update(c)
+                    f.write(c)
+        try:
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, n: int) -> bytes:
+        """At most `n` bytes of the object from `start` (a header, never the whole object)."""
+
+    @contextmanager
+    def local_head(self, key: str, scratch: Path, head: int) -> Iterator[Path]:
+        """A local stand-in for the object, for checks that read only its first `head` bytes
+        (a safetensors header): a file of the object's size holding those bytes, the rest a
+        hole that is never read. The object's bytes are not downloaded."""
+        size = self.size(key)
+        if size is None:
+            raise StorageError(f"no object {key}")
+        tmp = Path(scratch) / f"head-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(self.read_range(key, 0, min(head, size)))
+            f.truncate(size)
         try:
             yield tmp
         finally:
@@ -149,11 +154,14 @@ class Storage(ABC):
         """The parts that have arrived; UploadGone once the multipart upload is no more."""
 
     @abstractmethod
-    def complete_multipart(self, key: str, upload_id: str, lengths: list[int]) -> None:
+    def complete_multipart(self, key: str, upload_id: str, lengths: list[int], hasher=None) -> bool:
         """Assemble parts 1..n (part i of lengths[i-1] bytes) into `key`. Idempotent: once the
         object is assembled (a crash may have cut the call short at any point after that),
         calling it again checks the object's size, removes what is left of the parts, and
-        returns."""
+        returns. Returns True when every byte of the object passed through `hasher` (a hashlib
+        object, may be None) on its way into it, in order: the store assembled it itself and
+        hashed it while writing; False when it did not (an object assembled before, or by a
+        store the bytes never pass through), and a caller that wants the hash reads it."""
 
     def check_parts(self, key: str, upload_id: str, lengths: list[int]) -> dict[int, dict]:
         """The uploaded parts, once each has arrived with exactly its length."""
@@ -204,8 +212,30 @@ class LocalStorage(Storage):
         return self.path(key).is_file()
 
     @contextmanager
-    def local_copy(self, key, scratch):
+    def local_copy(self, key, scratch, hasher=None):
+        if hasher is not None:
+            for c in self.iter_chunks(key):
+                hasher.update(c)
         yield self.path(key)
+
+    @contextmanager
+    def local_head(self, key, scratch, head):
+        if not self.exists(key):
+            raise StorageError(f"no object {key}")
+        yield self.path(key)
+
+    def read_range(self, key, start, n):
+        with open(self.path(key), "rb") as f:
+            f.seek(start)
+            return f.read(n)
+
+    @staticmethod
+    def _read(path: Path, chunk: int = CHUNK) -> Iterator[bytes]:
+        """Every byte of a stored file, in chunks: the one way this store reads an object or a
+        part whole (so that a test can count the full reads)."""
+        with open(path, "rb") as f:
+            while b := f.read(chunk):
+                yield b
 
     def size(self, key):
         p = self.path(key)
@@ -220,9 +250,7 @@ class LocalStorage(Storage):
         p = self.path(key)
         if not p.is_file():
             raise StorageError(f"no object {key}")
-        with open(p, "rb") as f:
-            while b := f.read(chunk):
-                yield b
+        yield from self._read(p, chunk)
 
     def get_file(self, key, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +330,7 @@ class LocalStorage(Storage):
             out.append({"part_number": int(p.name[5:]), "size": p.stat().st_size, "etag": None})
         return out
 
-    def complete_multipart(self, key, upload_id, lengths):
+    def complete_multipart(self, key, upload_id, lengths, hasher=None):
         import fcntl
 
         d = self._mp_dir(upload_id)
@@ -314,28 +342,38 @@ class LocalStorage(Storage):
             try:
                 # the object appears whole (a rename), and only from these parts: once it is
                 # there, the parts (all, some or none of them left) are done with
+                hashed = False
                 if self.size(key) != sum(lengths):
                     if not d.is_dir():
                         raise StorageError("the upload's parts are gone and nothing was assembled; start the upload "
                                            "again")
-                    self._assemble(key, upload_id, lengths)
+                    self._assemble(key, upload_id, lengths, hasher)
+                    hashed = hasher is not None
                     crash_point("complete:replaced")
                 shutil.rmtree(d, ignore_errors=True)
+                return hashed
             finally:
                 dst.with_name(dst.name + ".lock").unlink(missing_ok=True)
 
-    def _assemble(self, key: str, upload_id: str, lengths: list[int]) -> None:
-        """The parts, checked, into the object: whole or not at all (a rename)."""
+    def _assemble(self, key: str, upload_id: str, lengths: list[int], hasher=None) -> None:
+        """The parts, checked, into the object: whole or not at all (a rename). One pass over
+        the bytes, which `hasher` sees on the way (the object's sha256 costs no read of its own)."""
         self.check_parts(key, upload_id, lengths)
         d, dst = self._mp_dir(upload_id), self.path(key)
-        if len(lengths) == 1:  # one part is the whole object: move it, no copy
-            os.replace(d / "part-00001", dst)
+        parts = [d / f"part-{n:05d}" for n in range(1, len(lengths) + 1)]
+        if len(lengths) == 1:  # one part is the whole object: hash it, move it, no copy
+            if hasher is not None:
+                for c in self._read(parts[0]):
+                    hasher.update(c)
+            os.replace(parts[0], dst)
             return
         tmp = dst.with_name(dst.name + ".assembling")  # one name: a retry after a crash overwrites it
         with open(tmp, "wb") as out:
-            for n in range(1, len(lengths) + 1):
-                with open(d / f"part-{n:05d}", "rb") as f:
-                    _copy(f, out, lengths[n - 1])
+            for part in parts:
+                for c in self._read(part):
+                    if hasher is not None:
+                        hasher.update(c)
+                    out.write(c)
         crash_point("complete:assembling")
         os.replace(tmp, dst)
 
@@ -407,6 +445,12 @@ class S3Storage(Storage):
         body = self.client.get_object(Bucket=self.bucket, Key=self.k(key))["Body"]
         yield from body.iter_chunks(chunk)
 
+    def read_range(self, key, start, n):
+        if n <= 0:
+            return b""
+        return self.client.get_object(Bucket=self.bucket, Key=self.k(key),
+                                      Range=f"bytes={start}-{start + n - 1}")["Body"].read()
+
     def get_file(self, key, dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(dest, atomic.unique_tmp_name(dest)) as tmp:
@@ -455,7 +499,9 @@ class S3Storage(Storage):
                 return out
             kw["PartNumberMarker"] = r["NextPartNumberMarker"]
 
-    def complete_multipart(self, key, upload_id, lengths):
+    def complete_multipart(self, key, upload_id, lengths, hasher=None):
+        """Assembled in the store, where the server never sees the bytes: returns False (the
+        caller reads the object once to hash it)."""
         from botocore.exceptions import ClientError
 
         try:
@@ -471,6 +517,7 @@ class S3Storage(Storage):
             if self.size(key) != sum(lengths):
                 raise StorageError("the upload's parts are gone and nothing was assembled; start the upload "
                                    "again") from None
+        return False
 
     def abort_multipart(self, key, upload_id):
         from botocore.exceptions import ClientError

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,6 +36,9 @@ from coordinator.services import uploads
 from coordinator.services.lifecycle import DISCARDED, FINAL, PUBLIC, transition
 from coordinator.services.users import require_maintainer
 from coordinator.storage import Storage, blob_key
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("elmforest.contributions")
 
@@ -309,6 +313,11 @@ class Candidate:
     init_name: str = "its branch init"
     header: object = None
     notes: list[str] = field(default_factory=list)
+    # the sha256 the server took of the stored bytes when their upload completed (None: hash `path`)
+    sha256: str | None = None
+    # the file's bytes from its first, in chunks: one sequential read (None: read `path`)
+    chunks: Callable[[], Iterator[bytes]] | None = None
+    differs: bool | None = None  # whether a tensor differs from the starting point's (set by _finite)
 
 
 def _declared(x: Candidate) -> None:
@@ -317,7 +326,7 @@ def _declared(x: Candidate) -> None:
     size = x.path.stat().st_size
     if size != x.c.weights_size:
         raise Refused(f"{x.label} has {size} bytes; {x.c.weights_size} were declared")
-    if sha256_file(x.path) != x.c.weights_sha256:
+    if (x.sha256 or sha256_file(x.path)) != x.c.weights_sha256:
         raise Refused(f"{x.label}: its sha256 differs from the declared one")
 
 
@@ -360,29 +369,43 @@ def _config(x: Candidate) -> None:
         raise Refused(f"the config is not of the forest's family ({'; '.join(diffs)})")
 
 
+def _tensors(x: Candidate) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the upload, from one sequential read of its bytes."""
+    from btm.safetensors_io import stream_tensors
+
+    if x.chunks is not None:
+        return stream_tensors(x.header, x.chunks())
+
+    def from_path() -> Iterator[bytes]:
+        with open(x.path, "rb") as f:
+            while b := f.read(8 << 20):
+                yield b
+
+    return stream_tensors(x.header, from_path())
+
+
 def _finite(x: Candidate) -> None:
+    """No NaN or Inf, and (for the next check) whether the weights differ from their starting
+    point: both from the one read of the tensors that validation makes."""
     import torch
-    from safetensors import safe_open
-
-    with safe_open(x.path, framework="pt") as f:  # the reference library reads every tensor
-        for n in f.keys():  # noqa: SIM118 - a safe_open handle
-            t = f.get_tensor(n)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise Refused(f"{x.label}: tensor {n!r} contains NaN or Inf values")
-
-
-def _not_the_init(x: Candidate) -> None:
-    import torch
-    from safetensors import safe_open
 
     from btm.safetensors_io import open_weights, read_tensor
 
     init = open_weights(x.init_weights)
-    with safe_open(x.path, framework="pt") as f:
-        for n in f.keys():  # noqa: SIM118 - a safe_open handle
-            if not torch.equal(f.get_tensor(n), read_tensor(init.path(n), init.info(n))):
-                return
-    raise Refused(f"the weights are identical to {x.init_name}: train the ELM on its domain before submitting")
+    differs = False
+    for n, t in _tensors(x):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise Refused(f"{x.label}: tensor {n!r} contains NaN or Inf values")
+        if not differs and not torch.equal(t, read_tensor(init.path(n), init.info(n))):
+            differs = True  # the init is read no further
+    x.differs = differs
+
+
+def _not_the_init(x: Candidate) -> None:
+    if x.differs is None:  # on its own (the tensors were not read yet): read them now
+        _finite(x)
+    if not x.differs:
+        raise Refused(f"the weights are identical to {x.init_name}: train the ELM on its domain before submitting")
 
 
 # the order matters: cheap and decisive first, then whatever needs the earlier ones
@@ -431,10 +454,16 @@ def validate(db: Session, storage: Storage, settings, cid: int) -> dict:
     up = db.get(Upload, c.upload_id)
     report: dict = {"checks": []}
     settings.work_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.work_dir) as td, storage.local_copy(up.key, Path(td)) as path:
+    # the bytes are read once, by the tensor checks, as they stream from the store; the header
+    # checks read a stand-in holding the header alone (on local files, the file itself); the
+    # sha256 is the one the server took when the upload completed (it refused any other)
+    with tempfile.TemporaryDirectory(dir=settings.work_dir) as td, \
+            storage.local_head(up.key, Path(td), _header_span(storage, up.key)) as path:
         x = Candidate(c, path, f"model.safetensors of contribution {c.id}",
                       open_weights(model_dir(storage, settings.work_dir, c.forest.seed_files)).signature(),
-                      model_dir(storage, settings.work_dir, start_point(c)[0]), holder_of(db, c), start_point(c)[1])
+                      model_dir(storage, settings.work_dir, start_point(c)[0]), holder_of(db, c), start_point(c)[1],
+                      sha256=up.sha256 if up.status == uploads.STORED else None,
+                      chunks=lambda: storage.iter_chunks(up.key))
         for name, check in CHECKS:
             try:
                 check(x)
@@ -456,6 +485,21 @@ def validate(db: Session, storage: Storage, settings, cid: int) -> dict:
     c.validation = report
     transition(db, c, State.validated, None, "all checks passed", {"checks": report["checks"]})
     return report
+
+
+def _header_span(storage: Storage, key: str) -> int:
+    """How many of an uploaded file's first bytes its header checks read: the 8-byte length
+    and the header it announces, or the 8 bytes alone when that announces no header the
+    file could hold (the reference library refuses it on the length alone)."""
+    import struct
+
+    from btm.safetensors_io import MAX_HEADER_BYTES
+
+    first, size = storage.read_range(key, 0, 8), storage.size(key) or 0
+    if len(first) < 8:
+        return len(first)
+    (n,) = struct.unpack("<Q", first)
+    return 8 + n if n <= min(MAX_HEADER_BYTES, size - 8) else 8
 
 
 def _refuse(db: Session, storage: Storage, settings, c: Contribution, report: dict, check: str, msg: str) -> dict:

@@ -1,7 +1,9 @@
 """Uploads of any size, each owned by the user who sent its bytes.
 
 start (part URLs, each signed for exactly its length) -> parts PUT to the store -> complete
-(assembled and hashed on the server; a mismatch keeps nothing). Each step of complete leaves
+(assembled and hashed on the server in one pass over the bytes: on local files the hash is
+taken as the parts are written into the object, on S3 the assembled object is read once; a
+mismatch keeps nothing). Each step of complete leaves
 a state that a retry (or the sweeper) finishes after a crash: its crash points (here and in
 the storage; see coordinator/crash.py) are where tests kill the server to check that. A
 finished upload is what its owner, and only its owner, may refer to by sha256: declaring a
@@ -177,9 +179,10 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
     # the transaction so the connection goes back to the pool meanwhile
     db.commit()
     crash_point("complete:begin")
-    _assemble(db, storage, up)
+    hasher = hashlib.sha256()
+    hashed = _assemble(db, storage, up, hasher)
     crash_point("complete:assembled")
-    sha, n, problem = _inspect(storage, settings, up, hold)
+    sha, n, problem = _inspect(storage, settings, up, hold, hasher if hashed else None)
     crash_point("complete:hashed")
     if sha != up.sha256 or n != up.size:
         _refuse(db, storage, up, BadRequest(
@@ -201,9 +204,10 @@ def complete(db: Session, storage: Storage, settings, user: User, upload_id: str
     return _keep(db, storage, up)
 
 
-def _assemble(db: Session, storage: Storage, up: Upload) -> None:
+def _assemble(db: Session, storage: Storage, up: Upload, hasher) -> bool:
+    """Assemble the parts; True when the store hashed every byte (into `hasher`) as it wrote them."""
     try:
-        storage.complete_multipart(up.key, up.backend_upload_id, part_lengths(up))
+        return storage.complete_multipart(up.key, up.backend_upload_id, part_lengths(up), hasher)
     except PartsMissing as e:
         raise BadRequest(f"parts {e.numbers[:10]} have not arrived; PUT them and complete again",
                          missing_parts=e.numbers) from None
@@ -211,18 +215,22 @@ def _assemble(db: Session, storage: Storage, up: Upload) -> None:
         _refuse(db, storage, up, BadRequest(f"{e}; nothing was kept: start the upload again"))
 
 
-def _inspect(storage: Storage, settings, up: Upload, hold: bool) -> tuple[str, int, str | None]:
+def _inspect(storage: Storage, settings, up: Upload, hold: bool, hashed) -> tuple[str, int, str | None]:
     """(sha256, size, why it is not a file of its kind or None) of the assembled upload.
+    `hashed`: the hash of the bytes, taken as the store wrote them (local files), else None
+    and the object is read once here for it (S3, or an object assembled before a crash).
     Weights held for validation are only hashed here, streamed: no local copy that a crash
-    could leave behind."""
+    could leave behind (validation checks their header and tensors). Other files are hashed
+    on their way to the local copy their kind is checked on: one read for both."""
     if hold:
+        if hashed is not None:
+            return hashed.hexdigest(), storage.size(up.key) or 0, None
         return *storage.sha256(up.key), None
-    from btm.hashing import sha256_file
-
     scratch = settings.work_dir / SCRATCH  # what a crash leaves here, the sweeper deletes
     scratch.mkdir(parents=True, exist_ok=True)
-    with storage.local_copy(up.key, scratch) as path:  # one read of the bytes for both checks
-        sha, n = sha256_file(path), path.stat().st_size
+    h = None if hashed is not None else hashlib.sha256()
+    with storage.local_copy(up.key, scratch, h) as path:
+        sha, n = (hashed or h).hexdigest(), path.stat().st_size
         return sha, n, check_kind(path, up) if sha == up.sha256 and n == up.size else None
 
 
