@@ -56,10 +56,11 @@ class Demo:
         if (out / CARD).exists() and (out / "checkpoint" / "state.json").exists():
             self.say("seed LM already trained")
             return out
-        from btm.data import BlockSampler, Corpus, tokenize_file
-        from btm.family import Card, new_model, preset_config
+        from btm.data import Corpus
+        from btm.family import new_model, preset_config
+        from btm.recipes import train_seed
         from btm.tokenizer import iter_balanced_texts, load_tokenizer, train_bpe
-        from btm.train import TrainConfig, train
+        from btm.train import TrainConfig
 
         c = Corpus(CORPUS)
         names = c.names("train")
@@ -68,11 +69,10 @@ class Demo:
             self.say(f"training a byte-level BPE tokenizer on {', '.join(names)}")
             train_bpe(iter_balanced_texts({n: c[n].documents("train") for n in names}, 1_000_000), 4096).save_pretrained(str(tok_dir))
         tok = load_tokenizer(tok_dir)
-        streams = [tokenize_file(c[n].split_path("train"), tok, self.work / "tokens") for n in names]
         self.say(f"training the seed LM on a balanced mixture of {len(names)} domains ({self.seed_steps} updates)")
         cfg = TrainConfig(steps=self.seed_steps, batch_size=16, block_size=128, lr=2e-3, checkpoint_every=50)
-        train(new_model(preset_config("mini", tok)), tok, BlockSampler(streams, 128), cfg, out,
-              Card(name="seed", kind="seed", data={"corpus": "btm/demo_corpus", "domains": names}))
+        train_seed(new_model(preset_config("mini", tok)), tok, out, [c[n].split_path("train") for n in names], cfg,
+                   data={"corpus": "btm/demo_corpus", "domains": names}, cache_dir=self.work / "tokens")
         return out
 
     def start_coordinator(self) -> None:
@@ -137,10 +137,9 @@ class Demo:
         if done:
             self.say(f"{who}: {domain} ELM already contributed ({done[0].state})")
             return done[0]
-        from btm.data import BlockSampler, Corpus, tokenize_file
-        from btm.family import Card, load_model, read_card
-        from btm.tokenizer import load_tokenizer
-        from btm.train import TrainConfig, train
+        from btm.data import Corpus
+        from btm.recipes import train_elm
+        from btm.train import TrainConfig
 
         base = self.work / "contributors" / who / domain
         how = "computing the posterior privately" if private else "with a sample of the text"
@@ -149,14 +148,10 @@ class Demo:
         parents = ", ".join(f"{p.name} {p.weight:.2f}" for p in b.parents)
         self.say(f"{who}: init {b.id} from {FOREST} v{b.version}: {parents}")
         init = client.download_init(b, base / "init")
-        tok = load_tokenizer(init)
-        stream = tokenize_file(Corpus(CORPUS)[domain].split_path("train"), tok, self.work / "tokens")
         self.say(f"{who}: training the {domain} ELM on local data ({self.elm_steps} updates)")
-        init_card = read_card(init)
         cfg = TrainConfig(steps=self.elm_steps, batch_size=8, block_size=128, lr=1e-3, progress=False)
-        train(load_model(init), tok, BlockSampler([stream], 128), cfg, base / "elm",
-              Card(name=domain, domain=domain, parents=init_card.parents, origin=init_card.origin,
-                   data={"source": f"btm/demo_corpus/{domain}/train.jsonl"}))
+        train_elm(init, base / "elm", [Corpus(CORPUS)[domain].split_path("train")], cfg, domain=domain, name=domain,
+                  data={"source": f"btm/demo_corpus/{domain}/train.jsonl"}, cache_dir=self.work / "tokens")
         c = client.submit(base / "elm")
         self.say(f"{who}: submitted contribution {c.id}; validating and evaluating")
         c = client.follow(c.id, timeout=600)
