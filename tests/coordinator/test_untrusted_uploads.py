@@ -251,7 +251,7 @@ def test_hostile_file_is_refused_with_a_reason_and_leaves_nothing(env, tmp_path,
 
 def test_other_family_config_is_refused_at_declaration(env, tmp_path):
     m = env["mallory"]
-    other = {**env["cfg"], "n_layer": env["cfg"]["n_layer"] + 1}
+    other = {**env["cfg"], "num_hidden_layers": env["cfg"]["num_hidden_layers"] + 1}
     r = m.http.post("/contributions", json={"forest": "ff", "branch_init_id": env["branch"]["id"], "name": "fam",
                                             "sha256": "a" * 64, "size": 100, "config": other,
                                             "tokenizer_sha256": env["tok_sha"]})
