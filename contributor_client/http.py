@@ -1,12 +1,17 @@
-"""The coordinator's API as Python methods, with uploads and downloads that resume.
+"""The HTTP mechanics of talking to a coordinator, in one place: authentication, answers
+turned into errors that say what to do, retries while the coordinator is busy (429/503,
+as its Retry-After asks) or a kept-alive connection closed under a safe request, waiting
+for jobs, uploads streamed part by part with progress, and downloads streamed to disk and
+checked against their sha256.
 
-Errors come back as ClientError carrying the server's message, which already says what
-was wrong and what to do; a coordinator that cannot be reached says so with its URL.
+`Client` knows no route of the API: the typed API, `contributor_client.api.Coordinator`,
+names them and builds on it. Errors come back as ClientError carrying the server's message,
+which already says what was wrong and what to do; a coordinator that cannot be reached says
+so with its URL.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -18,7 +23,6 @@ import httpx
 
 from btm import atomic
 from btm.hashing import sha256_file  # noqa: F401 - part of this module's API
-from btm.model_files import is_upload_file, is_weights_file
 
 CHUNK = 1 << 20
 T = TypeVar("T")
@@ -35,6 +39,9 @@ IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
 
 
 class Client:
+    """Requests to the coordinator's API (paths under /api/v1, JSON in and out) and transfers
+    to and from its store (the presigned URLs its answers carry, sent without the token)."""
+
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, transport=None):
         self.url = url.rstrip("/")
         self.token = token
@@ -138,50 +145,7 @@ class Client:
     def post(self, path: str, body: dict | None = None, **params) -> Any:
         return self.request("POST", path, json=body or {}, params={k: v for k, v in params.items() if v is not None})
 
-    # ------------------------------------------------------------------ accounts, domains, forests
-
-    def register(self, username: str, password: str, invite: str | None = None) -> dict:
-        return self.post("/auth/register", {"username": username, "password": password, "invite": invite})
-
-    def login(self, username: str, password: str) -> dict:
-        return self.post("/auth/login", {"username": username, "password": password, "token_name": "cli"})
-
-    def me(self) -> dict:
-        return self.get("/me")
-
-    def domains(self) -> list[dict]:
-        return self.get("/domains")
-
-    def domain(self, name: str) -> dict:
-        return self.get(f"/domains/{name}")
-
-    def create_domain(self, name: str, **fields) -> dict:
-        return self.post("/domains", {"name": name, **fields})
-
-    def set_eval_data(self, name: str, path: Path, progress=None) -> dict:
-        art = self.upload(path, "eval-data", progress=progress)
-        return self.request("PUT", f"/domains/{name}/eval-data", json={"sha256": art["sha256"]})
-
-    def forests(self) -> list[dict]:
-        return self.get("/forests")
-
-    def forest(self, name: str) -> dict:
-        return self.get(f"/forests/{name}")
-
-    def upload_model(self, model_dir: Path, progress=None) -> dict[str, str]:
-        """Upload a model directory's files (not its training state); {filename: sha256}."""
-        files = {}
-        for f in sorted(Path(model_dir).iterdir()):
-            if f.is_file() and is_upload_file(f.name):
-                purpose = "weights" if is_weights_file(f.name) else "model-file"
-                files[f.name] = self.upload(f, purpose, progress=progress)["sha256"]
-        return files
-
-    def create_forest(self, name: str, model_dir: Path, description: str = "", progress=None) -> dict:
-        return self.post("/forests", {"name": name, "description": description,
-                                      "files": self.upload_model(model_dir, progress)})
-
-    # ------------------------------------------------------------------ jobs
+    # ------------------------------------------------------------------ waiting
 
     def wait(self, fetch: Callable[[], T], done: Callable[[T], bool], timeout: float = 3600,
              interval: float = 0.5, on_poll: Callable[[T], None] | None = None) -> T:
@@ -198,48 +162,7 @@ class Client:
             time.sleep(interval)
             interval = min(interval * 1.5, 5.0)
 
-    def job(self, job_id: int) -> dict:
-        return self.get(f"/jobs/{job_id}")
-
-    def finish(self, job: dict, what: str) -> dict:
-        """Wait for a job the coordinator started; its result, or a ClientError naming `what` failed."""
-        job = self.wait(lambda: self.job(job["id"]), lambda x: x["status"] in ("succeeded", "failed"))
-        if job["status"] == "failed":
-            raise ClientError(f"{what} failed: {job['error']}")
-        return job
-
-    # ------------------------------------------------------------------ uploads
-
-    def upload(self, path: Path, purpose: str, sha256: str | None = None, state_file: Path | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
-        """Upload a file in parts; returns the finished upload {upload_id, sha256, size, ...}.
-        With a state file, an interrupted upload resumes from the parts that already arrived."""
-        path = Path(path)
-        size = path.stat().st_size
-        sha256 = sha256 or sha256_file(path)
-        info = None
-        if state_file and state_file.exists():
-            saved = json.loads(state_file.read_text())
-            if saved.get("sha256") == sha256 and saved.get("upload_id"):
-                try:
-                    info = self.get(f"/uploads/{saved['upload_id']}")
-                except ClientError as e:
-                    info = None
-                    if e.status == 409:  # finished already (the answer was lost)? then done
-                        with contextlib.suppress(ClientError):
-                            done = self.complete(f"/uploads/{saved['upload_id']}/complete")
-                            if done.get("status") == "complete":
-                                state_file.unlink(missing_ok=True)
-                                return done
-        if info is None:
-            info = self.post("/uploads", {"purpose": purpose, "filename": path.name, "sha256": sha256, "size": size})
-            if state_file:
-                state_file.write_text(json.dumps({"sha256": sha256, "upload_id": info["upload_id"]}))
-        self.put_parts(path, info, progress)
-        art = self.complete(f"/uploads/{info['upload_id']}/complete")
-        if state_file:
-            state_file.unlink(missing_ok=True)
-        return art
+    # ------------------------------------------------------------------ uploads and downloads
 
     def put_parts(self, path: Path, info: dict, progress: Callable[[int, int], None] | None = None) -> list[dict]:
         """PUT every part not yet done, streaming from the file (never the whole file in memory)."""

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from helpers import CORPUS, tiny_train_config
 
-from contributor_client import commands
+from contributor_client import api, commands
 from contributor_client.http import Client
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -142,7 +142,8 @@ class Coordinator:
 
         return session_scope(self.settings.db_url)
 
-    def user(self, username: str, role: str = "contributor", scopes=None, password: str = "password123") -> Client:
+    def user(self, username: str, role: str = "contributor", scopes=None, password: str = "password123"
+             ) -> api.Coordinator:
         from coordinator.models import Role
         from coordinator.services import users
 
@@ -155,10 +156,10 @@ class Coordinator:
             if u is None:
                 u = users.create_user(db, username, password, Role(role))
             _, secret = users.create_token(db, u, "test", scopes)
-        return Client(self.url, secret)
+        return api.Coordinator(self.url, secret)
 
-    def anonymous(self) -> Client:
-        return Client(self.url)
+    def anonymous(self) -> api.Coordinator:
+        return api.Coordinator(self.url)
 
     def stop(self) -> None:
         stop_groups(self.procs)
@@ -262,11 +263,11 @@ def wait_state(client: Client, cid: int, states: set[str], timeout: float = 180)
                        interval=0.3)
 
 
-def make_forest(admin: Client, seed_dir: Path, name: str = "demo") -> dict:
+def make_forest(admin: api.Coordinator, seed_dir: Path, name: str = "demo") -> dict:
     return admin.create_forest(name, seed_dir)
 
 
-def add_domain(client: Client, name: str, corpus_dir: Path, source: str | None = None, role: str = "train") -> dict:
+def add_domain(client: api.Coordinator, name: str, corpus_dir: Path, source: str | None = None, role: str = "train") -> dict:
     d = client.create_domain(name, description=f"{name} text", role=role)
     client.set_eval_data(name, corpus_dir / (source or name) / "test.jsonl")
     return d
