@@ -27,6 +27,7 @@ import torch
 from btm import atomic
 from btm.errors import DataError
 from btm.hashing import sha256_file
+from btm.textcheck import check_text_file  # noqa: F401 - part of this module's API
 from btm.tokenizer import bos_id, tokenizer_sha256
 
 SPLITS = ("train", "valid", "test")
@@ -98,58 +99,6 @@ def _read_txt(path: Path) -> Iterator[str]:
     text = path.read_text(encoding="utf-8", errors="replace")
     if text:
         yield text
-
-
-def check_text_file(path: str | os.PathLike, name: str | None = None, documents: bool = True) -> int:
-    """Check that a file someone sent is UTF-8 text (and, with `documents`, JSON lines with a
-    "text" string each, or plain text): no binary, no pickle. Returns the number of documents.
-    `name` is how errors call the file."""
-    path = Path(path)
-    label = name or str(path)
-    n = 0
-    kind = None  # "jsonl" or "text", decided by the first non-blank line
-    try:
-        # strict: bytes that are not UTF-8 mean a binary file (reported below)
-        with open(path, encoding="utf-8", errors="strict", newline="") as f:
-            for lineno, line in enumerate(f, 1):
-                _reject_nul(label, lineno, line)
-                if not documents or not line.strip():
-                    continue
-                if kind is None:
-                    kind = "jsonl" if line.lstrip().startswith("{") else "text"
-                if kind == "jsonl":
-                    n += _jsonl_line_has_text(label, lineno, line)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{label}: not UTF-8 text (byte {e.start} of a line cannot be decoded); a binary file?") from None
-    if documents:
-        _require_documents(label, kind, n)
-    return n if kind == "jsonl" else int(documents)
-
-
-def _reject_nul(label: str, lineno: int, line: str) -> None:
-    """A NUL byte is valid UTF-8 but never occurs in text: the file is binary."""
-    if "\x00" in line:
-        raise DataError(f"{label}:{lineno}: a NUL byte; this is a binary file, not text")
-
-
-def _jsonl_line_has_text(label: str, lineno: int, line: str) -> bool:
-    """Check one line of JSON lines is a {"text": str} object; True if its text is non-empty."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        raise DataError(f"{label}:{lineno}: not valid JSON; JSON lines need one "
-                        '{"text": ...} object per line') from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise DataError(f'{label}:{lineno}: expected a JSON object with a "text" string')
-    return bool(obj["text"])
-
-
-def _require_documents(label: str, kind: str | None, n: int) -> None:
-    """A documents file must hold some text, and JSON lines at least one non-empty "text"."""
-    if kind is None:
-        raise DataError(f"{label}: the file holds no text")
-    if kind == "jsonl" and n == 0:
-        raise DataError(f'{label}: every "text" is empty')
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class PartsMissing(StorageError):
 _writers: list = []
 
 
+WRITE_BYTES = 1 << 20  # a part's bytes are written this much at a time
+
+
 def _disk_writers():
     """Threads for part writes, apart from the request threads (made in the server's loop)."""
     import anyio
@@ -311,12 +314,19 @@ class LocalStorage(Storage):
         n = 0
         with atomic.replacing(part, atomic.unique_tmp_name(part)) as tmp:
             with open(tmp, "wb") as f:
+                held: list[bytes] = []
                 async for chunk in body:
                     n += len(chunk)
                     if n > length:
                         raise StorageError(f"part {part_number} is larger than its {length} bytes")
-                    # the disk write on a thread: a slow disk must not stall every other request
-                    await anyio.to_thread.run_sync(f.write, chunk, limiter=_disk_writers())
+                    held.append(chunk)
+                    if sum(map(len, held)) >= WRITE_BYTES:
+                        # the disk write on a thread: a slow disk must not stall every other request
+                        # (a MiB at a time: one hand-over per MiB, not one per chunk the socket gave)
+                        await anyio.to_thread.run_sync(f.write, b"".join(held), limiter=_disk_writers())
+                        held.clear()
+                if held:
+                    await anyio.to_thread.run_sync(f.write, b"".join(held), limiter=_disk_writers())
             if n != length:
                 raise StorageError(f"part {part_number} has {n} bytes; it must have exactly {length}")
         return {"part_number": part_number, "etag": None, "size": n}

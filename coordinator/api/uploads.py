@@ -17,6 +17,10 @@ def start_upload(body: UploadIn, user: Contributor, db: DB, storage: StorageDep,
     """Start a (multipart) upload: PUT each part's bytes (exactly its `length`) to its URL,
     then complete. Every upload carries its own bytes; unfinished ones expire."""
     up = uploads.start(db, storage, settings, user, body.purpose, body.filename, body.sha256, body.size)
+    # committed here, on this thread: on SQLite the transaction holds the one writer's place from
+    # its first write, and twenty uploads starting at once would otherwise each hold it across
+    # the hand-overs to the threads that check the answer and end the session
+    db.commit()
     return uploads.describe(storage, up)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -46,6 +47,8 @@ OPEN, STORED, VERIFIED, COMPLETE = "open", "stored", "verified", "complete"
 IN_FLIGHT = (OPEN, STORED)  # bytes a user holds that nobody has accepted yet
 TEXT_FILES = (".md", ".txt")  # model files besides JSON ones (model cards, merges)
 SCRATCH = "uploads"  # under the work directory: local copies of uploads being checked
+
+log = logging.getLogger("elmforest")
 
 
 def limit_for(settings, purpose: str) -> int:
@@ -255,13 +258,12 @@ def _keep(db: Session, storage: Storage, up: Upload) -> Upload:
 
 def check_kind(path: Path, up: Upload) -> str | None:
     """Why a finished upload (its bytes at `path`) is not a file of its purpose's kind, or None."""
-    from btm.data import check_text_file
     from btm.errors import BTMError
     from btm.safetensors_io import read_header
 
     try:
         if up.purpose in ("sample", "eval-data"):
-            check_text_file(path, up.filename)
+            check_text_aside(path, up.filename)
         elif up.purpose == "weights":
             read_header(path, name=up.filename)
         elif up.filename.endswith(".json"):
@@ -269,13 +271,43 @@ def check_kind(path: Path, up: Upload) -> str | None:
                 if not isinstance(json.loads(f.read()), dict):
                     return "a .json model file must hold a JSON object"
         elif up.filename.endswith(TEXT_FILES):
-            check_text_file(path, up.filename, documents=False)
+            check_text_aside(path, up.filename, documents=False)
         else:
             return (f"model files are config, tokenizer (.json, .txt) and README files; {up.filename!r} is "
                     "none of these (weights go up with purpose 'weights', as safetensors)")
     except (BTMError, ValueError, UnicodeDecodeError) as e:
         return str(e).removeprefix(f"{up.filename}: ")
     return None
+
+
+ASIDE_BYTES = 1 << 20  # a text file this large is checked in a process of its own
+
+
+def check_text_aside(path: Path, name: str, documents: bool = True) -> None:
+    """btm.textcheck.check_text_file, in a process of its own for a large file: parsing every
+    line of a 16 MiB sample is a few hundred milliseconds of pure Python, which in the API
+    process would hold its interpreter while twenty uploads complete at once, and every
+    request would wait behind it. (Here the thread only waits.) Raises DataError."""
+    import subprocess
+    import sys
+
+    from btm.errors import DataError
+    from btm.textcheck import check_text_file
+
+    if Path(path).stat().st_size < ASIDE_BYTES:
+        check_text_file(path, name, documents)
+        return
+    try:
+        r = subprocess.run([sys.executable, "-m", "btm.textcheck", str(path), name,
+                            *([] if documents else ["--no-documents"])],
+                           capture_output=True, text=True, timeout=600, check=True)
+        answer = json.loads(r.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        log.warning("checking %s in a process of its own failed (%s); checking it here", name, e)
+        check_text_file(path, name, documents)
+        return
+    if "error" in answer:
+        raise DataError(answer["error"])
 
 
 def promote(db: Session, storage: Storage, key: str, sha256: str, size: int, kind: str, origin: str) -> bool:

@@ -280,3 +280,30 @@ def test_a_valid_file_whose_first_byte_looks_like_a_pickle_is_accepted(env, tmp_
     assert p.read_bytes()[:1] == b"\x80"
     _, x = submit_file(env, p, "first-byte")
     assert x["validation"]["ok"], x["history"][-1]
+
+
+@pytest.mark.parametrize("tail, reason", [
+    ("", None),
+    ('{"text": "ok"}\n{"text": \n', "not valid JSON"),
+    ('{"text": "a\u0000b"}\n', "NUL"),
+    ('{"words": "no text"}\n', 'a "text" string'),
+])
+def test_a_large_text_file_is_checked_in_a_process_of_its_own_with_the_same_verdict(tmp_path, tail, reason):
+    """Over ASIDE_BYTES a sample's check runs in `python -m btm.textcheck` (the API's
+    interpreter is not held meanwhile): the same verdict, with the line it names, as in-process."""
+    from btm.data import check_text_file
+    from btm.errors import DataError
+    from coordinator.services import uploads
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "lorem ipsum dolor sit amet " * 40}) + "\n"
+    path.write_text(line * (uploads.ASIDE_BYTES // len(line) + 10) + tail)
+    assert path.stat().st_size > uploads.ASIDE_BYTES
+    if reason is None:
+        uploads.check_text_aside(path, "big.jsonl")
+        return
+    with pytest.raises(DataError) as here:
+        check_text_file(path, "big.jsonl")
+    with pytest.raises(DataError) as aside:
+        uploads.check_text_aside(path, "big.jsonl")
+    assert str(aside.value) == str(here.value) and reason in str(aside.value), str(aside.value)
