@@ -19,7 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from btm.errors import BTMError
-from coordinator.caching import CacheHeaders, NotModified, not_modified
+from coordinator.caching import CacheHeaders, NotModified, ResponseCache, not_modified
 from coordinator.errors import ServiceError, public
 from coordinator.middleware import BodyLimit, Lane, Overload, RateLimit
 from coordinator.schemas import Error
@@ -108,15 +108,23 @@ def create_app(settings: Settings | None = None, extend: Callable[[FastAPI], Non
 
     if extend is not None:
         extend(app)
-    # outermost last: each client's rate, then the overload gate, then the body limit
+    # outermost last: each client's rate, then this process's copies of published reads, then the
+    # overload gate, then the body limit
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes, exempt=("/api/v1/storage/parts/",))
     app.add_middleware(Overload, lanes=lanes(settings), exempt=("/healthz", "/api/v1/storage/objects/"))
+    # published reads answered from this process's copy need no place, thread or connection
+    app.add_middleware(ResponseCache, seconds=settings.response_cache_seconds, inert=INERT_WRITES)
     app.add_middleware(RateLimit, per_minute=settings.requests_per_minute, counter=limits.request_counter(settings),
                        exempt=("/healthz", "/static/", "/api/v1/storage/parts/", "/api/v1/storage/objects/"))
     # outermost: every answer (a 429 or 503 too) says who may keep it
     app.add_middleware(CacheHeaders, static=("/static/",))
     return app
 
+
+# writes that change nothing a published read shows (so they leave each process's copies of those
+# reads as they are): uploads and their parts, accounts' tokens, logins, invitations
+INERT_WRITES = ("/api/v1/storage/", "/api/v1/uploads", "/api/v1/auth/", "/api/v1/tokens", "/api/v1/invites",
+                "/login", "/logout")
 
 # what any API call may answer whoever asks (coordinator.middleware): documented on every route
 BUSY = {429: {"model": Error, "description": "Too many requests from this client; try again after Retry-After "

@@ -14,6 +14,7 @@ route declared."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from pathlib import Path
@@ -147,3 +148,195 @@ class CacheHeaders:
         if b"set-cookie" in {k for k, _ in headers}:  # a cookie is one caller's: never for a shared cache
             headers = [(k, v.replace(b"public", b"private") if k == b"cache-control" else v) for k, v in headers]
         return _vary(headers, vary) if vary else headers
+
+
+class ResponseCache:
+    """This process keeps the public answers of published reads (a 200 whose route declared
+    it public, as `published` does) for `seconds`, and answers the same read from its copy,
+    a 304 when If-None-Match holds its tag, without the route, a thread or the database. So a
+    crowd reading the same forest costs one rendering a second, not one per reader.
+
+    It is a shared cache in front of the routes, within what the answers allow any cache (they
+    are public for cache_max_age_seconds; `seconds` is less): a change published by another
+    process (a job worker, another API process or replica) shows here within `seconds`; one
+    written through this process (any request other than GET or HEAD that succeeded, except
+    under the `inert` paths, which change nothing published: uploads, tokens, logins) at once,
+    since that empties it. An answer that varies on the caller (a page, which a signed-in user
+    sees otherwise) is kept and given only for requests without credentials (no Authorization,
+    no Cookie); one that sets a cookie, is not a 200 or is larger than `max_body` is never
+    kept; at most `max_bytes` of bodies are kept, the oldest going first."""
+
+    def __init__(self, app: ASGIApp, seconds: float = 1.0, inert: tuple[str, ...] = (), max_body: int = 1 << 20,
+                 max_bytes: int = 64 << 20):
+        self.app, self.seconds, self.inert, self.max_body, self.max_bytes = app, seconds, inert, max_body, max_bytes
+        self.entries: dict[tuple[str, bytes], _Kept] = {}
+        self.flying: dict[tuple[str, bytes], asyncio.Future] = {}  # reads being answered by their route
+        self.plain: set[tuple[tuple[str, bytes], bool]] = set()  # reads whose route declared nothing public
+        self.size = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.seconds <= 0 or scope["method"] in ("HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        if scope["method"] != "GET":
+            if scope["path"].startswith(self.inert):  # writes that change nothing published
+                return await self.app(scope, receive, send)
+            return await self._write(scope, receive, send)
+        t0 = time.perf_counter()
+        key = (scope["path"], scope["query_string"])
+        headers = dict(scope["headers"])
+        caller = b"authorization" in headers or b"cookie" in headers
+        if (key, caller) in self.plain:  # its route answers it for this caller alone
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        kept = self.entries.get(key)
+        if kept is None or kept.expires <= time.monotonic():
+            flying = self.flying.get(key)
+            if flying is not None:  # the same read is being answered: wait for that answer
+                kept = await asyncio.shield(flying)
+        if kept is not None and kept.expires > time.monotonic() and kept.fits(headers, caller):
+            state["cache"] = kept.declared
+            return await kept.answer(send, headers, t0)
+        if key in self.flying:
+            return await self.app(scope, receive, send)
+        flight = self.flying[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._ask(scope, receive, send, key, headers, caller, state, flight)
+        finally:
+            del self.flying[key]
+            if not flight.done():
+                flight.set_result(None)
+
+    async def _ask(self, scope: Scope, receive: Receive, send: Send, key: tuple, headers: dict, caller: bool,
+                   state: dict, flight: asyncio.Future) -> None:
+        """Not kept: ask the route for the whole answer (no If-None-Match), keep it if it may be
+        kept, and answer this request from it as the route would have."""
+        now = time.monotonic()
+        inner = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"if-none-match"]}
+        start: dict = {}
+        chunks: list[bytes] = []
+        passing = False
+
+        async def catch(msg: Message) -> None:
+            nonlocal passing
+            if passing:
+                return await send(msg)
+            if msg["type"] == "http.response.start":
+                start.update(msg)
+                declared = state.get("cache")
+                if msg["status"] != 200 or declared is None or not declared[1].startswith("public") or any(
+                        k == b"set-cookie" for k, _ in msg.get("headers", [])):
+                    passing = True
+                    if msg["status"] == 200 and declared is None:
+                        self._plain(key, caller)
+                    return await send(msg)
+                return None
+            chunks.append(msg.get("body", b""))
+            if sum(map(len, chunks)) > self.max_body:  # too large to keep: send what came so far
+                passing = True
+                return await _pass_on(send, start, chunks, msg)
+            if msg.get("more_body", False):
+                return None
+            declared = state["cache"]
+            personal = any(n.strip().lower() in ("authorization", "cookie") for n in declared[2].split(","))
+            kept = _Kept(now + self.seconds, [(k, v) for k, v in start.get("headers", []) if k != b"server-timing"],
+                         b"".join(chunks), declared, personal, tuple((n, headers.get(n)) for n in _varies(declared[2])))
+            flight.set_result(kept)  # for the same reads that came meanwhile
+            if not (personal and caller):
+                self._keep(key, kept)
+            if _holds(headers, declared):
+                return await _send_304(send, declared, [])
+            await send(start)
+            await send({"type": "http.response.body", "body": kept.body})
+            return None
+
+        await self.app(inner, receive, catch)
+
+    async def _write(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request that may change what is kept: when it succeeded, forget everything."""
+        status = 500
+
+        async def seen(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, seen)
+        finally:
+            if status < 400:
+                self.clear()
+
+    def _keep(self, key: tuple[str, bytes], kept: _Kept) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= len(old.body)
+        self.entries[key] = kept
+        self.size += len(kept.body)
+        now = time.monotonic()
+        # the oldest first (a dict keeps its keys in the order they came): past the bytes, or expired
+        while self.entries and (self.size > self.max_bytes or next(iter(self.entries.values())).expires <= now):
+            gone = self.entries.pop(next(iter(self.entries)))
+            self.size -= len(gone.body)
+
+    def _plain(self, key: tuple[str, bytes], caller: bool) -> None:
+        """This read (with or without credentials) is answered for its caller alone: pass it
+        straight to the route from now on (a bounded memory of such reads)."""
+        if len(self.plain) >= 50_000:
+            self.plain.clear()
+        self.plain.add((key, caller))
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.size = 0
+
+
+def _holds(headers: dict[bytes, bytes], declared: tuple) -> bool:
+    inm = headers.get(b"if-none-match")
+    return inm is not None and matches(inm.decode("latin-1"), declared[0])
+
+
+async def _send_304(send: Send, declared: tuple, extra: list) -> None:
+    """The 304 `not_modified` sends, for a tag, caching and vary the route declared."""
+    tag, cc, vary = declared
+    raw = [(b"etag", tag.encode()), (b"cache-control", cc.encode()), *extra]
+    if vary:
+        raw.append((b"vary", vary.encode()))
+    await send({"type": "http.response.start", "status": 304, "headers": raw})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _pass_on(send: Send, start: dict, chunks: list[bytes], last: Message) -> None:
+    """Send what a response has sent so far (its start, its body's first chunks), the rest to follow."""
+    await send(start)
+    await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+    chunks.clear()
+    if not last.get("more_body", False):
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _varies(vary: str) -> list[bytes]:
+    """The request headers besides the caller's credentials an answer varies on."""
+    return [n.strip().lower().encode() for n in vary.split(",")
+            if n.strip() and n.strip().lower() not in ("authorization", "cookie")]
+
+
+class _Kept:
+    __slots__ = ("expires", "headers", "body", "declared", "personal", "varies")
+
+    def __init__(self, expires: float, headers: list, body: bytes, declared: tuple, personal: bool, varies: tuple):
+        self.expires, self.headers, self.body, self.declared = expires, headers, body, declared
+        self.personal, self.varies = personal, varies
+
+    async def answer(self, send: Send, headers: dict[bytes, bytes], t0: float) -> None:
+        """This answer, or a 304 when the request holds its tag."""
+        timing = (b"server-timing", f"kept;dur={(time.perf_counter() - t0) * 1000:.2f}".encode())
+        if _holds(headers, self.declared):
+            return await _send_304(send, self.declared, [timing])
+        await send({"type": "http.response.start", "status": 200, "headers": [*self.headers, timing]})
+        await send({"type": "http.response.body", "body": self.body})
+        return None
+
+    def fits(self, headers: dict[bytes, bytes], caller: bool) -> bool:
+        """Whether this answer is the one a request with these headers would get."""
+        return not (self.personal and caller) and all(headers.get(k) == v for k, v in self.varies)

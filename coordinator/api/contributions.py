@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, status
+from fastapi.responses import Response
+from sqlalchemy import func, select
 
 from coordinator.api.deps import (
     DB,
@@ -13,7 +15,7 @@ from coordinator.api.deps import (
     StorageDep,
 )
 from coordinator.errors import NotFound
-from coordinator.models import BranchInit, Contribution, Job, State
+from coordinator.models import BranchInit, Contribution, ContributionEvent, Job, State
 from coordinator.schemas import (
     AbandonIn,
     BranchIn,
@@ -32,8 +34,8 @@ from coordinator.schemas import (
     RemoveIn,
     UploadOut,
 )
-from coordinator.services import branches, contributions, forests, jobs
-from coordinator.services.lifecycle import DISCARDED
+from coordinator.services import branches, cache, contributions, forests, jobs
+from coordinator.services.lifecycle import DISCARDED, PUBLIC
 
 router = APIRouter(tags=["contributions"],
                    responses={400: {"model": Error}, 401: {"model": Error}, 403: {"model": Error},
@@ -112,6 +114,17 @@ def list_contributions(db: DB, user: OptionalUser, state: State | None = None, m
 @router.get("/contributions/{cid}", response_model=ContributionOut)
 def get_contribution(cid: Id, db: DB, user: OptionalUser):
     """A contribution's state, its whole history (who, when, why) and the job working on it."""
+    # what everyone else sees of a public contribution (a merged ELM's metadata, read by many)
+    # is made once per change of it: its row's last update and its last event name the version
+    last = (select(func.max(ContributionEvent.id)).where(ContributionEvent.contribution_id == Contribution.id)
+            .scalar_subquery())
+    row = db.execute(select(Contribution.owner_id, Contribution.state, Contribution.updated_at, last)
+                     .where(Contribution.id == cid)).first()
+    if row is not None and row.state in PUBLIC and not (user is not None and (
+            row.owner_id == user.id or user.is_maintainer)):
+        body = cache.boards.get(("contribution", cid, row.updated_at, row[3]), lambda: contribution_out(
+            contributions.get(db, None, cid)).model_dump_json().encode())
+        return Response(body, media_type="application/json")
     c = contributions.get(db, user, cid)
     return contribution_out(c, db=db if contributions.visible(c, user) else None)
 

@@ -18,11 +18,13 @@ from coordinator.settings import Settings
 from coordinator.storage import Storage
 
 
-def get_settings_dep(request: Request) -> Settings:
+# async (they only read the app's state): a plain function dependency would be run on a thread,
+# a hand-over each way for every request that names it
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
@@ -49,7 +51,23 @@ async def get_db(request: Request) -> AsyncIterator[Session]:
     finally:
         # shielded: a request cancelled (its client went away) must still give its connection back
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_end, db, ok, limiter=_limiter())
+            if _ends_at_once(db):
+                _end(db, ok)
+            else:
+                await anyio.to_thread.run_sync(_end, db, ok, limiter=_limiter())
+
+
+def _ends_at_once(db: Session) -> bool:
+    """Whether ending the session waits for nothing, so that it ends here rather than on a
+    thread: it holds no transaction (its dependencies released it and the endpoint asked
+    nothing more), or a transaction that only read a SQLite file (its end drops a read lock in
+    this process, microseconds). A write's commit, or any end of a transaction with a server
+    across the network, goes to a thread."""
+    if not db.in_transaction():
+        return True
+    if db.get_bind().dialect.name != "sqlite" or db.new or db.dirty or db.deleted:
+        return False
+    return not db.connection().info.get("writer")  # set by coordinator.db at a transaction's first write
 
 
 def _end(db: Session, commit: bool) -> None:

@@ -143,3 +143,35 @@ def test_the_tag_changes_with_a_new_evaluation_and_a_new_version(site):
         r = get(c, p, **{"if-none-match": new[p]})
         assert r.status_code == 200 and r.headers["etag"] != new[p], p
     assert get(c, f"/api/v1/forests/{FOREST}/versions/1", **{"if-none-match": manifest}).status_code == 304
+
+
+def test_each_process_answers_a_public_read_from_its_copy_and_a_write_through_it_shows_at_once(site):
+    """ELMFOREST_RESPONSE_CACHE_SECONDS (1 s): the same public read again within it is answered
+    from the process's copy (no route, no database; the 304 too), as the route answered it; a
+    write through the process shows in the next read; a caller's own page is never the copy."""
+    c, admin, alice = site["c"], site["admin"], site["alice"]
+    for path in (f"/api/v1/forests/{FOREST}/leaderboard", f"/forests/{FOREST}"):
+        first = get(c, path)
+        again = get(c, path, alice.token)  # an API read is the same for every caller; a page for visitors
+        kept = again if path.startswith("/api/") else get(c, path)
+        assert "kept;" in kept.headers.get("server-timing", ""), path
+        assert kept.status_code == 200 and kept.content == first.content, path
+        for h in ("etag", "cache-control", "vary", "content-type"):
+            assert kept.headers.get(h) == first.headers.get(h), (path, h)
+        r = get(c, path, **{"if-none-match": first.headers["etag"]})
+        assert r.status_code == 304 and r.headers["etag"] == first.headers["etag"], path
+    # a write through this process: the next read is the route's, with the change
+    page = get(c, f"/forests/{FOREST}")
+    admin.request("PATCH", "/domains/python", json={"description": "python, described again"})
+    after = get(c, f"/forests/{FOREST}")
+    assert "kept;" not in after.headers.get("server-timing", "")
+    assert after.headers["etag"] != page.headers["etag"]
+    # a page with a session cookie is never the visitors' copy
+    web = httpx.Client(base_url=c.url, timeout=30)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text).group(1)
+    web.post("/login", data={"username": "alice", "password": "password123", "csrf": csrf, "next": "/"})
+    web.get(f"/forests/{FOREST}")  # the flash message
+    get(c, f"/forests/{FOREST}/leaderboard")
+    mine = web.get(f"/forests/{FOREST}/leaderboard")
+    assert "kept;" not in mine.headers.get("server-timing", "") and "alice" in mine.text
+    assert mine.headers["cache-control"] == "private, no-store"
