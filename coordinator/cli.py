@@ -65,8 +65,11 @@ def serve(
         child = WorkerProcess().start()
     _end_with(child)
     try:
+        trusted = s.trusted_proxies or os.environ.get("FORWARDED_ALLOW_IPS", "")  # uvicorn's own name, as before
         uvicorn.run(_composed["app_factory"], factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS)
+                    log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                    # X-Forwarded-For and -Proto count only from the proxies named (none by default)
+                    proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
     finally:
         _end(child)
 

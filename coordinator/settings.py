@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,14 +51,22 @@ class Settings(BaseSettings):
                                          "more gets 503 with Retry-After at once (or after overload_wait_seconds). "
                                          "At most the database pool's size less its background connections (24). "
                                          "/healthz and part uploads in flight are never refused.")
-    overload_wait_seconds: float = Field(default=0.0, ge=0, description="How long a request past "
+    overload_wait_seconds: float = Field(default=1.0, ge=0, description="How long a request past "
                                          "max_concurrent_requests may wait for a place before its 503 (0: none, "
-                                         "the 503 comes at once).")
+                                         "the 503 comes at once). A short queue: a burst of requests that the "
+                                         "process works through in well under this time is answered, not "
+                                         "refused; a process still at capacity after it is overloaded.")
     requests_per_minute: int = Field(default=600, ge=0, description="Requests one client (an API token, else an "
                                      "address) may send a minute; past that 429 with Retry-After. Counted in Redis "
                                      "when the broker is Redis (across every process and replica), else in a file "
                                      "in data_dir (across the processes of this machine). 0: no limit. /healthz, "
                                      "/static and upload parts and signed downloads do not count.")
+    trusted_proxies: str = Field(default="", description="Addresses or networks (comma-separated, e.g. "
+                                 "\"172.28.0.10\" or \"10.0.0.0/8\"; \"*\" for any) of the reverse proxies in "
+                                 "front of the API: a request from one of them counts as from the client its "
+                                 "X-Forwarded-For names (and its scheme is X-Forwarded-Proto's), for per-address "
+                                 "limits and logs. From any other address those headers are ignored. Empty (the "
+                                 "default): no proxy is trusted.")
     api_threads: int = Field(default=16, description="Threads serving API requests in one process (about the "
                              "database pool's size: more would only wait for a connection).")
     url_ttl_seconds: int = 3600
@@ -66,6 +74,12 @@ class Settings(BaseSettings):
                                        "a public read (forest versions, leaderboards, posteriors, download lists and "
                                        "their pages) before asking again with If-None-Match (answered 304 while it "
                                        "is unchanged).")
+    response_cache_seconds: float = Field(default=1.0, ge=0, description="How long each API process answers a "
+                                          "public read of published data from its own copy (no route, no database) "
+                                          "before asking the route again: a change made through another process "
+                                          "(a job, another replica) shows within this time, one made through this "
+                                          "process at once. Less than cache_max_age_seconds, which lets any cache "
+                                          "keep it longer. 0: no copy.")
     token_ttl_days: int = Field(default=365, ge=1, description="Days an API token lives when its maker names no "
                                 "other lifetime (login, registration, `elmforest user create`, POST /tokens "
                                 "without expires_days).")
@@ -94,6 +108,20 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(default=True, description="When no broker is set, `elmforest serve` starts a job "
                                   "worker as its child process (stopped with it, started again if it dies).")
     sweep_seconds: float = Field(default=15, description="How often dead jobs are run again and expired uploads deleted.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, v: str) -> str:
+        import ipaddress
+
+        items = [x.strip() for x in v.split(",") if x.strip()]
+        for x in items:
+            if x != "*":
+                try:
+                    ipaddress.ip_network(x, strict=False)
+                except ValueError:
+                    raise ValueError(f"{x!r} is not an IP address or network (ELMFOREST_TRUSTED_PROXIES)") from None
+        return ",".join(items)
 
     @property
     def db_url(self) -> str:

@@ -31,8 +31,9 @@ def hold_a_place(c: Coordinator, seconds: float) -> threading.Thread:
 
 @pytest.fixture(scope="module")
 def busy(tmp_path_factory):
-    """One place for requests, and the default wait for one: none."""
-    c = Coordinator(tmp_path_factory.mktemp("busy"), {"ELMFOREST_MAX_CONCURRENT_REQUESTS": "1"})
+    """One place for requests, and no wait for one."""
+    c = Coordinator(tmp_path_factory.mktemp("busy"), {"ELMFOREST_MAX_CONCURRENT_REQUESTS": "1",
+                                                      "ELMFOREST_OVERLOAD_WAIT_SECONDS": "0"})
     yield c
     c.stop()
 
@@ -43,14 +44,35 @@ def test_past_capacity_503_comes_at_once_and_health_still_answers(busy):
     try:
         for _ in range(3):
             t = time.monotonic()
-            r = httpx.get(c.url + "/api/v1/forests", timeout=30)
+            r = httpx.get(c.url + "/api/v1/domains", timeout=30)
             assert r.status_code == 503 and time.monotonic() - t < 1.0
             assert int(r.headers["retry-after"]) >= 1 and r.headers["cache-control"] == "private, no-store"
             assert r.json()["error"]["code"] == "overloaded" and "try again" in r.json()["error"]["message"]
         assert httpx.get(c.url + "/healthz", timeout=5).status_code == 200  # answered outside the gate
     finally:
         hold.join()
-    assert httpx.get(c.url + "/api/v1/forests", timeout=30).status_code == 200  # a place again
+    assert httpx.get(c.url + "/api/v1/domains", timeout=30).status_code == 200  # a place again
+
+
+def test_by_default_a_request_past_capacity_waits_a_moment_for_a_place_before_its_503(tmp_path):
+    """The default: a short queue. A burst the process works through within the wait (1 s) is
+    answered; a process that stays at capacity longer answers 503 with Retry-After."""
+    c = Coordinator(tmp_path / "queued", {"ELMFOREST_MAX_CONCURRENT_REQUESTS": "1"}, worker=False)
+    try:
+        hold = hold_a_place(c, 0.3)  # frees its place within the wait
+        t = time.monotonic()
+        assert httpx.get(c.url + "/api/v1/domains", timeout=30).status_code == 200
+        assert time.monotonic() - t < 1.0
+        hold.join()
+        hold = hold_a_place(c, 4)  # does not
+        t = time.monotonic()
+        r = httpx.get(c.url + "/api/v1/domains", timeout=30)
+        waited = time.monotonic() - t
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert 0.9 <= waited < 2.5, waited
+        hold.join()
+    finally:
+        c.stop()
 
 
 def test_an_upload_in_flight_is_not_refused_while_requests_are(busy):
@@ -62,7 +84,7 @@ def test_an_upload_in_flight_is_not_refused_while_requests_are(busy):
     part = info["parts"][0]
     hold = hold_a_place(c, 4)
     try:
-        assert httpx.get(c.url + "/api/v1/forests", timeout=30).status_code == 503
+        assert httpx.get(c.url + "/api/v1/domains", timeout=30).status_code == 503
         r = httpx.put(part["url"], content=data, timeout=30)  # the part goes in
         assert r.status_code == 200, r.text
     finally:
@@ -124,3 +146,49 @@ def test_a_client_past_its_rate_gets_429_with_retry_after_across_processes(limit
     else:
         assert (c.data_dir / "ratelimit.db").exists()
 
+
+
+# ----------------------------------------------------------------------------- behind a proxy
+
+
+@pytest.fixture(scope="module", params=["no proxy trusted", "127.0.0.2 trusted"])
+def proxied(request, tmp_path_factory):
+    """Five requests a minute per client, with the default (no proxy trusted) or one trusted
+    reverse proxy at 127.0.0.2 (loopback has every 127.x.y.z: each is another machine here)."""
+    env = {"ELMFOREST_REQUESTS_PER_MINUTE": "5"}
+    if request.param != "no proxy trusted":
+        env["ELMFOREST_TRUSTED_PROXIES"] = "127.0.0.2"
+    c = Coordinator(tmp_path_factory.mktemp("proxied"), env, worker=False)
+    c.trusted = request.param != "no proxy trusted"
+    yield c
+    c.stop()
+
+
+def get_from(c: Coordinator, local: str, forwarded_for: str | None = None) -> int:
+    """A request from the address `local`, with that X-Forwarded-For; its status."""
+    headers = {"x-forwarded-for": forwarded_for} if forwarded_for else {}
+    with httpx.Client(base_url=c.url, timeout=30, transport=httpx.HTTPTransport(local_address=local)) as h:
+        return h.get("/api/v1/forests", headers=headers).status_code
+
+
+def test_a_forged_x_forwarded_for_from_an_untrusted_address_does_not_change_its_bucket(proxied):
+    c = proxied
+    until_a_fresh_minute()
+    # 127.0.0.1 and 127.0.0.3 are not proxies (uvicorn alone trusted 127.0.0.1): whatever
+    # X-Forwarded-For they send, each of their requests counts against their own address
+    for local in ("127.0.0.1", "127.0.0.3"):
+        codes = [get_from(c, local, f"203.0.113.{i}") for i in range(1, 8)]
+        assert codes == [200] * 5 + [429] * 2, (local, codes)
+    if not c.trusted:  # nor does a would-be proxy's
+        assert [get_from(c, "127.0.0.2", f"198.51.100.{i}") for i in range(6)] == [200] * 5 + [429]
+        return
+    # the addresses they named were charged nothing: through the trusted proxy, 203.0.113.1
+    # has its five requests, and each client the proxy names has a bucket of its own
+    assert [get_from(c, "127.0.0.2", "203.0.113.1") for _ in range(6)] == [200] * 5 + [429]
+    assert get_from(c, "127.0.0.2", "203.0.113.2") == 200
+    # a client that forges a hop before the proxy's (the proxy appends the address it saw) is
+    # counted as the address the proxy saw, not the one it made up
+    assert get_from(c, "127.0.0.2", "198.51.100.7, 203.0.113.1") == 429
+    assert get_from(c, "127.0.0.2", "203.0.113.1, 198.51.100.8") == 200
+    # and the proxy's own requests (no header) are its own, apart from its clients'
+    assert get_from(c, "127.0.0.2") == 200
