@@ -583,7 +583,8 @@ def profile(setup: dict, seconds: float, clients: int):
     import psutil
 
     pid = setup["api_pids"][0]
-    kids = [p for p in psutil.Process(pid).children() if "multiprocessing" in " ".join(p.cmdline())]
+    # uvicorn's workers are spawned (spawn_main), next to multiprocessing's resource tracker
+    kids = [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
     pid = kids[0].pid if kids else pid  # with --processes N, uvicorn's first worker
     out = setup["profile"] / f"server-{clients}-clients.txt"
     out.parent.mkdir(parents=True, exist_ok=True)

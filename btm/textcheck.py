@@ -1,7 +1,7 @@
 """Whether a file someone sent is text: UTF-8, no NUL, and (for documents) JSON lines with a
 "text" string each, or plain text. Standard library only (no torch), so that the check of a
 large file can run in a process of its own: `python -m btm.textcheck PATH [NAME]
-[--no-documents]` prints {"documents": n} or {"error": "..."}. btm.data re-exports
+[--no-documents] [--nice N]` prints {"documents": n} or {"error": "..."}. btm.data re-exports
 check_text_file."""
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ def _require_documents(label: str, kind: str | None, n: int) -> None:
 def main(argv: list[str]) -> int:
     documents = "--no-documents" not in argv
     args = [a for a in argv if a != "--no-documents"]
+    if "--nice" in args:  # a check beside a server takes the CPU its requests leave
+        i = args.index("--nice")
+        os.nice(int(args[i + 1]))
+        del args[i:i + 2]
     try:
         n = check_text_file(args[0], args[1] if len(args) > 1 else None, documents)
     except DataError as e:

@@ -281,13 +281,16 @@ def check_kind(path: Path, up: Upload) -> str | None:
 
 
 ASIDE_BYTES = 1 << 20  # a text file this large is checked in a process of its own
+ASIDE_NICE = 10  # ... at a lower priority than the requests that process answers
 
 
 def check_text_aside(path: Path, name: str, documents: bool = True) -> None:
     """btm.textcheck.check_text_file, in a process of its own for a large file: parsing every
     line of a 16 MiB sample is a few hundred milliseconds of pure Python, which in the API
     process would hold its interpreter while twenty uploads complete at once, and every
-    request would wait behind it. (Here the thread only waits.) Raises DataError."""
+    request would wait behind it. (Here the thread only waits.) That process runs at a lower
+    priority (ASIDE_NICE): twenty of them at once take the CPU the requests leave. Raises
+    DataError."""
     import subprocess
     import sys
 
@@ -298,7 +301,7 @@ def check_text_aside(path: Path, name: str, documents: bool = True) -> None:
         check_text_file(path, name, documents)
         return
     try:
-        r = subprocess.run([sys.executable, "-m", "btm.textcheck", str(path), name,
+        r = subprocess.run([sys.executable, "-m", "btm.textcheck", str(path), name, "--nice", str(ASIDE_NICE),
                             *([] if documents else ["--no-documents"])],
                            capture_output=True, text=True, timeout=600, check=True)
         answer = json.loads(r.stdout.strip().splitlines()[-1])
