@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 TIMEOUT = 10.0  # a request with no answer after this long is a timeout
+BUSY_RETRIES = 6  # an uploader sends a step again after a 429/503 this many times (as the client does)
 # what a client asks for, and how often (kinds marked * only for clients that are logged in)
 MIX = [("forests", 10), ("leaderboard", 15), ("version", 10), ("elm", 10), ("page-elm", 15), ("job*", 15),
        ("whoami*", 10), ("healthz", 5)]
@@ -339,6 +340,26 @@ def client_process(spec: dict, out) -> None:
 # ----------------------------------------------------------------------------- uploads
 
 
+async def send_step(http, stats: Stats, kind: str, method: str, url: str, **kw):
+    """One step of an upload, sent again while the coordinator is busy (429/503) as its
+    Retry-After asks, as the elmforest client does (each busy answer still counts)."""
+    import httpx
+
+    for attempt in range(BUSY_RETRIES + 1):
+        t = time.perf_counter()
+        try:
+            r = await http.request(method, url, **kw)
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            stats.no_answer(kind, time.perf_counter() - t, "timeout" if isinstance(e, httpx.TimeoutException)
+                            else "connection", e)
+            return None
+        stats.answer(kind, time.perf_counter() - t, r.status_code, dict(r.headers), r.content)
+        if r.status_code not in (429, 503) or attempt == BUSY_RETRIES:
+            return r
+        await asyncio.sleep(float(r.headers.get("retry-after") or 1) * (1 + 0.25 * attempt))
+    return None
+
+
 def upload_process(uploads: list[dict], upload_mb: int, start_at: float, out) -> None:
     """The uploading clients, in a process of their own (their 200 MiB do not stall the
     readers' event loops): each starts an upload, PUTs its parts, completes it."""
@@ -350,31 +371,19 @@ def upload_process(uploads: list[dict], upload_mb: int, start_at: float, out) ->
         t0 = time.perf_counter()
         transport = httpx.AsyncHTTPTransport(local_address=who.get("local"))
         async with httpx.AsyncClient(base_url=who["base"], timeout=60.0, transport=transport) as http:
-
-            async def call(kind, method, url, **kw):
-                t = time.perf_counter()
-                try:
-                    r = await http.request(method, url, **kw)
-                except (httpx.TimeoutException, httpx.TransportError) as e:
-                    stats.no_answer(kind, time.perf_counter() - t, "timeout" if isinstance(e, httpx.TimeoutException)
-                                    else "connection", e)
-                    return None
-                stats.answer(kind, time.perf_counter() - t, r.status_code, dict(r.headers), r.content)
-                return r
-
             headers = {"authorization": f"Bearer {who['token']}"}
-            r = await call("upload-start", "POST", "/api/v1/uploads", headers=headers,
-                           json={"purpose": "sample", "filename": f"u{i}.jsonl", "sha256": sha, "size": len(data)})
+            r = await send_step(http, stats, "upload-start", "POST", "/api/v1/uploads", headers=headers,
+                                json={"purpose": "sample", "filename": f"u{i}.jsonl", "sha256": sha, "size": len(data)})
             if r is None or r.status_code != 201:
                 return
             up = r.json()
             for p in up["parts"]:
                 off = (p["part_number"] - 1) * up["part_size"]
-                r = await call("upload-part", "PUT", p["url"], content=data[off:off + p["length"]])
+                r = await send_step(http, stats, "upload-part", "PUT", p["url"], content=data[off:off + p["length"]])
                 if r is None or r.status_code >= 400:
                     return
-            r = await call("upload-complete", "POST", f"/api/v1/uploads/{up['upload_id']}/complete",
-                           headers=headers, json={})
+            r = await send_step(http, stats, "upload-complete", "POST",
+                                f"/api/v1/uploads/{up['upload_id']}/complete", headers=headers, json={})
             if r is not None and r.status_code == 200 and r.json()["status"] == "complete":
                 done.append(time.perf_counter() - t0)
 
