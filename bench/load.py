@@ -473,73 +473,91 @@ def run_load(setup: dict, clients: int, seconds: float, think: tuple[float, floa
     import multiprocessing as mp
 
     spawn = mp.get_context("spawn")
-    people = setup["people"][:clients]
     out = spawn.Queue()
-    shares = [[(i, who) for i, who in enumerate(people) if i % processes == k] for k in range(processes)]
     start_at = time.time() + 4.0  # every process is up and waiting by then
-    procs = [spawn.Process(target=client_process, args=({"clients": s, "ctx": setup["ctx"], "seconds": seconds,
-                                                          "think": think, "cache": cache, "start_at": start_at,
-                                                          "local": setup["local"]}, out)) for s in shares if s]
-    ups = []
-    if uploads:
-        senders = [p for p in setup["people"] if p.get("token")][:uploads]
-        senders = [{**p, "local": address(10_000 + j) if setup["local"] else None} for j, p in enumerate(senders)]
-        ups = [spawn.Process(target=upload_process, args=(senders, upload_mb, start_at + 5.0, out))]
-    for p in procs + ups:
+    procs = readers(spawn, out, setup, clients, processes, {"seconds": seconds, "think": think, "cache": cache,
+                                                             "start_at": start_at})
+    procs += uploaders(spawn, out, setup, uploads, upload_mb, start_at + 5.0)
+    for p in procs:
         p.start()
     cpu = Cpu(setup["server_pids"], setup.get("service_pids", []))
     time.sleep(max(0.0, start_at - time.time()))
     spy = profile(setup, seconds, clients) if setup.get("profile") else None
-    mine = _family([os.getpid(), *(p.pid for p in procs + ups), *setup["server_pids"], *setup.get("service_pids", [])])
+    mine = _family([os.getpid(), *(p.pid for p in procs), *setup["server_pids"], *setup.get("service_pids", [])])
     a = cpu.sample()
     time.sleep(seconds)
     b = cpu.sample()
     if spy is not None:
         spy.wait()
-    parts = [out.get(timeout=seconds + 600) for _ in procs + ups]
-    for p in procs + ups:
+    parts = [out.get(timeout=seconds + 600) for _ in procs]
+    for p in procs:
         p.join()
-    upload_part = next((x for x in parts if "done" in x), {"done": []})
     m = merge(parts)
-    reads = [x for k, v in m["lat"].items() if k not in UPLOAD_KINDS for x in v]
-    in_server = [x for k, v in m["server"].items() if k not in UPLOAD_KINDS for x in v]
+    return {"clients": clients, "seconds": seconds, "think_seconds": list(think) if think else None,
+            "revalidating": cache, "client_processes": len(procs) - bool(uploads),
+            **throughput(m, parts, seconds, uploads), **latencies(m),
+            "cpu_percent_of_one_core": cpu_split(a, b, 100 * m["cpu_seconds"] / seconds),
+            "busiest_other_processes": Cpu.busiest_others(a, b, mine),
+            "generator_loop_lag_ms_p99_max": [pct(m["loop_lag"], 0.99), pct(m["loop_lag"], 1.0)],
+            "error_samples": m["samples"]}
+
+
+def readers(spawn, out, setup: dict, clients: int, processes: int, spec: dict) -> list:
+    """The reading clients' processes, each with its share of the people."""
+    people = setup["people"][:clients]
+    shares = [[(i, who) for i, who in enumerate(people) if i % processes == k] for k in range(processes)]
+    return [spawn.Process(target=client_process, args=({"clients": share, "ctx": setup["ctx"], "local": setup["local"],
+                                                        **spec}, out)) for share in shares if share]
+
+
+def uploaders(spawn, out, setup: dict, uploads: int, upload_mb: int, start_at: float) -> list:
+    """The uploading clients' one process (none without uploads): logged-in people, each from an
+    address of its own."""
+    if not uploads:
+        return []
+    senders = [p for p in setup["people"] if p.get("token")][:uploads]
+    senders = [{**p, "local": address(10_000 + j) if setup["local"] else None} for j, p in enumerate(senders)]
+    return [spawn.Process(target=upload_process, args=(senders, upload_mb, start_at, out))]
+
+
+def throughput(m: dict, parts: list[dict], seconds: float, uploads: int) -> dict:
+    """Offered and served a second, errors by status, requests with no answer, uploads done."""
+    upload_part = next((x for x in parts if "done" in x), {"done": []})
     codes: Counter = Counter()
     for v in m["status"].values():
         codes.update(v)
     errors = {"429": codes[429], "503": codes[503], "5xx": sum(n for s, n in codes.items() if s >= 500 and s != 503),
               "4xx": sum(n for s, n in codes.items() if 400 <= s < 500 and s != 429)}
-    timeouts = sum(v.get("timeout", 0) for v in m["failed"].values())
-    broken = sum(v.get("connection", 0) for v in m["failed"].values())
-    generator_cpu = 100 * m["cpu_seconds"] / seconds
-    done = upload_part["done"]
-    by_route = {}
-    for k in sorted(set(m["status"]) | set(m["failed"])):
-        lat = m["lat"].get(k, [])
-        by_route[k] = {"answers": sum(m["status"][k].values()), "ms_p50_p95_p99": [pct(lat, q) for q in (0.5, 0.95, 0.99)],
-                       "status": {str(s): n for s, n in sorted(m["status"][k].items())},
-                       **({"no_answer": dict(m["failed"][k])} if k in m["failed"] else {})}
+    done = sorted(upload_part["done"])
     served = m["served"] - sum(len(upload_part.get("lat", {}).get(k, [])) for k in UPLOAD_KINDS)
-    return {
-        "clients": clients, "seconds": seconds, "think_seconds": list(think) if think else None,
-        "revalidating": cache, "client_processes": len(procs),
-        "offered_per_s": round(m["offered"] / seconds, 1), "served_per_s": round(served / seconds, 1),
-        "served_of_offered": round(served / max(1, m["offered"]), 4),
-        "not_modified_share": round(m["not_modified"] / max(1, served), 3),
-        "errors": sum(errors.values()), "errors_by_status": errors, "timeouts": timeouts, "broken_connections": broken,
-        "uploads_completed": f"{len(done)}/{uploads}",
-        "upload_seconds_p50_max": [round(sorted(done)[len(done) // 2], 2), round(max(done), 2)] if done else None,
-        "read_ms_p50_p95_p99": [pct(reads, q) for q in (0.5, 0.95, 0.99)],
-        "read_ms_p99_in_server": pct(in_server, 0.99),
-        "sent_late_ms_p50_p99": [pct(m["late"], q) for q in (0.5, 0.99)],
-        "by_route": by_route,
-        # answers over 200 ms by the second of the run they were asked in (uploads start at second 5)
-        "slow_answers_by_second": dict(sorted(Counter(sec for sec, _ in m["slow"]).items())),
-        "unanswered_by_second": dict(sorted(Counter(m["unanswered"]).items())),
-        "cpu_percent_of_one_core": cpu_split(a, b, generator_cpu),
-        "busiest_other_processes": Cpu.busiest_others(a, b, mine),
-        "generator_loop_lag_ms_p99_max": [pct(m["loop_lag"], 0.99), pct(m["loop_lag"], 1.0)],
-        "error_samples": m["samples"],
-    }
+    return {"offered_per_s": round(m["offered"] / seconds, 1), "served_per_s": round(served / seconds, 1),
+            "served_of_offered": round(served / max(1, m["offered"]), 4),
+            "not_modified_share": round(m["not_modified"] / max(1, served), 3),
+            "errors": sum(errors.values()), "errors_by_status": errors,
+            "timeouts": sum(v.get("timeout", 0) for v in m["failed"].values()),
+            "broken_connections": sum(v.get("connection", 0) for v in m["failed"].values()),
+            "uploads_completed": f"{len(done)}/{uploads}",
+            "upload_seconds_p50_max": [round(done[len(done) // 2], 2), round(done[-1], 2)] if done else None}
+
+
+def latencies(m: dict) -> dict:
+    """Read latencies (the client's and the server's own), per route, and when the slow ones came."""
+    reads = [x for k, v in m["lat"].items() if k not in UPLOAD_KINDS for x in v]
+    in_server = [x for k, v in m["server"].items() if k not in UPLOAD_KINDS for x in v]
+    return {"read_ms_p50_p95_p99": [pct(reads, q) for q in (0.5, 0.95, 0.99)],
+            "read_ms_p99_in_server": pct(in_server, 0.99),
+            "sent_late_ms_p50_p99": [pct(m["late"], q) for q in (0.5, 0.99)],
+            "by_route": {k: route_stats(m, k) for k in sorted(set(m["status"]) | set(m["failed"]))},
+            # answers over 200 ms by the second of the run they were asked in (uploads start at second 5)
+            "slow_answers_by_second": dict(sorted(Counter(sec for sec, _ in m["slow"]).items())),
+            "unanswered_by_second": dict(sorted(Counter(m["unanswered"]).items()))}
+
+
+def route_stats(m: dict, kind: str) -> dict:
+    lat = m["lat"].get(kind, [])
+    return {"answers": sum(m["status"][kind].values()), "ms_p50_p95_p99": [pct(lat, q) for q in (0.5, 0.95, 0.99)],
+            "status": {str(s): n for s, n in sorted(m["status"][kind].items())},
+            **({"no_answer": dict(m["failed"][kind])} if kind in m["failed"] else {})}
 
 
 def warm_up(setup: dict) -> None:
