@@ -23,7 +23,10 @@ KEEP_ALIVE_SECONDS = 65
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(help="API processes (production; needs a broker for jobs).")] = 1,
+    workers: Annotated[int, typer.Option(help="API processes. On two cores, two served 400 requests/s of the "
+                                         "load benchmark's mix where one served 340 (docs/results.md); a change made through one shows "
+                                         "in the others' copies of published reads within "
+                                         "ELMFOREST_RESPONSE_CACHE_SECONDS.")] = 1,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Start no job worker (run `elmforest worker` "
                                                                "yourself).")] = False,
     migrate: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Upgrade the database schema first.")] = True,
@@ -37,6 +40,7 @@ def serve(
 
     EXAMPLES
       elmforest serve --port 8000
+      elmforest serve --workers 2           # two API processes (and one job worker)
       ELMFOREST_DATABASE_URL=postgresql+psycopg://u@db/elmforest ELMFOREST_BROKER_URL=redis://redis:6379/0 \\
         ELMFOREST_STORAGE_URL=s3://elmforest elmforest serve --host 0.0.0.0 --no-worker
     """
