@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,12 +214,20 @@ def new_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
+# Loading a model with transformers is not thread-safe (from_pretrained patches torch's module
+# initialisation for the whole process while it builds a model), and several threads of one
+# process load models: the ClientApps of in-process Flower nodes (coordinator.federated.local),
+# each training or scoring. load_model holds this lock, so every caller gets it.
+_LOADING = threading.Lock()
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
     path = Path(path)
     if not (path / CONFIG).exists():
         raise FamilyError(f"{path}: no config.json; not a model directory")
     open_weights(path)  # clear error for missing/corrupt weights before transformers tries
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    with _LOADING:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
 
 

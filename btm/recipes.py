@@ -148,10 +148,11 @@ def train_elm(init: str | os.PathLike, out: str | os.PathLike, sources: Sequence
     naming its parents (the init's, for a branch init), domain, data and recipe. The
     optimizer state the init carries is continued unless `carry_optimizer` is off; with
     `continue_schedule` the learning-rate schedule goes on from where the init's run stopped
-    (compute-matched BTM). `kind="dense"` is the dense baseline: no domain, no parent weights."""
-    from dataclasses import replace
-
-    from btm.checkpoint import checkpoint_optimizer, read_checkpoint_state
+    (compute-matched BTM). `kind="dense"` is the dense baseline: no domain, no parent weights.
+    The card's data is `data` with the number of tokens the sources hold (`tokens`).
+    Callers on several threads of one process are safe: the model loads under
+    btm.family.load_model's lock."""
+    from btm.checkpoint import checkpoint_optimizer
     from btm.data import BlockSampler, tokenize_file
     from btm.family import Card, load_model, read_card
     from btm.tokenizer import load_tokenizer
@@ -161,19 +162,30 @@ def train_elm(init: str | os.PathLike, out: str | os.PathLike, sources: Sequence
     tok = load_tokenizer(init)
     streams = [tokenize_file(s, tok, cache_dir) for s in sources]
     if continue_schedule:
-        st = read_checkpoint_state(init)
-        if st is None:
-            raise BTMError(f"{init}: no checkpoint/state.json to continue a schedule from")
-        start = int(st["global_step"])
-        cfg = replace(cfg, schedule_start=start,
-                      schedule_steps=cfg.schedule_steps or st["config"].get("schedule_steps") or start + cfg.steps)
+        cfg = continued_schedule(init, cfg)
     init_card = read_card(init)
     parents = init_card.parents if init_card.kind == "branch-init" else [{"name": init_card.name, "weight": 1.0}]
     card = Card(name=name or out.name, kind=kind, domain=None if kind == "dense" else (domain or init_card.domain),
-                parents=parents, origin=init_card.origin, data=data or {}, recipe=recipe)
+                parents=parents, origin=init_card.origin, recipe=recipe,
+                data={**(data or {}), "tokens": sum(int(s.size) for s in streams)})
     train(load_model(init), tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card,
           init_optimizer=checkpoint_optimizer(init) if carry_optimizer else None, dist_info=dist_info)
     return out
+
+
+def continued_schedule(init: Path, cfg):
+    """`cfg` as the steps after those the init's run took, in the learning-rate schedule that
+    run was in (its own length, else this phase's end)."""
+    from dataclasses import replace
+
+    from btm.checkpoint import read_checkpoint_state
+
+    st = read_checkpoint_state(init)
+    if st is None:
+        raise BTMError(f"{init}: no checkpoint/state.json to continue a schedule from")
+    start = int(st["global_step"])
+    return replace(cfg, schedule_start=start,
+                   schedule_steps=cfg.schedule_steps or st["config"].get("schedule_steps") or start + cfg.steps)
 
 
 def train_seed(model, tokenizer, out: str | os.PathLike, sources: Sequence[str | os.PathLike], cfg, *,

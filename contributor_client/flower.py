@@ -23,8 +23,9 @@ Message handlers (the protocol is documented in coordinator/federated/protocol.p
                 a branch init with the owner's token; answer with its id
   train         download the init by the URLs in the message (each file checked against the
                 sha256 the coordinator holds for this owner's init), train it on the local
-                data with btm's training loop (GPU if there is one), upload the ELM through
-                the contributions API and answer with the contribution id and the metrics
+                data with btm's recipe, btm.recipes.train_elm, as `elmforest train` does (GPU
+                if there is one), upload the ELM through the contributions API and answer
+                with the contribution id and the metrics
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +52,9 @@ NODE, BRANCH, INIT, TRAIN, RESULT, METRICS = "node", "branch", "init", "train", 
 
 app = ClientApp()
 # A SuperNode runs one ClientApp process per message. Where ClientApps share a process (the
-# in-process LocalGrid with several workers), models are loaded one at a time: loading with
-# transformers is not thread-safe.
-_MODELS = threading.Lock()
+# in-process LocalGrid with several workers), their threads load models one at a time: btm's
+# load_model holds a lock for it (loading with transformers is not thread-safe), so the
+# handlers here hold none of their own.
 
 
 class NodeConfigError(ValueError):
@@ -81,33 +81,46 @@ def node_settings(context: Context) -> Node:
     from contributor_client import config
 
     nc = dict(context.node_config)
+    domain, data = node_data(nc)
+    creds = config.load()
+    max_steps = nc.get("max-steps")
+    return Node(domain=domain, data=data, url=str(nc.get("coordinator-url") or creds.url),
+                token=node_token(nc, creds.token),
+                work_dir=config_path(nc, "work-dir") or Path.home() / ".cache" / "elmforest" / "flower",
+                cache_dir=config_path(nc, "cache-dir"), max_steps=int(max_steps) if max_steps else None,
+                keep_files=str(nc.get("keep-files", "")).lower() in ("1", "true", "yes"))
+
+
+def node_data(nc: dict[str, Any]) -> tuple[str, Path]:
+    """The node's domain and its data directory (which must exist on this node)."""
     domain = str(nc.get("domain") or "")
     if not domain:
         raise NodeConfigError("this SuperNode has no `domain` in its node config; start it with "
                               "--node-config \"domain='NAME' data-dir='/path/to/data'\"")
-    if not nc.get("data-dir"):
+    data = config_path(nc, "data-dir")
+    if data is None:
         raise NodeConfigError("this SuperNode has no `data-dir` in its node config")
-    data = Path(str(nc["data-dir"])).expanduser()
     if not data.exists():
         raise NodeConfigError(f"data-dir {data} does not exist on this node")
-    creds = config.load()
-    token = None
-    if nc.get("token-file"):
-        tf = Path(str(nc["token-file"])).expanduser()
-        if not tf.is_file():
-            raise NodeConfigError(f"token-file {tf} does not exist on this node")
-        token = tf.read_text().strip()
-    token = token or (str(nc["token"]) if nc.get("token") else None) or creds.token
+    return domain, data
+
+
+def node_token(nc: dict[str, Any], login_token: str | None) -> str:
+    """The owner's API token: from `token-file` (which must exist), else `token`, else the
+    login's (ELMFOREST_TOKEN or `elmforest login`)."""
+    tf = config_path(nc, "token-file")
+    if tf is not None and not tf.is_file():
+        raise NodeConfigError(f"token-file {tf} does not exist on this node")
+    token = (tf.read_text().strip() if tf is not None else "") or str(nc.get("token") or "") or login_token
     if not token:
         raise NodeConfigError("no API token for the coordinator: set `token-file` in the node config "
                               "(or ELMFOREST_TOKEN, or run `elmforest login` as the node's owner)")
-    url = str(nc.get("coordinator-url") or creds.url)
-    work = Path(str(nc.get("work-dir") or Path.home() / ".cache" / "elmforest" / "flower")).expanduser()
-    max_steps = nc.get("max-steps")
-    return Node(domain=domain, data=data, url=url, token=token, work_dir=work,
-                cache_dir=Path(str(nc["cache-dir"])).expanduser() if nc.get("cache-dir") else None,
-                max_steps=int(max_steps) if max_steps else None,
-                keep_files=str(nc.get("keep-files", "")).lower() in ("1", "true", "yes"))
+    return token
+
+
+def config_path(nc: dict[str, Any], key: str) -> Path | None:
+    """A path setting of the node config (`~` expanded), or None where it is unset or empty."""
+    return Path(str(nc[key])).expanduser() if nc.get(key) else None
 
 
 def train_source(data: Path) -> Path:
@@ -179,9 +192,8 @@ def branch(msg: Message, context: Context) -> Message:
         forest, domain = str(ask["forest"]), str(ask["domain"])
         if domain != node.domain:
             raise NodeConfigError(f"asked to branch for domain {domain!r}; this node serves {node.domain!r}")
-        with _MODELS:
-            b = node.client().request_branch(forest, node.domain, data=node.data, private=True, wait=False,
-                                             log=log.info)
+        b = node.client().request_branch(forest, node.domain, data=node.data, private=True, wait=False,
+                                         log=log.info)
         if b.routing_vector is not None:  # computed here; goes into the init when it comes down
             node.work_dir.mkdir(parents=True, exist_ok=True)
             (node.work_dir / f"routing-vector-{int(b.id)}.json").write_text(json.dumps(b.routing_vector))
@@ -204,54 +216,52 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def train_and_submit(node: Node, init: dict[str, Any], settings: dict[str, Any]) -> tuple[dict, dict]:
-    from btm.data import BlockSampler, tokenize_file
-    from btm.family import Card, load_model, read_card
-    from btm.tokenizer import load_tokenizer
-    from btm.train import TrainConfig, checkpoint_optimizer
-    from btm.train import train as btm_train
+    """Fetch the init the round names, train it here with btm's recipe (btm.recipes.train_elm,
+    as `elmforest train` does), upload the ELM; (the contribution, the training's metrics)."""
+    from btm.family import read_card
+    from btm.recipes import train_elm
+    from btm.train_config import TrainConfig
 
     init_id, forest, name = int(init["branch-init-id"]), str(init["forest"]), str(init["name"])
     round_id = int(init.get("round-id", 0))
-    files, urls = json.loads(init["files"]), json.loads(init["urls"])
     client = node.client()
-    # the init must be this owner's, for this node's domain, with exactly these files: the
-    # node trusts its coordinator (reached with its owner's token), not the message
-    mine = client.branch_init(init_id)
-    if mine.domain != node.domain:
-        raise NodeConfigError(f"branch init {init_id} is for domain {mine.domain!r}; this node serves {node.domain!r}")
-    if mine.files != files or mine.forest != forest:
-        raise NodeConfigError(f"the files the round names for branch init {init_id} differ from the coordinator's")
     work = node.work_dir / f"round-{round_id}-init-{init_id}"
-    init_dir = client.download_files(files, same_origin(urls, mine.urls), work / "init",
-                                     log=log.info)  # every file sha256-checked
-    vector = node.work_dir / f"routing-vector-{init_id}.json"
-    if vector.exists():
-        set_init_vector(init_dir, json.loads(vector.read_text()))
-
+    init_dir = fetch_init(node, client, init, work / "init")
     steps = int(settings["steps"])
     if node.max_steps:
         steps = min(steps, node.max_steps)
     cfg = TrainConfig.from_record(settings, steps=steps, progress=False)
-    tok = load_tokenizer(init_dir)
-    stream = tokenize_file(train_source(node.data), tok, node.cache_dir)
-    init_card = read_card(init_dir)
-    card = Card(name=name, kind="elm", domain=node.domain, parents=init_card.parents, origin=init_card.origin,
-                data={"domain": node.domain, "tokens": int(stream.size), "federated_round": round_id})
     t0 = time.perf_counter()
-    with _MODELS:
-        model = load_model(init_dir)
-    out = btm_train(model, tok, BlockSampler([stream], cfg.block_size), cfg, work / "elm", card,
-                    init_optimizer=checkpoint_optimizer(init_dir))
+    out = train_elm(init_dir, work / "elm", [train_source(node.data)], cfg, domain=node.domain, name=name,
+                    data={"domain": node.domain, "federated_round": round_id}, cache_dir=node.cache_dir)
     seconds = time.perf_counter() - t0
     c = client.submit(out, forest=forest, branch_init_id=init_id, name=name, log=log.info)
     trained = read_card(out).training
     if not node.keep_files:
         shutil.rmtree(work, ignore_errors=True)
-        vector.unlink(missing_ok=True)
+        (node.work_dir / f"routing-vector-{init_id}.json").unlink(missing_ok=True)
     metrics = {"loss": float(trained.get("final_loss", float("nan"))), "steps": float(steps),
                "tokens": float(trained.get("tokens", 0)), "seconds": round(seconds, 3)}
     return {"contribution-id": int(c.id), "state": str(c.state), "name": str(c.name)}, metrics
 
+
+def fetch_init(node: Node, client: Coordinator, init: dict[str, Any], dest: Path) -> Path:
+    """The branch init the round's message names, downloaded to `dest` with every file
+    sha256-checked, and the routing vector computed here when it asked for it put in its card.
+    The init must be this owner's, for this node's domain, with exactly these files: the node
+    trusts its coordinator (reached with its owner's token), not the message."""
+    init_id, forest = int(init["branch-init-id"]), str(init["forest"])
+    files, urls = json.loads(init["files"]), json.loads(init["urls"])
+    mine = client.branch_init(init_id)
+    if mine.domain != node.domain:
+        raise NodeConfigError(f"branch init {init_id} is for domain {mine.domain!r}; this node serves {node.domain!r}")
+    if mine.files != files or mine.forest != forest:
+        raise NodeConfigError(f"the files the round names for branch init {init_id} differ from the coordinator's")
+    init_dir = client.download_files(files, same_origin(urls, mine.urls), dest, log=log.info)
+    vector = node.work_dir / f"routing-vector-{init_id}.json"
+    if vector.exists():
+        set_init_vector(init_dir, json.loads(vector.read_text()))
+    return init_dir
 
 
 def same_origin(given: dict[str, str], coordinator: dict[str, str]) -> dict[str, str]:
