@@ -1,6 +1,7 @@
 """`elmforest demo`: the whole platform on one machine, through its real parts.
 
-Starts a coordinator on the embedded defaults, trains a small seed LM on the corpus that
+Starts a coordinator on the embedded defaults with the `elmforest` command, as a user does
+(the client reaches it over HTTP only), trains a small seed LM on the corpus that
 ships with the project and registers it as a forest, then runs two contributors through the
 client flow (branch request, local training, submit) in two rounds, so the second round's
 ELMs branch from the posterior-weighted average of the first round's. A maintainer
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +32,18 @@ ROUNDS = [  # (contributor, domain, private posterior?)
     [("alice", "postgres_docs", False), ("bob", "webster_dictionary", False)],
 ]
 EVAL_DOMAINS = ["go"]
+
+
+def elmforest_command() -> str:
+    """The `elmforest` command installed with this package (next to this interpreter, else on
+    PATH): the demo starts and administers its coordinator as a user does, so the client
+    depends on the coordinator over HTTP only, never by importing or naming its modules."""
+    here = Path(sys.executable).parent / "elmforest"
+    found = str(here) if here.exists() else shutil.which("elmforest")
+    if found is None:
+        raise ClientError("the `elmforest` command is not installed next to this Python nor on PATH; "
+                          "install the package (`pip install -e .` in the repository) and run the demo again")
+    return found
 
 
 class Demo:
@@ -81,7 +95,7 @@ class Demo:
             raise ClientError(f"something already listens on port {self.port}; stop it or pass --port")
         (self.work / "coordinator").mkdir(parents=True, exist_ok=True)
         log = open(self.work / "coordinator.log", "ab")
-        self.server = subprocess.Popen([sys.executable, "-m", "elmforest_cli", "serve", "--port", str(self.port)],
+        self.server = subprocess.Popen([elmforest_command(), "serve", "--port", str(self.port)],
                                        env=self.env, stdout=log, stderr=subprocess.STDOUT)
         end = time.monotonic() + 120
         while time.monotonic() < end:
@@ -103,8 +117,8 @@ class Demo:
         if role == "contributor":
             token = Coordinator(self.url).register(name, password).token
         else:  # maintainers are made by the operator, on the coordinator's machine
-            r = subprocess.run([sys.executable, "-m", "elmforest_cli", "user", "create", name, "--role", role,
-                                "--password", password], env=self.env, capture_output=True, text=True, check=True)
+            r = subprocess.run([elmforest_command(), "user", "create", name, "--role", role, "--password", password],
+                               env=self.env, capture_output=True, text=True, check=True)
             token = r.stdout.strip().splitlines()[-1]
         f.write_text(json.dumps({"username": name, "password": password, "token": token}))
         f.chmod(0o600)
