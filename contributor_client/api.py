@@ -34,6 +34,7 @@ import contributor_client.config as config
 import contributor_client.local as local
 from btm.hashing import sha256_file
 from btm.model_files import CONFIG, TOKENIZER_PREFIX, WEIGHTS_FILE, is_upload_file, is_weights_file
+from btm.round_config import RoundConfig
 from contributor_client.http import Client, ClientError
 from contributor_client.records import (
     Average,
@@ -723,8 +724,10 @@ class Coordinator(Client):
     def start_round(self, forest: str, note: str = "", **settings: Any) -> Round:
         """Create a federated round of `forest` (maintainers); `settings` as the API's RoundIn
         takes them: steps, batch_size, block_size, lr, min_nodes, node_wait_s, query_timeout_s,
-        branch_timeout_s, init_timeout_s, train_timeout_s, max_attempts, ..."""
-        return Round.from_json(self._call(Routes.START_ROUND, {"forest": forest, "note": note, **settings}))
+        branch_timeout_s, init_timeout_s, train_timeout_s, max_attempts, ...; one not given is
+        btm.round_config.RoundConfig's default."""
+        body = {"forest": forest, "note": note, **RoundConfig().to_dict(), **settings}
+        return Round.from_json(self._call(Routes.START_ROUND, body))
 
     def rounds(self, forest: str | None = None) -> list[Round]:
         return [Round.from_json(x) for x in self._call(Routes.ROUNDS, query={"forest": forest})]

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from btm.train_config import TrainConfig
+from btm.round_config import RoundConfig
 from contributor_client import commands, config
 from contributor_client.api import SETTLED, Coordinator
 from contributor_client.http import ClientError
@@ -658,17 +658,17 @@ def round_start(
     node: Annotated[list[str] | None, typer.Option("--node", help="Simulate instead, on this machine: one in-process "
                                                    "node per --node, given as its node config, e.g. \"domain='python' "
                                                    "data-dir='/data/py' token-file='~/.tok'\" (needs the database).")] = None,
-    steps: Annotated[int, typer.Option(help="Training updates per node.")] = 500,
-    batch_size: Annotated[int, typer.Option(help="Sequences per update.")] = TrainConfig.batch_size,
-    block_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = TrainConfig.block_size,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
-    min_nodes: Annotated[int, typer.Option(help="Start once this many nodes are connected...")] = 1,
-    node_wait: Annotated[float, typer.Option(help="...or after this many seconds with at least one.")] = 60,
-    query_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to say their domain and data size.")] = 120,
-    branch_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to score their data and request inits.")] = 1800,
-    init_timeout: Annotated[float, typer.Option(help="Seconds for the coordinator to compute the inits.")] = 1800,
-    train_timeout: Annotated[float, typer.Option(help="Seconds for training and uploading (the round's time-out).")] = 6 * 3600,
-    max_attempts: Annotated[int, typer.Option(help="Rounds in a row a domain may fail before it is no longer asked.")] = 3,
+    steps: Annotated[int, typer.Option(help="Training updates per node.")] = RoundConfig.steps,
+    batch_size: Annotated[int, typer.Option(help="Sequences per update.")] = RoundConfig.batch_size,
+    block_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = RoundConfig.block_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = RoundConfig.lr,
+    min_nodes: Annotated[int, typer.Option(help="Start once this many nodes are connected...")] = RoundConfig.min_nodes,
+    node_wait: Annotated[float, typer.Option(help="...or after this many seconds with at least one.")] = RoundConfig.node_wait_s,
+    query_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to say their domain and data size.")] = RoundConfig.query_timeout_s,
+    branch_timeout: Annotated[float, typer.Option(help="Seconds for the nodes to score their data and request inits.")] = RoundConfig.branch_timeout_s,
+    init_timeout: Annotated[float, typer.Option(help="Seconds for the coordinator to compute the inits.")] = RoundConfig.init_timeout_s,
+    train_timeout: Annotated[float, typer.Option(help="Seconds for training and uploading (the round's time-out).")] = RoundConfig.train_timeout_s,
+    max_attempts: Annotated[int, typer.Option(help="Rounds in a row a domain may fail before it is no longer asked.")] = RoundConfig.max_attempts,
     note: Annotated[str, typer.Option(help="Why this round (kept with it).")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the round until it finishes.")] = True,
     url: Url = None,

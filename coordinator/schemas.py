@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from btm.round_config import RoundConfig
 from coordinator.names import USERNAME_PATTERN
 
 DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
@@ -460,23 +461,26 @@ class AbandonIn(BaseModel):
 # ---- federated rounds
 
 class RoundIn(BaseModel):
+    # a round to create; every setting's default is btm.round_config.RoundConfig's
     forest: str = Field(min_length=1, max_length=64)
     note: str = Field(default="", max_length=10_000)
-    steps: int = Field(default=500, ge=1, le=10_000_000, description="Training updates per node.")
-    batch_size: int = Field(default=32, ge=1, le=65_536)
-    block_size: int = Field(default=256, ge=8, le=131_072)
-    lr: float = Field(default=5e-4, gt=0, le=1)
-    warmup: float = Field(default=0.08, ge=0, le=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    min_nodes: int = Field(default=1, ge=1, le=100_000, description="Start once this many nodes are connected...")
-    node_wait_s: float = Field(default=60, ge=0, le=86_400, description="...or after this long with at least one.")
-    query_timeout_s: float = Field(default=120, gt=0, le=86_400)
-    branch_timeout_s: float = Field(default=1800, gt=0, le=7 * 86_400)
-    init_timeout_s: float = Field(default=1800, gt=0, le=7 * 86_400)
-    train_timeout_s: float = Field(default=6 * 3600, gt=0, le=30 * 86_400,
+    steps: int = Field(default=RoundConfig.steps, ge=1, le=10_000_000, description="Training updates per node.")
+    batch_size: int = Field(default=RoundConfig.batch_size, ge=1, le=65_536)
+    block_size: int = Field(default=RoundConfig.block_size, ge=8, le=131_072)
+    lr: float = Field(default=RoundConfig.lr, gt=0, le=1)
+    warmup: float = Field(default=RoundConfig.warmup, ge=0, le=1)
+    precision: Literal["auto", "fp32", "bf16"] = RoundConfig.precision
+    min_nodes: int = Field(default=RoundConfig.min_nodes, ge=1, le=100_000,
+                           description="Start once this many nodes are connected...")
+    node_wait_s: float = Field(default=RoundConfig.node_wait_s, ge=0, le=86_400,
+                               description="...or after this long with at least one.")
+    query_timeout_s: float = Field(default=RoundConfig.query_timeout_s, gt=0, le=86_400)
+    branch_timeout_s: float = Field(default=RoundConfig.branch_timeout_s, gt=0, le=7 * 86_400)
+    init_timeout_s: float = Field(default=RoundConfig.init_timeout_s, gt=0, le=7 * 86_400)
+    train_timeout_s: float = Field(default=RoundConfig.train_timeout_s, gt=0, le=30 * 86_400,
                                    description="The round's time-out for training and uploading.")
-    max_attempts: int = Field(default=3, ge=1, le=100, description="Rounds in a row a domain may fail before it is "
-                              "no longer asked.")
+    max_attempts: int = Field(default=RoundConfig.max_attempts, ge=1, le=100,
+                              description="Rounds in a row a domain may fail before it is no longer asked.")
 
 
 class RoundNodeOut(BaseModel):
