@@ -119,8 +119,6 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
     family, routing vector, a free name. Returns the contribution and its upload."""
     from transformers import AutoConfig
 
-    from btm.family import Family, family_differences
-
     forest = f.name
     uploads.check_declared(settings, "weights", sha256, size)
     if tokenizer_sha256 != f.tokenizer_sha256:
@@ -132,9 +130,8 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
         cfg = None
     if cfg is None:
         raise Unprocessable("config is not a Hugging Face model config (it needs at least model_type)")
-    diffs = family_differences(Family(cfg), Family(AutoConfig.for_model(**f.config)))
-    if diffs:
-        raise Unprocessable(f"the ELM's config is not of the forest's family ({'; '.join(diffs)})")
+    if problem := config_family_problem(config, f.config, "the ELM's config"):
+        raise Unprocessable(problem)
     if routing_vector is not None:
         routing_vector = _checked_vector(f, routing_vector)
     name = name.lower()
@@ -154,6 +151,18 @@ def _declare(db: Session, storage: Storage, settings, user: User, f, d, b: Branc
     db.add(ContributionEvent(contribution_id=c.id, from_state=None, to_state=State.uploading.value, actor_id=user.id,
                              reason=reason))
     return c, uploads.describe(storage, up)
+
+
+def config_family_problem(config: dict, forest_config: dict, subject: str = "the config") -> str | None:
+    """The rule for an ELM's config, in one place: it is of the forest's family (btm.family).
+    What is wrong with `config`, or None. Enforced at declaration (before any bytes come, once
+    the config is known to be a Hugging Face one) and again by validation's named check."""
+    from transformers import AutoConfig
+
+    from btm.family import Family, family_differences
+
+    diffs = family_differences(Family(AutoConfig.for_model(**config)), Family(AutoConfig.for_model(**forest_config)))
+    return f"{subject} is not of the forest's family ({'; '.join(diffs)})" if diffs else None
 
 
 def _checked_vector(f, vector: list[float]) -> list[float]:
@@ -363,13 +372,8 @@ def _layout(x: Candidate) -> None:
 
 
 def _config(x: Candidate) -> None:
-    from transformers import AutoConfig
-
-    from btm.family import Family, family_differences
-
-    diffs = family_differences(Family(AutoConfig.for_model(**x.c.config)), Family(AutoConfig.for_model(**x.c.forest.config)))
-    if diffs:
-        raise Refused(f"the config is not of the forest's family ({'; '.join(diffs)})")
+    if problem := config_family_problem(x.c.config, x.c.forest.config):
+        raise Refused(problem)
 
 
 def _tensors(x: Candidate) -> Iterator[tuple[str, torch.Tensor]]:
