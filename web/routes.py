@@ -173,10 +173,22 @@ def _board_ctx(db, f, v, role, kind, sort, desc, page, per_page):
                 "aria": ("descending" if desc else "ascending") if on else "none",
                 "arrow": (" ▼" if desc else " ▲") if on else ""}
 
+    return {"board": b, "url": url, "mean_col": column("mean", "mean"),
+            "columns": [column(d, d, r) for d, r in b.domains], "rows": _board_rows(b, _best_per_domain(b))}
+
+
+def _best_per_domain(b) -> dict[str, float | None]:
+    """Each column's lowest perplexity on the page (None for an empty column)."""
     best = {}
     for d, _ in b.domains:
         vals = [b.cells[(x["subject"], d)] for x in b.subjects if (x["subject"], d) in b.cells]
         best[d] = min(vals) if vals else None
+    return best
+
+
+def _board_rows(b, best: dict[str, float | None]) -> list[dict]:
+    """The page's rows as the template shows them: the subject, its mean and its cells, each
+    cell (text, whether it is its column's best)."""
     rows = []
     for x in b.subjects:
         cells = []
@@ -184,8 +196,7 @@ def _board_ctx(db, f, v, role, kind, sort, desc, page, per_page):
             p = b.cells.get((x["subject"], d))
             cells.append(("–", False) if p is None else (f"{p:.2f}", p == best[d]))
         rows.append({"x": x, "mean": "–" if x["mean"] is None else f"{x['mean']:.2f}", "cells": cells})
-    return {"board": b, "url": url, "mean_col": column("mean", "mean"),
-            "columns": [column(d, d, r) for d, r in b.domains], "rows": rows}
+    return rows
 
 
 @router.get("/forests/{name}/leaderboard", response_class=HTMLResponse)
@@ -246,7 +257,16 @@ def elm_page(request: Request, name: str, elm: str, db: DB, user: WebUser):
 
 
 def _elm_figures(db, f, v, e) -> tuple[str, list, str]:
-    # lineage: walk parents through their contributions' branch inits back to the seed
+    nodes, edges = _lineage(db, e)
+    graph = svg.lineage(nodes, edges, e["name"], href=lambda n: f"/forests/{f.name}/elms/{n}")
+    per_domain = _perplexity_by_domain(db, v, e["name"])
+    bars = svg.bars([(d, p, r) for d, p, r in per_domain], title=f"perplexity of {e['name']} by domain")
+    return graph, per_domain, bars
+
+
+def _lineage(db, e) -> tuple[dict[str, dict], list[tuple[str, str, float]]]:
+    """The ELM's ancestry as the lineage graph's nodes (by name) and weighted edges (parent,
+    child, weight): its parents, walked through their contributions' branch inits back to the seed."""
     nodes = {e["name"]: {"label": e["name"], "sub": f"domain {e['domain']}"
                          + (f" · imported from {describe(e['source'])}" if e.get("source") else "")}}
     edges: list[tuple[str, str, float]] = []
@@ -257,22 +277,32 @@ def _elm_figures(db, f, v, e) -> tuple[str, list, str]:
             continue
         seen.add(child)
         for p in ps:
-            pname = p["name"]
-            if pname == "seed" or not p.get("contribution_id"):
-                nodes.setdefault(pname, {"label": pname, "sub": "seed LM", "seed": True})
-            else:
-                pc = db.get(Contribution, p["contribution_id"])
-                nodes.setdefault(pname, {"label": pname, "sub": (f"domain {pc.domain.name}" if pc else "")
-                                         + (" · imported" if pc is not None and pc.source else "")})
-                if pc is not None and pc.branch_init is not None:
-                    todo.append((pname, pc.branch_init.parents or []))
-            edges.append((pname, child, float(p["weight"])))
-    graph = svg.lineage(nodes, edges, e["name"], href=lambda n: f"/forests/{f.name}/elms/{n}")
+            node, its_parents = _lineage_parent(db, p)
+            nodes.setdefault(p["name"], node)
+            if its_parents is not None:
+                todo.append((p["name"], its_parents))
+            edges.append((p["name"], child, float(p["weight"])))
+    return nodes, edges
+
+
+def _lineage_parent(db, p: dict) -> tuple[dict, list | None]:
+    """A parent's node in the lineage graph, and its own parents to walk (None for the seed
+    or an ELM not made from a branch init)."""
+    name = p["name"]
+    if name == "seed" or not p.get("contribution_id"):
+        return {"label": name, "sub": "seed LM", "seed": True}, None
+    pc = db.get(Contribution, p["contribution_id"])
+    if pc is None:
+        return {"label": name, "sub": ""}, None
+    node = {"label": name, "sub": f"domain {pc.domain.name}" + (" · imported" if pc.source else "")}
+    return node, (pc.branch_init.parents or []) if pc.branch_init is not None else None
+
+
+def _perplexity_by_domain(db, v, subject: str) -> list[tuple[str, float, str]]:
+    """(domain, perplexity, role) of a subject of the version, lowest perplexity first."""
     q = (select(Domain.name, Evaluation.perplexity, Domain.role).join(Domain, Domain.id == Evaluation.domain_id)
-         .where(Evaluation.version_id == v.id, Evaluation.subject == e["name"]))
-    per_domain = sorted(((d, p, r.value) for d, p, r in db.execute(q)), key=lambda t: t[1])
-    bars = svg.bars([(d, p, r) for d, p, r in per_domain], title=f"perplexity of {e['name']} by domain")
-    return graph, per_domain, bars
+         .where(Evaluation.version_id == v.id, Evaluation.subject == subject))
+    return sorted(((d, p, r.value) for d, p, r in db.execute(q)), key=lambda t: t[1])
 
 
 @router.get("/forests/{name}/values", response_class=HTMLResponse)

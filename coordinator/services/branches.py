@@ -95,9 +95,9 @@ def compute(db: Session, storage, settings, init_id: int) -> dict:
     import tempfile
     from pathlib import Path
 
-    from btm.branch import plan_branch, sample_blocks, write_branch_init
+    from btm.branch import write_branch_init
     from btm.forest import Forest
-    from coordinator.materialize import blob, forest_dir
+    from coordinator.materialize import forest_dir
 
     b = db.get(BranchInit, init_id)
     if b is None:
@@ -106,27 +106,39 @@ def compute(db: Session, storage, settings, init_id: int) -> dict:
         return {"files": b.files}
     v = b.version
     forest = Forest.load(forest_dir(storage, settings.work_dir, v.manifest))
-    names = forest.names()
-    if b.posterior is not None:
-        plan = plan_branch(forest, None, b.method, posterior=[b.posterior.get(n, 0.0) for n in names])
-    elif b.sample_sha256 and names and b.method in ("posterior", "argmax"):
-        sample = blob(storage, settings.work_dir, b.sample_sha256)
-        plan = plan_branch(forest, sample_blocks(forest, sample, settings.eval_block_size, settings.posterior_prior_blocks),
-                           b.method)
-    else:
-        plan = plan_branch(forest, None, b.method if names else "seed")
+    plan = _plan(storage, settings, forest, b)
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td:
         origin = {"forest": v.forest.name, "version": v.number, "branch_init_id": b.id}
         out = write_branch_init(forest, plan, Path(td) / "init", b.domain.name, name=f"init-{b.id}", origin=origin)
         files = uploads.put_dir(db, storage, out, f"branch init {b.id} of {v.forest.name} v{v.number}")
-    by_name = {e["name"]: e for e in v.manifest["elms"]}
-    b.parents = [
-        {"name": n, "weight": float(w), "contribution_id": by_name.get(n, {}).get("contribution_id")}
-        for n, w in zip(plan.names, plan.weights, strict=True) if w > 0
-    ]
+    b.parents = _parents(plan, v.manifest)
     if plan.posterior is not None:
         b.posterior = {n: float(p) for n, p in zip(plan.names, plan.posterior, strict=True)}
     b.files = files
     b.status = BranchStatus.ready
     b.error = None
     return {"files": files, "parents": b.parents}
+
+
+def _plan(storage, settings, forest, b: BranchInit):
+    """How the init averages the forest's ELMs: by the posterior stored with the request, by
+    the posterior of its data sample (for the posterior and argmax methods), or by the method
+    alone (the seed, for a forest without ELMs)."""
+    from btm.branch import plan_branch, sample_blocks
+    from coordinator.materialize import blob
+
+    names = forest.names()
+    if b.posterior is not None:
+        return plan_branch(forest, None, b.method, posterior=[b.posterior.get(n, 0.0) for n in names])
+    if b.sample_sha256 and names and b.method in ("posterior", "argmax"):
+        sample = blob(storage, settings.work_dir, b.sample_sha256)
+        return plan_branch(forest, sample_blocks(forest, sample, settings.eval_block_size, settings.posterior_prior_blocks),
+                           b.method)
+    return plan_branch(forest, None, b.method if names else "seed")
+
+
+def _parents(plan, manifest: dict) -> list[dict]:
+    """The init's parents: each ELM it averages with a positive weight, and its contribution."""
+    by_name = {e["name"]: e for e in manifest["elms"]}
+    return [{"name": n, "weight": float(w), "contribution_id": by_name.get(n, {}).get("contribution_id")}
+            for n, w in zip(plan.names, plan.weights, strict=True) if w > 0]

@@ -210,40 +210,69 @@ def publish(db: Session, storage: Storage, f: Forest, actor: User | None, add: l
             remove: list[int] | None = None, note: str = "", publish_key: str | None = None) -> ForestVersion:
     """current members - removed + approved additions -> a new version, in one transaction:
     a crash before commit leaves the previous version current and every state as it was."""
-    if publish_key:
-        done = db.scalar(select(ForestVersion).where(ForestVersion.publish_key == publish_key))
-        if done is not None:
-            return done  # a retried job: already published
+    if publish_key and (done := _published_by(db, publish_key)) is not None:
+        return done  # a retried job: already published
     current = version(db, f)
     now = members(db, current)
     remove = list(remove or [])
-    unknown = [i for i in remove if i not in {c.id for c in now}]
-    if unknown:
-        raise BadRequest(f"contributions {unknown} are not in version {current.number} of {f.name!r}")
-    add_c = _approved(db, f, add)
-    if not add_c and not remove:
+    _refuse_non_members(f, current, now, remove)
+    added = _approved(db, f, add)
+    if not added and not remove:
         raise BadRequest("nothing to publish: no approved contributions and nothing to remove")
-    names = {c.name for c in now if c.id not in remove}
-    for c in add_c:
-        if c.name in names:
-            raise Conflict(f"the forest already has an ELM named {c.name!r}; remove it first or rename the contribution")
-        names.add(c.name)
-    keep = [c for c in now if c.id not in remove] + add_c
+    staying = [c for c in now if c.id not in remove]
+    removed = [c for c in now if c.id in remove]
+    _refuse_taken_names(staying, added)
     number = current.number + 1
-    at = datetime.now(UTC).isoformat(timespec="seconds")
-    history = list(current.manifest.get("history", []))
-    history += [{"version": number, "action": "add", "elm": c.name, "contribution_id": c.id, "at": at} for c in add_c]
-    history += [{"version": number, "action": "remove", "elm": c.name, "contribution_id": c.id, "at": at,
-                 "reason": note} for c in now if c.id in remove]
-    v = _write_version(db, storage, f, number, keep, actor, note, history, publish_key)
-    for c in add_c:
-        transition(db, c, State.merged, actor, f"merged into {f.name} v{number}")
-    for c in now:
-        if c.id in remove:
-            transition(db, c, State.removed, actor, note or f"removed in {f.name} v{number}")
+    history = _history(current, number, added, removed, note)
+    v = _write_version(db, storage, f, number, staying + added, actor, note, history, publish_key)
+    _merge_and_remove(db, f, number, added, removed, actor, note)
     f.current_version = number
     db.flush()
     return v
+
+
+def _published_by(db: Session, publish_key: str) -> ForestVersion | None:
+    """The version a publish with this key already made (a retried job), if any."""
+    return db.scalar(select(ForestVersion).where(ForestVersion.publish_key == publish_key))
+
+
+def _refuse_non_members(f: Forest, current: ForestVersion, now: list[Contribution], remove: list[int]) -> None:
+    """Only members of the current version can be removed."""
+    ids = {c.id for c in now}
+    unknown = [i for i in remove if i not in ids]
+    if unknown:
+        raise BadRequest(f"contributions {unknown} are not in version {current.number} of {f.name!r}")
+
+
+def _refuse_taken_names(staying: list[Contribution], added: list[Contribution]) -> None:
+    """An ELM's name is one member's in a version: each addition's must be free of the
+    members that stay and of the additions before it."""
+    names = {c.name for c in staying}
+    for c in added:
+        if c.name in names:
+            raise Conflict(f"the forest already has an ELM named {c.name!r}; remove it first or rename the contribution")
+        names.add(c.name)
+
+
+def _history(current: ForestVersion, number: int, added: list[Contribution], removed: list[Contribution],
+             note: str) -> list[dict]:
+    """The manifest's history of the new version: the current one's, then this publish's
+    additions and removals."""
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    history = list(current.manifest.get("history", []))
+    history += [{"version": number, "action": "add", "elm": c.name, "contribution_id": c.id, "at": at} for c in added]
+    history += [{"version": number, "action": "remove", "elm": c.name, "contribution_id": c.id, "at": at,
+                 "reason": note} for c in removed]
+    return history
+
+
+def _merge_and_remove(db: Session, f: Forest, number: int, added: list[Contribution], removed: list[Contribution],
+                      actor: User | None, note: str) -> None:
+    """The additions become merged and the removed members removed, as of version `number`."""
+    for c in added:
+        transition(db, c, State.merged, actor, f"merged into {f.name} v{number}")
+    for c in removed:
+        transition(db, c, State.removed, actor, note or f"removed in {f.name} v{number}")
 
 
 def _approved(db: Session, f: Forest, ids: list[int] | None) -> list[Contribution]:

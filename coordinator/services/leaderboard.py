@@ -21,6 +21,10 @@ from coordinator.services import cache
 
 KINDS = ("elm", "ensemble", "average", "model")
 SORTS = ("mean", "mean_train", "mean_eval")
+# a summary row's columns, as a board's subjects name them
+SUMMARY_COLUMNS = ("subject", "kind", "method", "mean_train", "mean_eval", "mean_all")
+# the summary column that is a board's "mean": over the domains shown (all of them, or one role's)
+MEAN_OF_ROLE = {None: "mean_all", "train": "mean_train", "eval": "mean_eval"}
 
 
 @dataclass
@@ -69,8 +73,25 @@ def _board(db: Session, v: ForestVersion, role: str | None, kind: str | None, so
            per_page: int) -> Board:
     """Sorting and paging happen in the database (on the summaries, or on one domain's
     column), so a page costs about per_page x domains rows whatever the forest's size."""
-    # the version's domains are those of its most-evaluated subject (every ELM, ensemble and
-    # average is scored on all of them): an index lookup, not a scan of every evaluation
+    conn = db.connection()  # plain Core rows: thousands of cells need no ORM bookkeeping
+    domains, dom_name = _domain_columns(db, conn, v, role)
+    summaries = _summaries(v, kind)
+    total = conn.execute(select(func.count()).select_from(summaries.subquery())).scalar() or 0
+    if sort in SORTS:
+        subjects = _page_by_mean(conn, summaries, role, sort, desc, page, per_page)
+    else:
+        subjects = _page_by_domain(db, conn, v, summaries, kind, sort, desc, page, per_page)
+    for x in subjects:
+        x["mean"] = x[MEAN_OF_ROLE[role]]
+    cells = _cells(conn, v, [x["subject"] for x in subjects], dom_name, role)
+    return Board(v.forest.name, v.number, domains, subjects, cells, total, page, per_page, role, kind, sort, desc)
+
+
+def _domain_columns(db: Session, conn, v: ForestVersion, role: str | None) -> tuple[list[tuple[str, str]], dict[int, str]]:
+    """The board's columns, (name, role) in order, and each one's name by domain id.
+
+    The version's domains are those of its most-evaluated subject (every ELM, ensemble and
+    average is scored on all of them): an index lookup, not a scan of every evaluation."""
     widest = db.scalar(select(SubjectSummary.subject).where(SubjectSummary.version_id == v.id)
                        .order_by(SubjectSummary.domains.desc(), SubjectSummary.subject).limit(1))
     dq = (select(Domain.id, Domain.name, Domain.role).where(Domain.id.in_(
@@ -78,47 +99,53 @@ def _board(db: Session, v: ForestVersion, role: str | None, kind: str | None, so
           .order_by(Domain.role, Domain.name))
     if role:
         dq = dq.where(Domain.role == role)
-    conn = db.connection()  # plain Core rows: thousands of cells need no ORM bookkeeping
     dom_rows = list(conn.execute(dq))
     domains = [(n, r.value if hasattr(r, "value") else r) for _, n, r in dom_rows]
-    dom_name = {i: n for i, n, _ in dom_rows}
+    return domains, {i: n for i, n, _ in dom_rows}
+
+
+def _summaries(v: ForestVersion, kind: str | None):
+    """The query of the version's subject summaries (of one kind, if given), unordered."""
     S = SubjectSummary
-    base = select(S.subject, S.kind, S.method, S.mean_train, S.mean_eval, S.mean_all).where(S.version_id == v.id)
+    q = select(S.subject, S.kind, S.method, S.mean_train, S.mean_eval, S.mean_all).where(S.version_id == v.id)
+    return q.where(S.kind == kind) if kind else q
+
+
+def _page_by_mean(conn, summaries, role: str | None, sort: str, desc: bool, page: int, per_page: int) -> list[dict]:
+    """One page of subjects ordered by a mean (`sort`, one of SORTS), then by name."""
+    S = SubjectSummary
+    col = getattr(S, MEAN_OF_ROLE[role] if sort == "mean" else sort)
+    order = [col.desc().nulls_last() if desc else col.asc().nulls_last(), S.subject]
+    q = summaries.order_by(*order).offset((page - 1) * per_page).limit(per_page)
+    return [dict(zip(SUMMARY_COLUMNS, r, strict=True)) for r in conn.execute(q)]
+
+
+def _page_by_domain(db: Session, conn, v: ForestVersion, summaries, kind: str | None, sort: str, desc: bool,
+                    page: int, per_page: int) -> list[dict]:
+    """One page of subjects ordered by their perplexity on the domain named `sort`, then by name."""
+    d = db.scalar(select(Domain.id).where(Domain.name == sort))
+    if d is None:
+        raise BadRequest(f"cannot sort by {sort!r}: not a domain of this leaderboard (or one of {', '.join(SORTS)})")
+    E = Evaluation
+    q = (select(E.subject).where(E.version_id == v.id, E.domain_id == d)
+         .order_by(E.perplexity.desc() if desc else E.perplexity.asc(), E.subject))
     if kind:
-        base = base.where(S.kind == kind)
-    total = conn.execute(select(func.count()).select_from(base.subquery())).scalar() or 0
-    if sort in SORTS:
-        # "mean" is over the domains shown: all of them, or only the train or eval ones
-        mean = {None: S.mean_all, "train": S.mean_train, "eval": S.mean_eval}[role]
-        col = {"mean": mean, "mean_train": S.mean_train, "mean_eval": S.mean_eval}[sort]
-        order = [col.desc().nulls_last() if desc else col.asc().nulls_last(), S.subject]
-        q = base.order_by(*order).offset((page - 1) * per_page).limit(per_page)
-        subjects = [dict(zip(("subject", "kind", "method", "mean_train", "mean_eval", "mean_all"), r, strict=True))
-                    for r in conn.execute(q)]
-    else:  # sort by one domain's column
-        d = db.scalar(select(Domain.id).where(Domain.name == sort))
-        if d is None:
-            raise BadRequest(f"cannot sort by {sort!r}: not a domain of this leaderboard (or one of {', '.join(SORTS)})")
-        E = Evaluation
-        q = (select(E.subject).where(E.version_id == v.id, E.domain_id == d)
-             .order_by(E.perplexity.desc() if desc else E.perplexity.asc(), E.subject))
-        if kind:
-            q = q.where(E.kind == kind)
-        names = list(conn.execute(q.offset((page - 1) * per_page).limit(per_page)).scalars())
-        info = {r[0]: r for r in conn.execute(base.where(S.subject.in_(names)))}
-        subjects = [dict(zip(("subject", "kind", "method", "mean_train", "mean_eval", "mean_all"), info[n], strict=True))
-                    for n in names if n in info]
-    for x in subjects:
-        x["mean"] = {None: x["mean_all"], "train": x["mean_train"], "eval": x["mean_eval"]}[role]
-    names = [x["subject"] for x in subjects]
-    cells: dict[tuple[str, str], float] = {}
-    if names and dom_name:
-        cq = select(Evaluation.subject, Evaluation.domain_id, Evaluation.perplexity).where(
-            Evaluation.version_id == v.id, Evaluation.subject.in_(names))
-        if role:
-            cq = cq.where(Evaluation.domain_id.in_(list(dom_name)))
-        cells = {(s_, dom_name[d_]): p for s_, d_, p in conn.execute(cq).all() if d_ in dom_name}
-    return Board(v.forest.name, v.number, domains, subjects, cells, total, page, per_page, role, kind, sort, desc)
+        q = q.where(E.kind == kind)
+    names = list(conn.execute(q.offset((page - 1) * per_page).limit(per_page)).scalars())
+    info = {r[0]: r for r in conn.execute(summaries.where(SubjectSummary.subject.in_(names)))}
+    return [dict(zip(SUMMARY_COLUMNS, info[n], strict=True)) for n in names if n in info]
+
+
+def _cells(conn, v: ForestVersion, names: list[str], dom_name: dict[int, str], role: str | None
+           ) -> dict[tuple[str, str], float]:
+    """The perplexities of a page's subjects on the board's columns, by (subject, domain)."""
+    if not (names and dom_name):
+        return {}
+    cq = select(Evaluation.subject, Evaluation.domain_id, Evaluation.perplexity).where(
+        Evaluation.version_id == v.id, Evaluation.subject.in_(names))
+    if role:
+        cq = cq.where(Evaluation.domain_id.in_(list(dom_name)))
+    return {(s_, dom_name[d_]): p for s_, d_, p in conn.execute(cq).all() if d_ in dom_name}
 
 
 def rows(db: Session, v: ForestVersion, role: str | None = None, method: str | None = None,

@@ -8,6 +8,7 @@ failed, empty or cancelled). The decisions themselves are in coordinator.federat
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,31 +97,45 @@ def summary(db: Session, r: Round) -> dict[str, Any]:
     """A round with its per-node status, as plain data (the API's RoundOut, the web's rows).
 
     A node that timed out but whose ELM arrived later shows that contribution too."""
-    nodes = []
-    late: dict[int, Contribution] = {}
-    missing = [n.branch_init_id for n in r.nodes if n.contribution_id is None and n.branch_init_id]
-    if missing:
-        for c in db.scalars(select(Contribution).where(Contribution.branch_init_id.in_(missing))):
-            late.setdefault(c.branch_init_id, c)
-    counts: dict[str, int] = {}
-    for n in r.nodes:
-        c = n.contribution
-        if c is None and n.branch_init_id in late and late[n.branch_init_id].owner_id == n.owner_id:
-            c = late[n.branch_init_id]
-        counts[n.status] = counts.get(n.status, 0) + 1
-        nodes.append({
-            "node_id": n.node_id, "domain": n.domain, "owner": n.owner.username if n.owner else None,
-            "status": n.status, "reason": n.reason, "attempt": n.attempt, "documents": n.documents,
-            "data_bytes": n.data_bytes, "branch_init_id": n.branch_init_id,
-            "contribution_id": c.id if c else None, "contribution_state": c.state.value if c else None,
-            "contribution_name": c.name if c else None, "late": bool(c and n.contribution_id is None),
-            "metrics": n.metrics, "updated_at": n.updated_at,
-        })
+    late = _late_contributions(db, r)
+    nodes = [_node_row(n, _node_contribution(n, late)) for n in r.nodes]
+    counts = dict(Counter(n.status for n in r.nodes))  # in the order the nodes show them
     return {
         "id": r.id, "forest": r.forest.name, "version": r.version, "status": r.status.value, "config": r.config,
         "note": r.note, "flower_run_id": r.flower_run_id, "error": r.error,
         "created_by": r.created_by.username if r.created_by else None, "created_at": r.created_at,
         "started_at": r.started_at, "finished_at": r.finished_at, "counts": counts, "nodes": nodes,
+    }
+
+
+def _late_contributions(db: Session, r: Round) -> dict[int, Contribution]:
+    """By branch init: the first contribution made from the init of a node the round recorded
+    without one (it timed out, and its ELM arrived later)."""
+    missing = [n.branch_init_id for n in r.nodes if n.contribution_id is None and n.branch_init_id]
+    late: dict[int, Contribution] = {}
+    if missing:
+        for c in db.scalars(select(Contribution).where(Contribution.branch_init_id.in_(missing))):
+            late.setdefault(c.branch_init_id, c)
+    return late
+
+
+def _node_contribution(n: RoundNode, late: dict[int, Contribution]) -> Contribution | None:
+    """The node's contribution: the one it named, else its owner's late one from its init."""
+    if n.contribution is not None:
+        return n.contribution
+    c = late.get(n.branch_init_id)
+    return c if c is not None and c.owner_id == n.owner_id else None
+
+
+def _node_row(n: RoundNode, c: Contribution | None) -> dict[str, Any]:
+    """One node of a round's summary, with its contribution `c` (if any)."""
+    return {
+        "node_id": n.node_id, "domain": n.domain, "owner": n.owner.username if n.owner else None,
+        "status": n.status, "reason": n.reason, "attempt": n.attempt, "documents": n.documents,
+        "data_bytes": n.data_bytes, "branch_init_id": n.branch_init_id,
+        "contribution_id": c.id if c else None, "contribution_state": c.state.value if c else None,
+        "contribution_name": c.name if c else None, "late": bool(c and n.contribution_id is None),
+        "metrics": n.metrics, "updated_at": n.updated_at,
     }
 
 
