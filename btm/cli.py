@@ -512,12 +512,9 @@ def forest_export(
     averages = _named_dirs("--average", average)
     with tempfile.TemporaryDirectory() as td:
         if uniform:
-            from btm.average import average_models
-            from btm.family import Card
+            from btm.recipes import average_forest
 
-            averages["uniform"] = average_models([e.path for e in f.elms], [1.0] * len(f), Path(td) / "uniform",
-                                                 Card(name="uniform", kind="average", data={"method": "uniform"}),
-                                                 names=f.names())
+            averages["uniform"] = average_forest(f, Path(td) / "uniform", "uniform")[0]
         export(f, out, averages)
     console.print(f"{f.manifest['name']} v{f.version} written to {out} ({len(f)} ELMs"
                   + (f", averages {', '.join(averages)}" if averages else "") + "); push it with `hf upload ORG/NAME "
