@@ -69,21 +69,8 @@ def write_branch_init(forest: Forest, plan: BranchPlan, out_dir: str | os.PathLi
                       carry_optimizer: bool = False, name: str | None = None, origin: dict | None = None) -> Path:
     """Write the init as an HF directory whose card names its parents and weights."""
     out = Path(out_dir)
-    live = [(n, s, w) for n, s, w in zip(plan.names, plan.sources, plan.weights, strict=True) if w > 0]
-    for n, s, _ in live:  # an init is trained and added back: it must be of the seed's family
-        if Path(s) != forest.seed_dir:
-            forest.check_family(s, f"ELM {n!r} ({s})")
-    total = sum(w for *_, w in live)
-    card = Card(
-        name=name or out.name,
-        kind="branch-init",
-        domain=domain,
-        parents=[{"name": n, "weight": float(w / total)} for n, _, w in live],
-        data={"branch_method": plan.method, "forest_version": forest.version, "forest": forest.manifest.get("name")},
-        origin=origin or {"forest": forest.manifest.get("name"), "version": forest.version},
-    )
-    if plan.posterior is not None:
-        card.metrics = {f"posterior/{n}": round(float(p), 6) for n, p in zip(plan.names, plan.posterior, strict=True)}
+    live = _live_parents(forest, plan)
+    card = _init_card(forest, plan, live, name or out.name, domain, origin)
     if len(live) == 1:
         # a copy of one parent: its weights keep their own embedded card, the README is ours
         copy_model_dir(live[0][1], out)
@@ -92,12 +79,43 @@ def write_branch_init(forest: Forest, plan: BranchPlan, out_dir: str | os.PathLi
     else:
         average_models([s for _, s, _ in live], [w for *_, w in live], out, card, names=[n for n, *_ in live])
     if carry_optimizer:
-        opts = [(checkpoint_optimizer(s), w) for _, s, w in live]
-        if all(p is not None for p, _ in opts):
-            average_files([p for p, _ in opts], [w for _, w in opts], out / "_opt")
-            os.replace(out / "_opt" / WEIGHTS_FILE, out / OPTIMIZER)
-            (out / "_opt").rmdir()
+        _average_optimizers(live, out)
     return out
+
+
+def _live_parents(forest: Forest, plan: BranchPlan) -> list[tuple[str, Path, float]]:
+    """(name, source, weight) of the parents of positive weight, each checked against the seed's family."""
+    live = [(n, s, w) for n, s, w in zip(plan.names, plan.sources, plan.weights, strict=True) if w > 0]
+    for n, s, _ in live:  # an init is trained and added back: it must be of the seed's family
+        if Path(s) != forest.seed_dir:
+            forest.check_family(s, f"ELM {n!r} ({s})")
+    return live
+
+
+def _init_card(forest: Forest, plan: BranchPlan, live: list[tuple[str, Path, float]], name: str,
+               domain: str | None, origin: dict | None) -> Card:
+    """The init's card: its parents' normalised weights, the plan, and the posterior it came from."""
+    total = sum(w for *_, w in live)
+    card = Card(
+        name=name,
+        kind="branch-init",
+        domain=domain,
+        parents=[{"name": n, "weight": float(w / total)} for n, _, w in live],
+        data={"branch_method": plan.method, "forest_version": forest.version, "forest": forest.manifest.get("name")},
+        origin=origin or {"forest": forest.manifest.get("name"), "version": forest.version},
+    )
+    if plan.posterior is not None:
+        card.metrics = {f"posterior/{n}": round(float(p), 6) for n, p in zip(plan.names, plan.posterior, strict=True)}
+    return card
+
+
+def _average_optimizers(live: list[tuple[str, Path, float]], out: Path) -> None:
+    """The parents' optimizer states averaged as the init's, where every parent has one."""
+    opts = [(checkpoint_optimizer(s), w) for _, s, w in live]
+    if all(p is not None for p, _ in opts):
+        average_files([p for p, _ in opts], [w for _, w in opts], out / "_opt")
+        os.replace(out / "_opt" / WEIGHTS_FILE, out / OPTIMIZER)
+        (out / "_opt").rmdir()
 
 
 def branch(forest: Forest, out_dir, sample=None, method: str = "posterior", domain: str | None = None,

@@ -165,32 +165,53 @@ def evaluate_forest(
     for e in elms:
         step(f"scoring ELM {e.name}")
         scores.add_model(e.name, e.path, domains, batch_size, fingerprint=elm_fingerprint(e))
-    rows: list[dict] = []
-    priors: dict[str, dict[str, float]] = {}
-    for d in domains:
-        rows += [_row(n, "elm", "elm", d, scores.ppl(n, d.name)) for n in names]
-        if not elms:
-            continue
-        prior = scores.prior(names, d.name)
-        priors[d.name] = {n: float(p) for n, p in zip(names, prior, strict=True)}
-        rows += _ensemble_rows(scores, names, d, prior, top_ks)
-    work = Path(work_dir)
-    if elms and "uniform" in averages:
-        rows += _uniform_average_rows(scores, elms, domains, work, batch_size, step)
-    for d in domains if elms else []:
-        rows += _prior_average_rows(scores, elms, d, priors[d.name], averages, work, batch_size, step)
+    rows, priors = _elm_and_ensemble_rows(scores, names, domains, top_ks)
+    if elms:
+        rows += _average_rows(scores, elms, domains, priors, averages, Path(work_dir), batch_size, step)
     for name, path in (extra_models or {}).items():
         rows += _model_rows(scores, name, path, domains, batch_size, step)
     rep = {"forest_version": forest.version, "rows": rows, "priors": priors,
            "domains": [{"name": d.name, "role": d.role, "tokens": d.tokens} for d in domains],
            "summary": summarise(rows)}
     if permutations is not None:
-        step("scoring the seed for the ELMs' values")
-        scores.add_model(SEED, forest.seed_dir, domains, batch_size, dev_too=False,
-                         fingerprint=_files_fingerprint(forest.manifest.get("seed", {})))
-        rep["values"] = forest_values(scores, names, domains, permutations)
+        rep["values"] = _elm_values(scores, forest, names, domains, permutations, batch_size, step)
     rep["scoring"] = {"scored": scores.scored, "reused": scores.reused}
     return rep
+
+
+def _elm_and_ensemble_rows(scores: Scores, names: Sequence[str], domains: Sequence[DomainBlocks],
+                           top_ks: Sequence[int]) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    """Each domain's ELM rows and, where there are ELMs, its ensembles' rows; and each domain's
+    cached prior over the ELMs, which weights both the ensembles and the averages."""
+    rows: list[dict] = []
+    priors: dict[str, dict[str, float]] = {}
+    for d in domains:
+        rows += [_row(n, "elm", "elm", d, scores.ppl(n, d.name)) for n in names]
+        if not names:
+            continue
+        prior = scores.prior(names, d.name)
+        priors[d.name] = {n: float(p) for n, p in zip(names, prior, strict=True)}
+        rows += _ensemble_rows(scores, names, d, prior, top_ks)
+    return rows, priors
+
+
+def _average_rows(scores: Scores, elms: Sequence[Elm], domains: Sequence[DomainBlocks],
+                  priors: dict[str, dict[str, float]], averages: Sequence[str], work: Path, batch_size: int,
+                  step) -> list[dict]:
+    """The parameter averages: the uniform one on every domain, then each domain's prior-weighted ones."""
+    rows = _uniform_average_rows(scores, elms, domains, work, batch_size, step) if "uniform" in averages else []
+    for d in domains:
+        rows += _prior_average_rows(scores, elms, d, priors[d.name], averages, work, batch_size, step)
+    return rows
+
+
+def _elm_values(scores: Scores, forest: Forest, names: Sequence[str], domains: Sequence[DomainBlocks],
+                permutations: int, batch_size: int, step) -> dict:
+    """Each ELM's value on each domain, from the same scores and the seed's (the forest of no ELMs)."""
+    step("scoring the seed for the ELMs' values")
+    scores.add_model(SEED, forest.seed_dir, domains, batch_size, dev_too=False,
+                     fingerprint=_files_fingerprint(forest.manifest.get("seed", {})))
+    return forest_values(scores, names, domains, permutations)
 
 
 SEED = "(seed)"  # the seed's key in Scores when it is scored as the forest of no ELMs

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from btm import atomic
 from btm.errors import ForestError
-from btm.forest import MANIFEST, Forest, copy_model_dir, model_files
+from btm.family import metric_text
+from btm.forest import MANIFEST, Forest, copy_model_dir, listed_weights, model_files
 from btm.model_files import CARD, FOREST_HUB_PATTERNS, PICKLE_SUFFIXES
 
 PICKLED = [f"*{s}" for s in PICKLE_SUFFIXES]
@@ -88,17 +89,10 @@ def card(m: dict) -> str:
         "on the Hub) is named with its source in the lineage.", "",
         "## Domains and experts", "", "| ELM | domain | parents (weight) | metrics |", "| --- | --- | --- | --- |",
     ]
-    for e in m["elms"]:
-        parents = ", ".join(f"{p['name']} ({p['weight']:.2f})" for p in e.get("parents", [])) or _no_parents(e)
-        metrics = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in list(e.get("metrics", {}).items())[:4] if isinstance(v, (int, float)))
-        src = f" (from `{e['source']['hub']}`)" if e.get("source") else ""
-        lines.append(f"| `{e['path']}`{src} | {e.get('domain') or ''} | {parents} | {metrics} |")
+    lines += [_domain_row(e) for e in m["elms"]]
     lines += ["", "## Lineage", "", "Each ELM started as the weighted average of its parents (the new domain's "
               "posterior over the forest when it branched):", "", "```"]
-    for e in m["elms"]:
-        lines.append(f"{e['name']} <- " + (" + ".join(f"{p['weight']:.2f} {p['name']}" for p in e.get("parents", []))
-                                            or _no_parents(e)))
+    lines += [_lineage(e) for e in m["elms"]]
     lines += ["```", ""]
     if m.get("averages"):
         lines += ["## Averaged models", ""] + [f"- `{a['path']}`" for a in m["averages"]] + [""]
@@ -122,9 +116,26 @@ def card(m: dict) -> str:
         "Every ELM is also a plain model: `AutoModelForCausalLM.from_pretrained(\"forest/elms/NAME\")`.", "",
         "## History", "",
     ]
-    for h in m.get("history", []):
-        lines.append(f"- v{h['version']} {h['action']} {h.get('elm', '')}" + (f": {h['reason']}" if h.get("reason") else ""))
+    lines += [_history_line(h) for h in m.get("history", [])]
     return "\n".join(lines) + "\n"
+
+
+def _domain_row(e: dict) -> str:
+    """An ELM's row of the domain table: where it came from, its domain, parents and first four numbers."""
+    parents = listed_weights((p["name"], p["weight"]) for p in e.get("parents", [])) or _no_parents(e)
+    metrics = ", ".join(f"{k} {metric_text(v, 2)}"
+                        for k, v in list(e.get("metrics", {}).items())[:4] if isinstance(v, (int, float)))
+    src = f" (from `{e['source']['hub']}`)" if e.get("source") else ""
+    return f"| `{e['path']}`{src} | {e.get('domain') or ''} | {parents} | {metrics} |"
+
+
+def _lineage(e: dict) -> str:
+    return f"{e['name']} <- " + (" + ".join(f"{p['weight']:.2f} {p['name']}" for p in e.get("parents", []))
+                                 or _no_parents(e))
+
+
+def _history_line(h: dict) -> str:
+    return f"- v{h['version']} {h['action']} {h.get('elm', '')}" + (f": {h['reason']}" if h.get("reason") else "")
 
 
 def _no_parents(e: dict) -> str:

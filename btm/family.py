@@ -293,10 +293,7 @@ class Card:
         return cls(**known)
 
     def markdown(self) -> str:
-        title = {"seed": "Seed LM", "average": "Averaged model", "dense": "Dense baseline",
-                 "moe": "Mixture-of-experts model"}.get(
-            self.kind, "Expert LM (ELM)"
-        )
+        title = KIND_TITLES.get(self.kind, "Expert LM (ELM)")
         lines = [
             "---",
             "library_name: transformers",
@@ -310,41 +307,59 @@ class Card:
             "descending from the forest's seed LM.",
             "",
         ]
-        if self.source:
-            lines += ["## Source", "", f"Imported from the Hugging Face Hub: `{self.source.get('hub')}` at commit "
-                      f"`{self.source.get('revision')}`" + (f" (asked for `{self.source['requested']}`)"
-                                                             if self.source.get("requested") else "") + ".", ""]
-            if self.source.get("files"):
-                lines += ["| file | sha256 |", "| --- | --- |"]
-                lines += [f"| {n} | `{h}` |" for n, h in sorted(self.source["files"].items())] + [""]
-        if self.parents:
-            lines += ["## Parents", "", "| parent | weight |", "| --- | --- |"]
-            lines += [f"| {p['name']} | {p['weight']:.4f} |" for p in self.parents]
-            lines.append("")
-        if self.data:
-            lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in self.data.items()] + [""]
-        if self.training:
-            lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in self.training.items()] + [""]
-        if self.metrics:
-            lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-            lines += [
-                f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                for k, v in self.metrics.items()
-            ]
-            lines.append("")
-        if self.recipe:
-            lines += ["## Reproduce", "", "```", self.recipe, "```", ""]
-        lines += [
-            "## Use",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-            "```",
-            "",
-        ]
-        return "\n".join(lines)
+        lines += _section("Source", self._source_lines())
+        parents = [(p["name"], f"{p['weight']:.4f}") for p in self.parents]
+        lines += _section("Parents", _table(("parent", "weight"), parents))
+        lines += _section("Data", _bullets(self.data))
+        lines += _section("Training", _bullets(self.training))
+        lines += _section("Metrics", _table(("metric", "value"), [(k, metric_text(v)) for k, v in self.metrics.items()]))
+        lines += _section("Reproduce", ["```", self.recipe, "```", ""] if self.recipe else [])
+        return "\n".join(lines + USE_SECTION)
+
+    def _source_lines(self) -> list[str]:
+        """Where an imported model came from: its Hub id and commit, and the sha256 of each file."""
+        if not self.source:
+            return []
+        requested = f" (asked for `{self.source['requested']}`)" if self.source.get("requested") else ""
+        files = sorted((self.source.get("files") or {}).items())
+        return [f"Imported from the Hugging Face Hub: `{self.source.get('hub')}` at commit "
+                f"`{self.source.get('revision')}`{requested}.", "",
+                *_table(("file", "sha256"), [(n, f"`{h}`") for n, h in files])]
+
+
+KIND_TITLES = {"seed": "Seed LM", "average": "Averaged model", "dense": "Dense baseline",
+               "moe": "Mixture-of-experts model"}  # any other kind is an ELM
+USE_SECTION = [
+    "## Use",
+    "",
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+    'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+    "```",
+    "",
+]
+
+
+def metric_text(v: Any, places: int = 4) -> str:
+    """A metric as cards show it: a float to `places` decimals, anything else as it is."""
+    return f"{v:.{places}f}" if isinstance(v, float) else f"{v}"
+
+
+def _section(title: str, body: list[str]) -> list[str]:
+    """A card's section, or nothing where it has nothing to say."""
+    return [f"## {title}", "", *body] if body else []
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> list[str]:
+    """A two-column table and the blank line after it; nothing for no rows."""
+    if not rows:
+        return []
+    return [f"| {header[0]} | {header[1]} |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows), ""]
+
+
+def _bullets(d: dict[str, Any]) -> list[str]:
+    return [*(f"- {k}: {v}" for k, v in d.items()), ""] if d else []
 
 
 def read_card(path: str | os.PathLike) -> Card:

@@ -17,7 +17,7 @@ import getpass
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -255,26 +255,27 @@ class Forest:
         """Forget an ELM: it leaves the manifest (a new version) and, by default, the disk.
         ELMs that carry >= 0.1 of its weights need a decision: descendants="remove" forgets
         them too, "keep" keeps them; the history records which. Returns the names removed."""
-        if not reason.strip():
-            raise ForestError("removing an ELM needs a reason (it is recorded in the forest history)")
-        elm = self.get(name)
-        if elm.path == self.seed_dir:
-            raise ForestError("the seed is the forest's root and cannot be removed")
+        self._check_removable(name, reason)
         heirs = self.descendants(name)
         if heirs and descendants not in ("remove", "keep"):
-            listed = ", ".join(f"{n} ({w:.2f})" for n, w in sorted(heirs.items(), key=lambda x: -x[1]))
+            listed = listed_weights(sorted(heirs.items(), key=lambda x: -x[1]))
             raise ForestError(f"{name} lives on in {len(heirs)} ELM(s) branched from it (share of its weights): "
                               f"{listed}; pass --with-descendants to forget them too, or --keep-descendants")
         gone = [name, *sorted(heirs)] if descendants == "remove" else [name]
         paths = [self.get(n).path for n in gone]
         self.manifest["elms"] = [e for e in self.manifest["elms"] if e["name"] not in gone]
-        extra = {"descendants": {"decision": "removed" if descendants == "remove" else "kept",
-                                 "elms": {n: round(w, 4) for n, w in sorted(heirs.items())}}} if heirs else {}
-        self._bump("remove", name, reason, **extra)
+        self._bump("remove", name, reason, **_descendants_record(heirs, descendants))
         if delete_files:
             for path in paths:
                 shutil.rmtree(path, ignore_errors=True)
         return gone
+
+    def _check_removable(self, name: str, reason: str) -> None:
+        """A removal is recorded with its reason, and never takes the seed."""
+        if not reason.strip():
+            raise ForestError("removing an ELM needs a reason (it is recorded in the forest history)")
+        if self.get(name).path == self.seed_dir:
+            raise ForestError("the seed is the forest's root and cannot be removed")
 
     def verify(self) -> list[str]:
         """Problems found: missing files or hashes that differ from the manifest."""
@@ -302,6 +303,19 @@ class Forest:
         text = json.dumps(self.manifest, indent=2)
         atomic.write_text(self.root / "versions" / f"{self.version}.json", text)
         atomic.write_text(self.root / MANIFEST, text)
+
+
+def _descendants_record(heirs: dict[str, float], descendants: str | None) -> dict[str, Any]:
+    """What the history records of a removed ELM's descendants: the decision and their shares."""
+    if not heirs:
+        return {}
+    return {"descendants": {"decision": "removed" if descendants == "remove" else "kept",
+                            "elms": {n: round(w, 4) for n, w in sorted(heirs.items())}}}
+
+
+def listed_weights(pairs: Iterable[tuple[str, float]]) -> str:
+    """Names with their weights as cards and messages list them: `a (0.60), b (0.40)`."""
+    return ", ".join(f"{n} ({w:.2f})" for n, w in pairs)
 
 
 def _who() -> str:

@@ -140,26 +140,18 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: ForestConfig, experts: Sequence[PreTrainedModel] | None = None,
                  seed: PreTrainedModel | None = None):
         super().__init__(config)
-        if experts is None:
-            experts = [AutoModelForCausalLM.from_pretrained(e, dtype=torch.float32) for e in config.experts]
-        if not experts:
-            raise BTMError("an ensemble needs at least one expert")
+        experts = _experts_of(config, experts)
         self.experts = nn.ModuleList(experts)
         n = len(experts)
         prior = config.prior or [1.0 / n] * n
         self.register_buffer("log_prior", torch.log(torch.tensor(prior, dtype=torch.float64)), persistent=False)
         self.router = check_router(config.router)
-        self.k = min(config.experts_top_k or n, n) if self.router != "prior" else n
-        self.centroids = None
-        if self.router == "centroid" and self.k < n:
-            if seed is None or not config.routing_vectors:
-                raise BTMError("the centroid router needs the seed and one routing vector per expert")
-            self.centroids = Centroids(config.routing_vectors)
+        self.k = _experts_per_row(self.router, config.experts_top_k, n)
+        self.centroids = _centroids(config, seed, self.router, self.k, n)
         self.seed_lm = seed if self.centroids is not None else None
         self.routes: list[Route] = []  # each row's experts and weights, from the last prompt routed
         self.fixed: list[int] | None = None  # experts every row runs for now (fixed_experts)
-        self.generation_config.update(**{k: v for k, v in experts[0].generation_config.to_dict().items()
-                                        if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None})
+        self.generation_config.update(**_special_token_ids(experts[0]))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:  # it makes its own: one cache per expert
@@ -175,22 +167,15 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
         `prior` router only its top-k are loaded and run (renormalised); with `prompt` or
         `centroid` every expert is held and each sequence's top-k run."""
         router = check_router(router)
-        prior = list(prior) if prior is not None else [1.0 / len(experts)] * len(experts)
-        if len(prior) != len(experts):
-            raise BTMError(f"{len(experts)} experts but {len(prior)} prior weights")
-        if router == "prior":
-            idx, w = select_top_k(prior, top_k)
-        else:
-            w, _ = normalise_weights(prior, "prior")
-            idx = np.arange(len(experts))
+        prior = _checked_prior(prior, len(experts))
+        idx, w = _experts_to_load(prior, top_k, router)
         loaded = [_load(experts[i], dtype) for i in idx]
         ref = loaded[0].config
-        names = [(names[i] if names else Path(str(experts[i])).name) for i in idx]
         seed_lm = _load(seed, dtype) if router == "centroid" and seed is not None else None
         config = ForestConfig(
-            experts=[str(experts[i]) for i in idx], names=names, prior=[float(x) for x in w], experts_top_k=top_k,
-            router=router, routing_vectors=[list(map(float, routing_vectors[i])) for i in idx] if routing_vectors
-            else None, seed=str(seed) if isinstance(seed, (str, os.PathLike)) else None,
+            experts=[str(experts[i]) for i in idx], names=_names_of(experts, names, idx), prior=[float(x) for x in w],
+            experts_top_k=top_k, router=router, routing_vectors=_vectors_of(routing_vectors, idx),
+            seed=str(seed) if isinstance(seed, (str, os.PathLike)) else None,
             vocab_size=ref.get_text_config().vocab_size, max_position_embeddings=max_positions(ref),
             bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id, pad_token_id=ref.pad_token_id,
         )
@@ -505,6 +490,62 @@ class ForestForCausalLM(PreTrainedModel, GenerationMixin):
             return None
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                            ignore_index=-100)
+
+
+def _experts_of(config: ForestConfig, experts: Sequence[PreTrainedModel] | None) -> Sequence[PreTrainedModel]:
+    """The experts given, else loaded from the config's directories; an ensemble has at least one."""
+    if experts is None:
+        experts = [AutoModelForCausalLM.from_pretrained(e, dtype=torch.float32) for e in config.experts]
+    if not experts:
+        raise BTMError("an ensemble needs at least one expert")
+    return experts
+
+
+def _experts_per_row(router: str, top_k: int | None, n: int) -> int:
+    """How many experts each row runs: its top-k, or under the prior router all n (from_experts
+    loaded only the prior's top-k)."""
+    return min(top_k or n, n) if router != "prior" else n
+
+
+def _centroids(config: ForestConfig, seed: PreTrainedModel | None, router: str, k: int, n: int) -> Centroids | None:
+    """The centroid router's vectors where it has a choice to make (k < n); it embeds prompts with the seed."""
+    if router == "centroid" and k < n:
+        if seed is None or not config.routing_vectors:
+            raise BTMError("the centroid router needs the seed and one routing vector per expert")
+        return Centroids(config.routing_vectors)
+    return None
+
+
+def _special_token_ids(expert: PreTrainedModel) -> dict[str, Any]:
+    """The expert's bos, eos and pad ids, which generate() reads from the ensemble's own config."""
+    return {k: v for k, v in expert.generation_config.to_dict().items()
+            if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None}
+
+
+def _checked_prior(prior: Sequence[float] | None, n: int) -> list[float]:
+    """The prior over n experts: given (one weight per expert), else uniform."""
+    prior = list(prior) if prior is not None else [1.0 / n] * n
+    if len(prior) != n:
+        raise BTMError(f"{n} experts but {len(prior)} prior weights")
+    return prior
+
+
+def _experts_to_load(prior: list[float], top_k: int | None, router: str) -> tuple[np.ndarray, np.ndarray]:
+    """The experts to load and their weights: the prior's top-k (renormalised) under the prior
+    router, which routes every row alike; every expert under a router that chooses per row."""
+    if router == "prior":
+        return select_top_k(prior, top_k)
+    w, _ = normalise_weights(prior, "prior")
+    return np.arange(len(prior)), w
+
+
+def _names_of(experts: Sequence, names: Sequence[str] | None, idx: np.ndarray) -> list[str]:
+    """The loaded experts' names: given, else their directories' names."""
+    return [(names[i] if names else Path(str(experts[i])).name) for i in idx]
+
+
+def _vectors_of(routing_vectors: Sequence[Sequence[float]] | None, idx: np.ndarray) -> list[list[float]] | None:
+    return [list(map(float, routing_vectors[i])) for i in idx] if routing_vectors else None
 
 
 def _prefix_and_lp(x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

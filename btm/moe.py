@@ -172,33 +172,63 @@ def tune_router(moe_dir: str | os.PathLike, out: str | os.PathLike, cfg, samples
     `samples`: {expert: text}, by default the router samples its card records. The card
     records `provenance[expert]` for each sample instead of its path, and `recipe`."""
     from btm.data import BlockSampler, split_source, tokenize_file
-    from btm.family import load_model, read_card
+    from btm.family import load_model
     from btm.tokenizer import load_tokenizer
     from btm.train import train
 
     moe_dir, out = Path(moe_dir), Path(out)
+    card = _read_moe_card(moe_dir)
+    found = _expert_samples(card, samples)
+    tok = load_tokenizer(moe_dir)
+    streams = [tokenize_file(split_source(s, ("train", "valid")), tok, cache_dir) for s in found.values()]
+    model = load_model(moe_dir)
+    _set_trainable(model, whole)
+    model.config.output_router_logits = True  # so the forward returns the load-balancing loss
+    card.data = {**card.data, "tuned": {"what": "all" if whole else "router",
+                                        "samples": _recorded_samples(found, provenance),
+                                        "aux_loss_coef": model.config.router_aux_loss_coef}}
+    card.recipe = recipe or _tune_recipe(moe_dir, out, cfg, whole)
+    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card)
+    _serving_layout(out)
+    return out
+
+
+def _read_moe_card(moe_dir: Path):
+    """The card of an MoE export of elmforest (it names the experts); anything else is refused."""
+    from btm.family import read_card
+
     card = read_card(moe_dir)
     if card.kind != "moe" or not card.data.get("experts"):
         raise DataError(f"{moe_dir}: not a mixture-of-experts export of elmforest (`elmforest forest export --moe`)")
+    return card
+
+
+def _expert_samples(card, samples: dict[str, str | os.PathLike] | None) -> dict[str, str]:
+    """{expert: its domain text}, in the experts' order: given, else the router sample the card
+    records; refused where any is not on this machine."""
     experts = card.data["experts"]
     found = {**card.data.get("router_samples", {}), **{k: str(v) for k, v in (samples or {}).items()}}
     missing = [e for e in experts if not found.get(e) or not Path(found[e]).exists()]
     if missing:
         raise DataError(f"no domain text on this machine for experts {', '.join(missing)}; pass --sample NAME=FILE")
-    tok = load_tokenizer(moe_dir)
-    streams = [tokenize_file(split_source(found[e], ("train", "valid")), tok, cache_dir) for e in experts]
-    model = load_model(moe_dir)
+    return {e: found[e] for e in experts}
+
+
+def _set_trainable(model, whole: bool) -> None:
+    """Only the routers train, or with `whole` every tensor."""
     for name, p in model.named_parameters():
         p.requires_grad = whole or ROUTER_PARAM.search(name) is not None
-    model.config.output_router_logits = True  # so the forward returns the load-balancing loss
-    card.data = {**card.data, "tuned": {"what": "all" if whole else "router",
-                                        "samples": {e: (provenance or {}).get(e, found[e]) for e in experts},
-                                        "aux_loss_coef": model.config.router_aux_loss_coef}}
-    card.recipe = recipe or (f"elmforest tune-router {moe_dir} --out {out} --steps {cfg.steps} --batch-size "
-                             f"{cfg.batch_size} --block-size {cfg.block_size} --lr {cfg.lr}" + (" --all" if whole else ""))
-    train(model, tok, BlockSampler(streams, cfg.block_size, cfg.seed), cfg, out, card)
-    _serving_layout(out)
-    return out
+
+
+def _tune_recipe(moe_dir: Path, out: Path, cfg, whole: bool) -> str:
+    return (f"elmforest tune-router {moe_dir} --out {out} --steps {cfg.steps} --batch-size "
+            f"{cfg.batch_size} --block-size {cfg.block_size} --lr {cfg.lr}" + (" --all" if whole else ""))
+
+
+def _recorded_samples(samples: dict[str, str | os.PathLike], provenance: dict[str, str] | None) -> dict[str, str]:
+    """How a card names each sample: by the provenance given for it, else by its path (which
+    another machine may not have)."""
+    return {n: (provenance or {}).get(n, str(p)) for n, p in samples.items()}
 
 
 def _serving_layout(model_dir: Path) -> None:
@@ -251,8 +281,8 @@ def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 
     weights over the ELMs when the caller has them (e.g. a target's cached prior computed
     elsewhere) instead of computing them from `target`. The card records `provenance[elm]`
     for each router sample instead of its path, and `recipe` as the command that made it."""
-    from btm.average import average_models
-    from btm.family import Card, load_config
+    from btm.family import load_config
+    from btm.recipes import per_elm_weights
     from btm.tokenizer import load_tokenizer
 
     out = Path(out)
@@ -265,28 +295,41 @@ def export_moe(forest: Forest, out: str | os.PathLike, experts_per_token: int = 
     k = max(1, min(experts_per_token, len(forest)))
     if weights is None:
         weights = backbone_weights(forest, backbone, target)
-    elif len(weights) != len(forest):
-        raise DataError(f"{len(forest)} ELMs but {len(weights)} backbone weights")
     else:
-        weights = [float(w) for w in weights]
+        weights = per_elm_weights(weights, len(forest), "backbone")
     found = router_samples(forest, samples, corpus)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        if weights is None:
-            back = forest.seed_dir
-        else:
-            back = average_models([e.path for e in forest.elms], weights, Path(tmp) / "backbone",
-                                  Card(name="backbone", kind="average"), names=forest.names())
+        back = _backbone(forest, weights, Path(tmp))
         rows = router_rows(back, load_tokenizer(forest.seed_dir), [found[n] for n in forest.names()])
-        card = Card(name=out.name, kind="moe", data={
-            "forest": forest.manifest.get("name"), "forest_version": forest.version, "architecture": form.model_type,
-            "experts": forest.names(), "experts_per_token": k, "backbone": backbone,
-            **({"backbone_weights": {n: round(w, 6) for n, w in zip(forest.names(), weights, strict=True)}}
-               if weights else {}),
-            "router": "mean hidden state entering each layer's MLP over each ELM's domain sample, centred, unit length",
-            "router_samples": {n: (provenance or {}).get(n, str(p)) for n, p in found.items()}},
-            recipe=recipe or f"elmforest forest export {forest.root} {out} --moe --experts-per-token {k} --backbone {backbone}")
+        card = _moe_card(forest, out, form, k, backbone, weights, _recorded_samples(found, provenance), recipe)
         _write_moe(forest, out, form, form.config(dense.to_dict(), len(forest), k), back, rows, card)
     return out
+
+
+def _backbone(forest: Forest, weights: list[float] | None, tmp: Path) -> Path:
+    """The directory of the backbone's tensors: the ELMs averaged with `weights`, or the seed's own."""
+    from btm.average import average_models
+    from btm.family import Card
+
+    if weights is None:
+        return forest.seed_dir
+    return average_models([e.path for e in forest.elms], weights, tmp / "backbone",
+                          Card(name="backbone", kind="average"), names=forest.names())
+
+
+def _moe_card(forest: Forest, out: Path, form: MoeForm, k: int, backbone: str, weights: list[float] | None,
+             samples: dict[str, str], recipe: str | None):
+    """The MoE's card: its experts, backbone, router and the samples behind it, and its recipe."""
+    from btm.family import Card
+
+    names = forest.names()
+    return Card(name=out.name, kind="moe", data={
+        "forest": forest.manifest.get("name"), "forest_version": forest.version, "architecture": form.model_type,
+        "experts": names, "experts_per_token": k, "backbone": backbone,
+        **({"backbone_weights": {n: round(w, 6) for n, w in zip(names, weights, strict=True)}} if weights else {}),
+        "router": "mean hidden state entering each layer's MLP over each ELM's domain sample, centred, unit length",
+        "router_samples": samples},
+        recipe=recipe or f"elmforest forest export {forest.root} {out} --moe --experts-per-token {k} --backbone {backbone}")
 
 
 def _write_moe(forest: Forest, out: Path, form: MoeForm, config, backbone: Path, rows: torch.Tensor, card) -> None:

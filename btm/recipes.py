@@ -51,21 +51,34 @@ def routing(forest: Forest, router: str | None = None, prior: Sequence[float] | 
     elms = forest.elms
     if not elms:
         raise BTMError(f"{forest.root}: the forest has no ELMs")
-    paths = [e.path for e in elms]
     if prior is None and target is not None:
         prior = domain_prior_of(forest, target, block_size, max_blocks)
-    if prior is not None and len(prior) != len(elms):
-        raise BTMError(f"{len(elms)} ELMs but {len(prior)} prior weights")
+    if prior is not None:
+        prior = per_elm_weights(prior, len(elms), "prior")
     vectors = forest_vectors(forest.manifest)
+    router, note = _router_for(forest, router, prior is not None, vectors)
+    centroid = router == "centroid"
+    return Routing(router, [e.path for e in elms], [e.name for e in elms], prior,
+                   vectors if centroid else None, forest.seed_dir if centroid else None, note)
+
+
+def _router_for(forest: Forest, router: str | None, prior_given: bool,
+                vectors: list[list[float]] | None) -> tuple[str, str | None]:
+    """The router routing() runs and the note it warns with when the centroid router has no vectors."""
     if router is None:
-        router = "prior" if prior is not None else ("centroid" if vectors else "prompt")
-    note = None
+        router = "prior" if prior_given else ("centroid" if vectors else "prompt")
     if check_router(router) == "centroid" and vectors is None:
         note = missing_vectors_note(forest.root)
-        warnings.warn(note, stacklevel=2)
-        router = "prompt"
-    return Routing(router, paths, [e.name for e in elms], list(prior) if prior is not None else None,
-                   vectors if router == "centroid" else None, forest.seed_dir if router == "centroid" else None, note)
+        warnings.warn(note, stacklevel=3)  # at routing()'s caller
+        return "prompt", note
+    return router, None
+
+
+def per_elm_weights(weights: Sequence[float], n: int, what: str) -> list[float]:
+    """Weights a caller gives over the n ELMs (a prior, a backbone's), refused unless one per ELM."""
+    if len(weights) != n:
+        raise DataError(f"{n} ELMs but {len(weights)} {what} weights")
+    return [float(w) for w in weights]
 
 
 def domain_prior_of(forest: Forest, target: str | os.PathLike, block_size: int = 256,
