@@ -132,22 +132,24 @@ class CacheHeaders:
         await self.app(scope, receive, headed)
 
     def _headers(self, scope: Scope, path: str, status: int, headers: list) -> list:
-        declared = (scope.get("state") or {}).get("cache")
-        names = {k for k, _ in headers}
         vary = VARY
-        if b"cache-control" in names:  # the answer's own (a 304 says what its 200 said)
-            pass
-        elif declared is not None and status == 200:
-            tag, cc, vary = declared
-            headers += [(b"etag", tag.encode()), (b"cache-control", cc.encode())]
-        elif path.startswith(self.static) and status in (200, 304):
-            headers.append((b"cache-control", public(self.static_max_age).encode()))
-            vary = ""
-        else:
-            headers.append((b"cache-control", PRIVATE.encode()))
+        if b"cache-control" not in {k for k, _ in headers}:  # else the answer's own (a 304 says what its 200 said)
+            vary = self._add_cache_control((scope.get("state") or {}).get("cache"), path, status, headers)
         if b"set-cookie" in {k for k, _ in headers}:  # a cookie is one caller's: never for a shared cache
             headers = [(k, v.replace(b"public", b"private") if k == b"cache-control" else v) for k, v in headers]
         return _vary(headers, vary) if vary else headers
+
+    def _add_cache_control(self, declared: tuple | None, path: str, status: int, headers: list) -> str:
+        """Cache-Control (and the ETag) for an answer that set none; returns what it varies on."""
+        if declared is not None and status == 200:
+            tag, cc, vary = declared
+            headers += [(b"etag", tag.encode()), (b"cache-control", cc.encode())]
+            return vary
+        if path.startswith(self.static) and status in (200, 304):
+            headers.append((b"cache-control", public(self.static_max_age).encode()))
+            return ""
+        headers.append((b"cache-control", PRIVATE.encode()))
+        return VARY
 
 
 class ResponseCache:
@@ -175,12 +177,22 @@ class ResponseCache:
         self.size = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.seconds <= 0 or scope["method"] in ("HEAD", "OPTIONS"):
+        if not self._concerns(scope):
             return await self.app(scope, receive, send)
         if scope["method"] != "GET":
-            if scope["path"].startswith(self.inert):  # writes that change nothing published
-                return await self.app(scope, receive, send)
             return await self._write(scope, receive, send)
+        return await self._read(scope, receive, send)
+
+    def _concerns(self, scope: Scope) -> bool:
+        """GETs, and writes that may change something published (not HEAD, OPTIONS or the inert
+        writes: uploads, tokens, logins)."""
+        if scope["type"] != "http" or self.seconds <= 0 or scope["method"] in ("HEAD", "OPTIONS"):
+            return False
+        return scope["method"] == "GET" or not scope["path"].startswith(self.inert)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """From the copy when it is fresh and fits this request; else from the route (one
+        request at a time per read: the others wait for its answer)."""
         t0 = time.perf_counter()
         key = (scope["path"], scope["query_string"])
         headers = dict(scope["headers"])
@@ -188,68 +200,28 @@ class ResponseCache:
         if (key, caller) in self.plain:  # its route answers it for this caller alone
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
-        kept = self.entries.get(key)
-        if kept is None or kept.expires <= time.monotonic():
-            flying = self.flying.get(key)
-            if flying is not None:  # the same read is being answered: wait for that answer
-                kept = await asyncio.shield(flying)
-        if kept is not None and kept.expires > time.monotonic() and kept.fits(headers, caller):
+        kept = await self._fresh(key)
+        if kept is not None and kept.fits(headers, caller):
             state["cache"] = kept.declared
             return await kept.answer(send, headers, t0)
         if key in self.flying:
             return await self.app(scope, receive, send)
         flight = self.flying[key] = asyncio.get_running_loop().create_future()
         try:
-            await self._ask(scope, receive, send, key, headers, caller, state, flight)
+            # the route's whole answer (no If-None-Match), caught on its way out to be kept
+            inner = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"if-none-match"]}
+            await self.app(inner, receive, _Catch(self, key, headers, caller, state, flight, send))
         finally:
             del self.flying[key]
             if not flight.done():
                 flight.set_result(None)
 
-    async def _ask(self, scope: Scope, receive: Receive, send: Send, key: tuple, headers: dict, caller: bool,
-                   state: dict, flight: asyncio.Future) -> None:
-        """Not kept: ask the route for the whole answer (no If-None-Match), keep it if it may be
-        kept, and answer this request from it as the route would have."""
-        now = time.monotonic()
-        inner = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"if-none-match"]}
-        start: dict = {}
-        chunks: list[bytes] = []
-        passing = False
-
-        async def catch(msg: Message) -> None:
-            nonlocal passing
-            if passing:
-                return await send(msg)
-            if msg["type"] == "http.response.start":
-                start.update(msg)
-                declared = state.get("cache")
-                if msg["status"] != 200 or declared is None or not declared[1].startswith("public") or any(
-                        k == b"set-cookie" for k, _ in msg.get("headers", [])):
-                    passing = True
-                    if msg["status"] == 200 and declared is None:
-                        self._plain(key, caller)
-                    return await send(msg)
-                return None
-            chunks.append(msg.get("body", b""))
-            if sum(map(len, chunks)) > self.max_body:  # too large to keep: send what came so far
-                passing = True
-                return await _pass_on(send, start, chunks, msg)
-            if msg.get("more_body", False):
-                return None
-            declared = state["cache"]
-            personal = any(n.strip().lower() in ("authorization", "cookie") for n in declared[2].split(","))
-            kept = _Kept(now + self.seconds, [(k, v) for k, v in start.get("headers", []) if k != b"server-timing"],
-                         b"".join(chunks), declared, personal, tuple((n, headers.get(n)) for n in _varies(declared[2])))
-            flight.set_result(kept)  # for the same reads that came meanwhile
-            if not (personal and caller):
-                self._keep(key, kept)
-            if _holds(headers, declared):
-                return await _send_304(send, declared, [])
-            await send(start)
-            await send({"type": "http.response.body", "body": kept.body})
-            return None
-
-        await self.app(inner, receive, catch)
+    async def _fresh(self, key: tuple[str, bytes]) -> _Kept | None:
+        """The kept answer to this read while it is fresh, after waiting for the one being made."""
+        kept = self.entries.get(key)
+        if (kept is None or kept.expires <= time.monotonic()) and key in self.flying:
+            kept = await asyncio.shield(self.flying[key])
+        return kept if kept is not None and kept.expires > time.monotonic() else None
 
     async def _write(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A request that may change what is kept: when it succeeded, forget everything."""
@@ -289,6 +261,65 @@ class ResponseCache:
     def clear(self) -> None:
         self.entries.clear()
         self.size = 0
+
+
+class _Catch:
+    """The `send` of a route answering a read that is not kept: a 200 it may keep is held until
+    its body is whole, then kept (and handed to the same reads waiting for it) and sent, as a
+    304 when the request holds its tag; anything else goes straight on."""
+
+    def __init__(self, cache: ResponseCache, key: tuple, headers: dict, caller: bool, state: dict,
+                 flight: asyncio.Future, send: Send):
+        self.cache, self.key, self.headers, self.caller, self.state = cache, key, headers, caller, state
+        self.flight, self.send = flight, send
+        self.expires = time.monotonic() + cache.seconds
+        self.start: dict = {}
+        self.chunks: list[bytes] = []
+        self.passing = False
+
+    async def __call__(self, msg: Message) -> None:
+        if self.passing:
+            return await self.send(msg)
+        if msg["type"] == "http.response.start":
+            return await self._started(msg)
+        self.chunks.append(msg.get("body", b""))
+        if sum(map(len, self.chunks)) > self.cache.max_body:  # too large to keep: send what came so far
+            self.passing = True
+            return await _pass_on(self.send, self.start, self.chunks, msg)
+        if not msg.get("more_body", False):
+            await self._whole()
+        return None
+
+    async def _started(self, msg: Message) -> None:
+        self.start.update(msg)
+        declared = self.state.get("cache")
+        if _keepable(msg, declared):
+            return
+        self.passing = True
+        if msg["status"] == 200 and declared is None:
+            self.cache._plain(self.key, self.caller)
+        await self.send(msg)
+
+    async def _whole(self) -> None:
+        declared = self.state["cache"]
+        personal = any(n.strip().lower() in ("authorization", "cookie") for n in declared[2].split(","))
+        kept = _Kept(self.expires, [(k, v) for k, v in self.start.get("headers", []) if k != b"server-timing"],
+                     b"".join(self.chunks), declared, personal,
+                     tuple((n, self.headers.get(n)) for n in _varies(declared[2])))
+        self.flight.set_result(kept)  # for the same reads that came meanwhile
+        if not (personal and self.caller):
+            self.cache._keep(self.key, kept)
+        if _holds(self.headers, declared):
+            return await _send_304(self.send, declared, [])
+        await self.send(self.start)
+        await self.send({"type": "http.response.body", "body": kept.body})
+        return None
+
+
+def _keepable(start: Message, declared: tuple | None) -> bool:
+    """A 200 its route declared public, setting no cookie."""
+    return (start["status"] == 200 and declared is not None and declared[1].startswith("public")
+            and not any(k == b"set-cookie" for k, _ in start.get("headers", [])))
 
 
 def _holds(headers: dict[bytes, bytes], declared: tuple) -> bool:
