@@ -20,10 +20,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from btm.errors import BTMError, DataError
 from btm.forest import Elm, Forest
 from btm.routing import VECTOR_BLOCKS, check_router, forest_vectors, missing_vectors_note
+
+if TYPE_CHECKING:
+    from btm.family import Card
 
 VECTOR_BLOCK_SIZE = 256  # tokens per block behind a routing vector (the model's context if shorter)
 
@@ -224,9 +228,10 @@ def train_seed(model, tokenizer, out: str | os.PathLike, sources: Sequence[str |
 
 def average_weights(forest: Forest, method: str = "posterior", target: str | os.PathLike | None = None,
                     explicit: dict[str, float] | None = None, block_size: int = 256,
-                    max_blocks: int = 100) -> tuple[str, list[float]]:
+                    max_blocks: int = 100, prior: list[float] | None = None) -> tuple[str, list[float]]:
     """(method, weights over the forest's ELMs): `explicit` {ELM: weight} (method "explicit"),
-    uniform, or the posterior / argmax of the target domain's cached prior."""
+    uniform, or the posterior / argmax of the target domain's prior: `prior` when it is already
+    known (one weight per ELM, in the forest's order), else the cached prior of `target`'s text."""
     from btm.average import method_weights
 
     names = forest.names()
@@ -239,22 +244,26 @@ def average_weights(forest: Forest, method: str = "posterior", target: str | os.
         return "explicit", [float(explicit.get(n, 0.0)) for n in names]
     if method == "uniform":
         return method, method_weights("uniform", None, len(names))
-    if target is None:
-        raise DataError(f"--method {method} needs --target (development text of the target domain)")
-    return method, method_weights(method, domain_prior_of(forest, target, block_size, max_blocks), len(names))
+    if prior is None:
+        if target is None:
+            raise DataError(f"--method {method} needs --target (development text of the target domain)")
+        prior = domain_prior_of(forest, target, block_size, max_blocks)
+    return method, method_weights(method, prior, len(names))
 
 
 def average_forest(forest: Forest, out: str | os.PathLike, method: str = "posterior",
                    target: str | os.PathLike | None = None, explicit: dict[str, float] | None = None,
                    out_dtype: str | None = None, max_shard_bytes: int | None = None, block_size: int = 256,
-                   max_blocks: int = 100) -> tuple[Path, str, list[float]]:
+                   max_blocks: int = 100, prior: list[float] | None = None,
+                   card: Card | None = None) -> tuple[Path, str, list[float]]:
     """The forest as one model, its parameters averaged with average_weights' weights (streamed
-    tensor by tensor); returns (the model directory, the method, the weights)."""
+    tensor by tensor); returns (the model directory, the method, the weights). `card` (else
+    one naming this recipe's command) describes the result."""
     from btm.average import average_models
     from btm.family import Card
 
-    method, w = average_weights(forest, method, target, explicit, block_size, max_blocks)
-    card = Card(name=Path(out).name, kind="average", data={"method": method, "forest_version": forest.version,
+    method, w = average_weights(forest, method, target, explicit, block_size, max_blocks, prior)
+    card = card or Card(name=Path(out).name, kind="average", data={"method": method, "forest_version": forest.version,
                 "target": str(target) if target else None},
                 recipe=f"elmforest average --forest {forest.root} --out {out} --method {method}"
                 + (f" --target {target}" if target else ""))

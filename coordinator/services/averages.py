@@ -62,9 +62,9 @@ def target_posterior(db: Session, storage, settings, v: ForestVersion, forest, t
 
 
 def build(db: Session, storage, settings, avg_id: int) -> dict:
-    from btm.average import average_models, method_weights
     from btm.family import Card
     from btm.forest import Forest
+    from btm.recipes import average_forest
     from coordinator.materialize import forest_dir
 
     a = db.get(AveragedModel, avg_id)
@@ -75,17 +75,16 @@ def build(db: Session, storage, settings, avg_id: int) -> dict:
     v = a.version
     forest = Forest.load(forest_dir(storage, settings.work_dir, v.manifest))
     names = forest.names()
-    if a.method == "uniform":
-        w = method_weights("uniform", None, len(names))
-    else:
+    prior = None
+    if a.method != "uniform":  # the target's posterior, from its held-out text (cached per version)
         post = target_posterior(db, storage, settings, v, forest, a.target)
-        w = method_weights(a.method, [post[n] for n in names], len(names))
+        prior = [post[n] for n in names]
     card = Card(name=f"{v.forest.name}-v{v.number}-{a.method}" + (f"-{a.target}" if a.target else ""), kind="average",
                 domain=a.target or None, data={"forest": v.forest.name, "version": v.number, "method": a.method},
                 recipe=f"elmforest download average {v.forest.name} --version {v.number} --method {a.method}"
                 + (f" --domain {a.target}" if a.target else ""))
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as td:
-        out = average_models([e.path for e in forest.elms], w, Path(td) / "avg", card, names=names)
+        out, _, w = average_forest(forest, Path(td) / "avg", a.method, prior=prior, card=card)
         files = uploads.put_dir(db, storage, out, f"averaged model {a.id} of {v.forest.name} v{v.number}")
     a.weights = {n: float(x) for n, x in zip(names, w, strict=True)}
     a.files = files
