@@ -27,11 +27,10 @@ from btm import atomic
 from btm.errors import ForestError
 from btm.family import Card, check_family, family_id, load_config, read_card
 from btm.hashing import sha256_file
-from btm.model_files import is_model_file
+from btm.model_files import MANIFEST, is_model_file, write_manifest
 from btm.tokenizer import load_tokenizer, tokenizer_sha256
 
 FORMAT = "elmforest.forest/1"
-MANIFEST = "forest.json"
 
 
 def now() -> str:
@@ -299,10 +298,7 @@ class Forest:
         self._commit()
 
     def _commit(self) -> None:
-        (self.root / "versions").mkdir(exist_ok=True)
-        text = json.dumps(self.manifest, indent=2)
-        atomic.write_text(self.root / "versions" / f"{self.version}.json", text)
-        atomic.write_text(self.root / MANIFEST, text)
+        write_manifest(self.root, self.manifest)
 
 
 def _descendants_record(heirs: dict[str, float], descendants: str | None) -> dict[str, Any]:

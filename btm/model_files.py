@@ -11,6 +11,7 @@ manifest or exported with it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CONFIG = "config.json"
@@ -70,3 +71,28 @@ def is_upload_file(name: str) -> bool:
     """A file the contributor client uploads of a model directory: JSON files (config,
     tokenizer, index), safetensors files and the card; no hidden files."""
     return not name.startswith(".") and (Path(name).suffix in (".json", WEIGHTS_SUFFIX) or name == CARD)
+
+
+# ----------------------------------------------------------------------------- a forest directory
+# forest.json (the current manifest), versions/<n>.json (every version's), and one model
+# directory per entry of the manifest (the seed's and each ELM's `path`)
+
+MANIFEST = "forest.json"
+VERSIONS = "versions"
+
+
+def manifest_models(manifest: dict) -> list[tuple[str, dict[str, str]]]:
+    """Where each model of a forest's manifest lives in its directory, with its files:
+    (directory, {file name: sha256}) for the seed and every ELM."""
+    return [(e["path"], e["files"]) for e in [manifest["seed"], *manifest["elms"]]]
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """A forest directory's manifest files: versions/<version>.json, then forest.json (a
+    directory with forest.json is whole)."""
+    from btm import atomic  # here: an exported forest carries this file without btm
+
+    (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, indent=2)
+    atomic.write_text(root / VERSIONS / f"{manifest['version']}.json", text)
+    atomic.write_text(root / MANIFEST, text)

@@ -33,7 +33,15 @@ import httpx
 import contributor_client.config as config
 import contributor_client.local as local
 from btm.hashing import sha256_file
-from btm.model_files import CONFIG, TOKENIZER_PREFIX, WEIGHTS_FILE, is_upload_file, is_weights_file
+from btm.model_files import (
+    CONFIG,
+    TOKENIZER_PREFIX,
+    WEIGHTS_FILE,
+    is_upload_file,
+    is_weights_file,
+    manifest_models,
+    write_manifest,
+)
 from btm.round_config import RoundConfig
 from contributor_client.http import Client, ClientError
 from contributor_client.records import (
@@ -346,13 +354,10 @@ class Coordinator(Client):
     def download_forest(self, forest: str, dest: Path, version: int | None = None, log: Log = _quiet) -> Path:
         """A published version as a btm forest directory (forest.json, seed/, elms/<name>/)."""
         d = self.forest_files(forest, version)
-        m = d.manifest
-        for entry in [m.seed, *m.elms]:
-            urls = {name: d.files[f"{entry.path}/{name}"] for name in entry.files}
-            self.download_files(entry.files, urls, dest / entry.path, log)
-        (dest / "forest.json").write_text(json.dumps(m.raw, indent=2))
-        (dest / "versions").mkdir(exist_ok=True)
-        (dest / "versions" / f"{m.version}.json").write_text(json.dumps(m.raw, indent=2))
+        for path, files in manifest_models(d.manifest.raw):
+            urls = {name: d.files[f"{path}/{name}"] for name in files}
+            self.download_files(files, urls, dest / path, log)
+        write_manifest(dest, d.manifest.raw)
         return dest
 
     def baselines(self, forest: str) -> list[Baseline]:

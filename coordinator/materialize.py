@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from btm import atomic
+from btm.model_files import MANIFEST, manifest_models, write_manifest
 from coordinator.storage import Storage, blob_key
 
 
@@ -50,16 +51,16 @@ def forest_dir(storage: Storage, cache: Path, manifest: dict) -> Path:
     """A btm forest directory (forest.json, seed/, elms/<name>/) for a published manifest."""
     key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:24]
     root = cache / "forests" / key
-    if (root / "forest.json").exists():
+    if (root / MANIFEST).exists():
         return root
     tmp = cache / "forests" / atomic.unique_tmp_name(root)
     tmp.mkdir(parents=True)
-    for entry in [manifest["seed"], *manifest["elms"]]:
-        d = tmp / entry["path"]
+    for path, files in manifest_models(manifest):
+        d = tmp / path
         d.mkdir(parents=True, exist_ok=True)
-        for name, sha in entry["files"].items():
+        for name, sha in files.items():
             _link(blob(storage, cache, sha), d / name)
-    (tmp / "forest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(tmp, manifest)
     try:
         os.replace(tmp, root)
     except OSError:  # another process built it first
