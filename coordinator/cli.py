@@ -99,32 +99,6 @@ def _end(child) -> None:
     os._exit(0)
 
 
-def worker(
-    concurrency: Annotated[int, typer.Option(help="Jobs at a time.")] = 1,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No start-up banner.")] = False,
-    nice: Annotated[int, typer.Option(min=0, max=19, help="Lower the worker's CPU priority by this much: on a "
-                                      "machine that also answers requests (the embedded default), the jobs take "
-                                      "the CPU that the requests leave. 0: the same priority.")] = 10,
-):
-    """Run a job worker (Celery) against the configured broker; with none, against the
-    embedded queue in ELMFOREST_DATA_DIR (as the worker `elmforest serve` starts does).
-
-    EXAMPLES
-      ELMFOREST_BROKER_URL=redis://127.0.0.1:6379/0 elmforest worker --concurrency 2
-    """
-    import os
-
-    from coordinator.jobs.celery_app import app
-
-    os.umask(0o077)
-    if nice:
-        os.nice(nice)  # an evaluation next to the API must not hold up its answers
-    # threads, not prefork: the jobs in flight live in this process, so a stop can hand them back
-    app.worker_main(["--quiet"] * quiet + ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-                     "--pool=threads" if concurrency > 1 else "--pool=solo", "--without-gossip", "--without-mingle"])
-
-
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head"):
     """Apply migrations up to REVISION (default: the latest).
@@ -224,6 +198,8 @@ def register(app: typer.Typer, app_factory: str, panel: str) -> None:
     makes the application `serve` runs."""
     _composed["app_factory"] = app_factory
     app.command("serve", rich_help_panel=panel)(serve)
+    from coordinator.jobs.worker import worker
+
     app.command("worker", rich_help_panel=panel)(worker)
     app.add_typer(db_app, name="db", rich_help_panel=panel)
     app.add_typer(user_app, name="user", rich_help_panel=panel)

@@ -4,8 +4,8 @@ the command `elmforest worker` runs, and stops when the process that started it 
 
 import typer
 
-from coordinator.cli import worker
 from coordinator.jobs.supervisor import follow_parent
+from coordinator.jobs.worker import worker
 
 if __name__ == "__main__":
     follow_parent()
