@@ -137,7 +137,7 @@ def lanes(settings: Settings) -> list[Lane]:
     them: a few at a time, the rest wait, never refused (an upload in flight is never dropped;
     its sender is slowed by TCP). Completions hash and check whole files: two at a time, the
     next waits a while (it finishes an upload). The rest share what is left and are refused
-    with 503 at once past it (or after overload_wait_seconds)."""
+    with 503 past it, after waiting up to overload_wait_seconds for a place."""
     n = admitted(settings)
     return [Lane("parts", 4, None, prefixes=("/api/v1/storage/parts/",)),
             Lane("completions", 2, max(COMPLETION_WAIT, settings.overload_wait_seconds), suffixes=("/complete",)),
